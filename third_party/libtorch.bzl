@@ -3,11 +3,13 @@
 _DEBIAN_BUILD = """
 package(default_visibility = ["//visibility:public"])
 
-# Debian's libtorch-dev: headers under /usr/include (the C++ frontend's under
-# /usr/include/torch/csrc/api/include), libraries in the default linker path.
+# Debian's libtorch-dev: ATen and c10 headers under /usr/include (already on the compiler's
+# path), the C++ frontend's under /usr/include/torch/csrc/api/include (linked in here as api/ so
+# that `includes` can propagate it), libraries in the default linker path.
 cc_library(
     name = "libtorch",
-    copts = ["-isystem", "/usr/include/torch/csrc/api/include"],
+    hdrs = glob(["api/include/**/*.h"]),
+    includes = ["api/include"],
     linkopts = ["-ltorch", "-ltorch_cpu", "-lc10", "-lpthread"],
 )
 """
@@ -27,6 +29,11 @@ cc_library(
 def _libtorch_repository_impl(ctx):
     libtorch_dir = ctx.os.environ.get("LIBTORCH_DIR", "")
     if not libtorch_dir:
+        api = ctx.path("/usr/include/torch/csrc/api/include")
+        if not api.exists:
+            fail("LibTorch headers not found: install libtorch-dev (scripts/install_deps.sh) " +
+                 "or set LIBTORCH_DIR")
+        ctx.symlink(api, "api/include")
         ctx.file("BUILD", _DEBIAN_BUILD)
         return
     for sub in ["include", "lib"]:

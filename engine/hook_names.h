@@ -1,0 +1,88 @@
+// Hook points: TransformerLens names on the wire and in Python, typed ids inside the engine.
+// A name is parsed once at the boundary; the forward pass only ever sees HookId.
+//
+//   ASSIGN_OR_RETURN(HookId id, ParseHookName("blocks.3.attn.hook_z", config.n_layers));
+//   HookName(id);  // "blocks.3.attn.hook_z"
+//   ParseHookName("blocks.3.attn.hook_zz", 32);
+//     // InvalidArgument: unknown hook name "blocks.3.attn.hook_zz"; did you mean
+//     // "blocks.3.attn.hook_z", ...
+#ifndef REMOTELENS_ENGINE_HOOK_NAMES_H_
+#define REMOTELENS_ENGINE_HOOK_NAMES_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "engine/llama_config.h"
+
+namespace remotelens {
+
+// Every hook site, in the order the forward pass reaches them. Shapes are TransformerLens's.
+enum class HookSite : uint8_t {
+  kEmbed,              // hook_embed                    [batch, pos, d_model]
+  kResidPre,           // blocks.L.hook_resid_pre       [batch, pos, d_model]
+  kLn1Scale,           // blocks.L.ln1.hook_scale       [batch, pos, 1]  sqrt(mean(x^2) + eps)
+  kLn1Normalized,      // blocks.L.ln1.hook_normalized  [batch, pos, d_model]  x / scale
+  kAttnQ,              // blocks.L.attn.hook_q          [batch, pos, n_heads, d_head]  pre-rotary
+  kAttnK,              // blocks.L.attn.hook_k          [batch, pos, n_kv_heads, d_head]
+  kAttnV,              // blocks.L.attn.hook_v          [batch, pos, n_kv_heads, d_head]
+  kAttnRotQ,           // blocks.L.attn.hook_rot_q      [batch, pos, n_heads, d_head]
+  kAttnRotK,           // blocks.L.attn.hook_rot_k      [batch, pos, n_kv_heads, d_head]
+  kAttnScores,         // blocks.L.attn.hook_attn_scores [batch, n_heads, query_pos, key_pos]
+  kAttnPattern,        // blocks.L.attn.hook_pattern    [batch, n_heads, query_pos, key_pos]
+  kAttnZ,              // blocks.L.attn.hook_z          [batch, pos, n_heads, d_head]
+  kAttnResult,         // blocks.L.attn.hook_result     [batch, pos, n_heads, d_model]  opt-in
+  kAttnOut,            // blocks.L.hook_attn_out        [batch, pos, d_model]
+  kResidMid,           // blocks.L.hook_resid_mid       [batch, pos, d_model]
+  kLn2Scale,           // blocks.L.ln2.hook_scale       [batch, pos, 1]
+  kLn2Normalized,      // blocks.L.ln2.hook_normalized  [batch, pos, d_model]
+  kMlpPre,             // blocks.L.mlp.hook_pre         [batch, pos, d_mlp]  gate, before SiLU
+  kMlpPreLinear,       // blocks.L.mlp.hook_pre_linear  [batch, pos, d_mlp]  up
+  kMlpPost,            // blocks.L.mlp.hook_post        [batch, pos, d_mlp]  SiLU(gate) * up
+  kMlpOut,             // blocks.L.hook_mlp_out         [batch, pos, d_model]
+  kResidPost,          // blocks.L.hook_resid_post      [batch, pos, d_model]
+  kLnFinalScale,       // ln_final.hook_scale           [batch, pos, 1]
+  kLnFinalNormalized,  // ln_final.hook_normalized      [batch, pos, d_model]
+};
+
+inline constexpr int kNumHookSites = static_cast<int>(HookSite::kLnFinalNormalized) + 1;
+
+// A hook point. `layer` is -1 for the sites outside the blocks (hook_embed, ln_final.*).
+struct HookId {
+  int layer = -1;
+  HookSite site = HookSite::kEmbed;
+
+  friend bool operator==(HookId a, HookId b) { return a.layer == b.layer && a.site == b.site; }
+  friend bool operator!=(HookId a, HookId b) { return !(a == b); }
+};
+
+bool IsBlockSite(HookSite site);
+
+// Parses a TransformerLens hook name for a model of `n_layers` blocks. Unknown names and layers
+// out of range are InvalidArgument, with up to three closest valid names suggested.
+absl::StatusOr<HookId> ParseHookName(absl::string_view name, int64_t n_layers);
+
+// The TransformerLens name of `id`.
+std::string HookName(HookId id);
+
+// Every hook point of a model, in forward order.
+std::vector<HookId> AllHookIds(int64_t n_layers);
+
+// A dense index in [0, NumHookIds(n_layers)), in forward order, for flat per-hook tables.
+int HookIndex(HookId id, int64_t n_layers);
+int NumHookIds(int64_t n_layers);
+
+// TransformerLens shape of the activation at `id`; -1 stands for batch, pos and key_pos, which
+// depend on the input.
+std::vector<int64_t> HookShape(HookId id, const LlamaConfig& config);
+
+// Which dimension of the activation indexes positions (query positions for attention scores and
+// patterns) and which indexes heads (-1: none). Selectors in hook ops use these.
+int PosDim(HookSite site);
+int HeadDim(HookSite site);
+
+}  // namespace remotelens
+
+#endif  // REMOTELENS_ENGINE_HOOK_NAMES_H_

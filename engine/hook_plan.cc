@@ -1,0 +1,209 @@
+#include "engine/hook_plan.h"
+
+#include <ATen/ATen.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "engine/status_macros.h"
+
+namespace remotelens {
+namespace {
+
+std::string ShapeString(at::IntArrayRef sizes) {
+  return absl::StrCat("[", absl::StrJoin(sizes, ", "), "]");
+}
+
+// Resolves (possibly negative) indices along a dimension of `size` into an int64 index tensor.
+absl::StatusOr<at::Tensor> ResolveIndices(const std::vector<int64_t>& indices, int64_t size,
+                                          const char* what, HookId hook,
+                                          const at::Device& device) {
+  std::vector<int64_t> resolved;
+  resolved.reserve(indices.size());
+  for (int64_t i : indices) {
+    int64_t r = i < 0 ? i + size : i;
+    if (r < 0 || r >= size) {
+      return absl::InvalidArgumentError(absl::StrCat(what, " ", i, " is out of range for hook \"",
+                                                     HookName(hook), "\" with ", size, " ", what,
+                                                     "s (valid: ", -size, "..", size - 1, ")"));
+    }
+    resolved.push_back(r);
+  }
+  return at::tensor(resolved, at::kLong).to(device);
+}
+
+// True when `value` broadcasts to exactly `target` (trailing-aligned, each dim 1 or equal).
+bool BroadcastsTo(at::IntArrayRef value, at::IntArrayRef target) {
+  if (value.size() > target.size()) return false;
+  size_t offset = target.size() - value.size();
+  for (size_t i = 0; i < value.size(); ++i) {
+    if (value[i] != 1 && value[i] != target[offset + i]) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+HookPlan::HookPlan(int64_t n_layers) : n_layers_(n_layers), active_(NumHookIds(n_layers), 0) {}
+
+absl::Status HookPlan::AddIntervention(InterventionOp op) {
+  const std::string name = HookName(op.hook);
+  if (!op.selector.heads.empty() && HeadDim(op.hook.site) < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "hook \"", name, "\" has no head dimension; a head selector is valid only on attn.hook_q, "
+        "hook_k, hook_v, hook_rot_q, hook_rot_k, hook_z, hook_result, hook_attn_scores and "
+        "hook_pattern"));
+  }
+  switch (op.kind) {
+    case OpKind::kSet:
+    case OpKind::kAdd:
+      if (!op.value.defined()) {
+        return absl::InvalidArgumentError(absl::StrCat("set/add op on \"", name, "\" has no value tensor"));
+      }
+      if (!at::isFloatingType(op.value.scalar_type())) {
+        return absl::InvalidArgumentError(absl::StrCat("value tensor for \"", name,
+                                                       "\" must be floating point, got ",
+                                                       c10::toString(op.value.scalar_type())));
+      }
+      break;
+    case OpKind::kCallback:
+      if (!op.callback) {
+        return absl::InvalidArgumentError(absl::StrCat("callback op on \"", name, "\" has no callback"));
+      }
+      break;
+    case OpKind::kScale:
+      if (!std::isfinite(op.factor)) {
+        return absl::InvalidArgumentError(absl::StrCat("scale factor for \"", name, "\" must be finite"));
+      }
+      break;
+    default:
+      break;
+  }
+  active_[HookIndex(op.hook, n_layers_)] = 1;
+  ++num_ops_;
+  Entry entry;
+  entry.hook = op.hook;
+  entry.op = std::move(op);
+  entries_.push_back(std::move(entry));
+  return absl::OkStatus();
+}
+
+void HookPlan::AddCache(CacheRequest request) {
+  active_[HookIndex(request.hook, n_layers_)] = 1;
+  ++num_ops_;
+  Entry entry;
+  entry.hook = request.hook;
+  entry.is_cache = true;
+  entry.cache = std::move(request);
+  entries_.push_back(std::move(entry));
+}
+
+absl::Status HookPlan::Apply(HookId id, at::Tensor& activation) {
+  if (!Has(id)) return absl::OkStatus();
+  bool owned = false;  // whether `activation` is already a private copy we may write in place
+  for (const Entry& entry : entries_) {
+    if (entry.hook != id) continue;
+    if (entry.is_cache) {
+      RETURN_IF_ERROR(ServeCache(entry.cache, activation));
+      continue;
+    }
+    if (!owned && entry.op.kind != OpKind::kCallback) {
+      activation = activation.clone();
+      owned = true;
+    }
+    RETURN_IF_ERROR(ApplyIntervention(entry.op, activation));
+    if (entry.op.kind == OpKind::kCallback) owned = false;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HookPlan::ApplyIntervention(const InterventionOp& op, at::Tensor& act) const {
+  if (op.kind == OpKind::kCallback) {
+    ASSIGN_OR_RETURN(std::optional<at::Tensor> replacement, op.callback(op.hook, act));
+    if (!replacement.has_value()) return absl::OkStatus();
+    if (replacement->sizes() != act.sizes()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "hook function for \"", HookName(op.hook), "\" returned shape ",
+          ShapeString(replacement->sizes()), "; the activation's shape is ", ShapeString(act.sizes())));
+    }
+    if (!at::isFloatingType(replacement->scalar_type())) {
+      return absl::InvalidArgumentError(absl::StrCat("hook function for \"", HookName(op.hook),
+                                                     "\" returned dtype ",
+                                                     c10::toString(replacement->scalar_type()),
+                                                     "; expected a floating dtype"));
+    }
+    act = replacement->to(act.device(), act.scalar_type()).contiguous();
+    return absl::OkStatus();
+  }
+
+  const int pos_dim = PosDim(op.hook.site);
+  const int head_dim = HeadDim(op.hook.site);
+  at::Tensor pos_index, head_index;
+  if (!op.selector.positions.empty()) {
+    ASSIGN_OR_RETURN(pos_index, ResolveIndices(op.selector.positions, act.size(pos_dim),
+                                               "position", op.hook, act.device()));
+  }
+  if (!op.selector.heads.empty()) {
+    ASSIGN_OR_RETURN(head_index, ResolveIndices(op.selector.heads, act.size(head_dim), "head",
+                                                op.hook, act.device()));
+  }
+  // Gather the selected region (a copy when selectors are present), transform it, scatter back.
+  at::Tensor by_pos = pos_index.defined() ? act.index_select(pos_dim, pos_index) : act;
+  at::Tensor region = head_index.defined() ? by_pos.index_select(head_dim, head_index) : by_pos;
+
+  switch (op.kind) {
+    case OpKind::kZero:
+      region.zero_();
+      break;
+    case OpKind::kSet:
+    case OpKind::kAdd: {
+      if (!BroadcastsTo(op.value.sizes(), region.sizes())) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            op.kind == OpKind::kSet ? "set" : "add", " value for hook \"", HookName(op.hook),
+            "\" has shape ", ShapeString(op.value.sizes()),
+            ", which does not broadcast to the selected activation of shape ",
+            ShapeString(region.sizes())));
+      }
+      at::Tensor value = op.value.to(region.device(), region.scalar_type());
+      if (op.kind == OpKind::kSet) region.copy_(value.expand(region.sizes()));
+      else region.add_(value);
+      break;
+    }
+    case OpKind::kScale:
+      region.mul_(op.factor);
+      break;
+    case OpKind::kMean:
+      region.copy_(region.mean(0, /*keepdim=*/true).expand(region.sizes()));
+      break;
+    case OpKind::kCallback:
+      break;
+  }
+  if (head_index.defined()) by_pos.index_copy_(head_dim, head_index, region);
+  if (pos_index.defined()) act.index_copy_(pos_dim, pos_index, by_pos);
+  return absl::OkStatus();
+}
+
+absl::Status HookPlan::ServeCache(const CacheRequest& request, const at::Tensor& activation) {
+  at::Tensor out = activation;
+  if (request.pos_start.has_value() || request.pos_stop.has_value()) {
+    const int dim = PosDim(request.hook.site);
+    const int64_t size = out.size(dim);
+    auto clamp = [size](int64_t i) {
+      if (i < 0) i += size;
+      return std::min(std::max<int64_t>(i, 0), size);
+    };
+    int64_t start = clamp(request.pos_start.value_or(0));
+    int64_t stop = clamp(request.pos_stop.value_or(size));
+    out = out.narrow(dim, start, std::max<int64_t>(stop - start, 0));
+  }
+  at::TensorOptions options = out.options();
+  if (request.dtype.has_value()) options = options.dtype(*request.dtype);
+  if (request.to_host) options = options.device(at::kCPU);
+  // Always a private, contiguous copy: later in-place work on aliases (the residual stream is
+  // one tensor across hook_resid_post and the next hook_resid_pre) must not reach the cache.
+  out = out.to(options, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  if (sink_) return sink_(request.hook, std::move(out));
+  cache_.emplace_back(request.hook, std::move(out));
+  return absl::OkStatus();
+}
+
+}  // namespace remotelens

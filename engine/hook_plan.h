@@ -1,0 +1,119 @@
+// HookPlan: everything one forward call does at hook points, owned by that call and never stored
+// on the model. Two kinds of op:
+//   - interventions (zero, set, add, scale, mean, or a C++ callback) rewrite the activation, in
+//     the order they were added, before anything downstream reads it;
+//   - cache requests copy the final (post-intervention) activation aside, optionally sliced along
+//     positions, cast, and moved to the host.
+// A hook point with nothing registered costs one table look-up; an empty plan costs nothing.
+//
+//   HookPlan plan(config.n_layers);
+//   RETURN_IF_ERROR(plan.AddIntervention(
+//       {.hook = z_of_layer_1, .kind = OpKind::kZero, .selector = {.heads = {3}}}));
+//   plan.AddCache({.hook = resid_post_of_layer_1});
+//   ASSIGN_OR_RETURN(at::Tensor logits, model.Forward(tokens, {}, &plan));
+//   at::Tensor resid = plan.cache()[0].second;  // [batch, pos, d_model]
+#ifndef REMOTELENS_ENGINE_HOOK_PLAN_H_
+#define REMOTELENS_ENGINE_HOOK_PLAN_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/hook_names.h"
+
+namespace remotelens {
+
+// Which part of an activation an op touches. Positions index PosDim(site) (query positions for
+// attention scores and patterns); heads index HeadDim(site) (key/value heads for hook_k, hook_v,
+// hook_rot_k). Negative values count from the end. Empty: all.
+struct Selector {
+  std::vector<int64_t> positions;
+  std::vector<int64_t> heads;
+};
+
+enum class OpKind {
+  kZero,      // region = 0
+  kSet,       // region = value, broadcast to the region's shape
+  kAdd,       // region += value, broadcast (steering vectors)
+  kScale,     // region *= factor
+  kMean,      // region = its mean over the batch
+  kCallback,  // region-free: callback(hook, activation) returns a replacement or nullopt
+};
+
+// Runs at a hook with the activation; returns a replacement of the same shape and dtype, or
+// nullopt for "unchanged". The server implements remote Python hooks with this.
+using HookCallback =
+    std::function<absl::StatusOr<std::optional<at::Tensor>>(HookId, const at::Tensor&)>;
+
+struct InterventionOp {
+  HookId hook;
+  OpKind kind = OpKind::kZero;
+  Selector selector;
+  at::Tensor value;     // kSet, kAdd: broadcastable to the selected region
+  double factor = 1.0;  // kScale
+  HookCallback callback;  // kCallback
+};
+
+struct CacheRequest {
+  HookId hook;
+  // Python slice [pos_start:pos_stop] along PosDim; unset ends mean the sequence's ends.
+  std::optional<int64_t> pos_start;
+  std::optional<int64_t> pos_stop;
+  std::optional<at::ScalarType> dtype;  // unset: the model's dtype
+  bool to_host = true;                  // false: keep on the device the layer ran on
+};
+
+// Receives each cached activation as soon as it is computed, in forward order. When set, the
+// plan keeps nothing itself (the server streams activations out of here).
+using CacheSink = std::function<absl::Status(HookId, at::Tensor)>;
+
+class HookPlan {
+ public:
+  explicit HookPlan(int64_t n_layers);
+
+  // Validates the op against its hook (a head selector on a site without heads, a missing value
+  // or callback, a non-floating value) and appends it.
+  absl::Status AddIntervention(InterventionOp op);
+  void AddCache(CacheRequest request);
+  void SetCacheSink(CacheSink sink) { sink_ = std::move(sink); }
+
+  bool empty() const { return num_ops_ == 0; }
+  // True when any op is registered at `id`.
+  bool Has(HookId id) const { return num_ops_ != 0 && active_[HookIndex(id, n_layers_)]; }
+
+  // Applies the interventions at `id` to `activation` (replacing it; the input is never written
+  // in place, so tensors aliased elsewhere stay intact), then serves its cache requests.
+  absl::Status Apply(HookId id, at::Tensor& activation);
+
+  // Cached activations in forward order (empty when a sink is set).
+  const std::vector<std::pair<HookId, at::Tensor>>& cache() const { return cache_; }
+  std::vector<std::pair<HookId, at::Tensor>> TakeCache() { return std::move(cache_); }
+
+ private:
+  struct Entry {
+    HookId hook;
+    bool is_cache = false;
+    InterventionOp op;
+    CacheRequest cache;
+  };
+  absl::Status ApplyIntervention(const InterventionOp& op, at::Tensor& activation) const;
+  absl::Status ServeCache(const CacheRequest& request, const at::Tensor& activation);
+
+  int64_t n_layers_;
+  int num_ops_ = 0;
+  std::vector<uint8_t> active_;  // by HookIndex
+  std::vector<Entry> entries_;   // registration order
+  std::vector<std::pair<HookId, at::Tensor>> cache_;
+  CacheSink sink_;
+};
+
+}  // namespace remotelens
+
+#endif  // REMOTELENS_ENGINE_HOOK_PLAN_H_
