@@ -1,0 +1,94 @@
+// forward_bench: times LlamaModel::Forward on one model in three hook configurations and prints
+// one JSON object per line, for bench/forward_bench.py to compare against the Python reference:
+//   {"mode": "none"|"resid_post"|"all", "median_ms": ..., "mean_ms": ..., "iters": N}
+// Modes: no hooks; caching every blocks.L.hook_resid_post; caching every hook point.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <numeric>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "engine/model_dir.h"
+
+ABSL_FLAG(std::string, model_dir, "", "model directory");
+ABSL_FLAG(int64_t, batch, 1, "batch size");
+ABSL_FLAG(int64_t, pos, 128, "positions per row");
+ABSL_FLAG(int, iters, 10, "timed iterations per mode");
+ABSL_FLAG(int, warmup, 2, "untimed iterations per mode");
+ABSL_FLAG(int, threads, 0, "intra-op threads (0: LibTorch's default)");
+ABSL_FLAG(uint64_t, seed, 0, "token seed (the Python driver uses the same ids)");
+ABSL_FLAG(std::string, tokens_file, "", "optional: raw int64 token ids [batch, pos] to use");
+
+namespace remotelens {
+namespace {
+
+int Main() {
+  if (absl::GetFlag(FLAGS_threads) > 0) at::set_num_threads(absl::GetFlag(FLAGS_threads));
+  auto model = LoadModelDir(absl::GetFlag(FLAGS_model_dir), LoadOptions());
+  if (!model.ok()) {
+    std::fprintf(stderr, "forward_bench: %s\n", model.status().ToString().c_str());
+    return 1;
+  }
+  const LlamaConfig& c = (*model)->config();
+  const int64_t batch = absl::GetFlag(FLAGS_batch), pos = absl::GetFlag(FLAGS_pos);
+  at::Tensor tokens;
+  if (!absl::GetFlag(FLAGS_tokens_file).empty()) {
+    std::FILE* f = std::fopen(absl::GetFlag(FLAGS_tokens_file).c_str(), "rb");
+    if (f == nullptr) return 1;
+    tokens = at::empty({batch, pos}, at::kLong);
+    const size_t n = std::fread(tokens.data_ptr<int64_t>(), sizeof(int64_t), batch * pos, f);
+    std::fclose(f);
+    if (n != static_cast<size_t>(batch * pos)) {
+      std::fprintf(stderr, "forward_bench: tokens file holds %zu ids, need %ld\n", n, batch * pos);
+      return 1;
+    }
+  } else {
+    tokens = at::randint(0, c.d_vocab, {batch, pos},
+                         at::make_generator<at::CPUGeneratorImpl>(absl::GetFlag(FLAGS_seed)), at::kLong);
+  }
+  ForwardInput input;
+  input.tokens = tokens;
+
+  for (const std::string mode : {"none", "resid_post", "all"}) {
+    auto run_once = [&]() {
+      HookPlan plan(c.n_layers);
+      if (mode == "resid_post") {
+        for (int layer = 0; layer < c.n_layers; ++layer) plan.AddCache({{layer, HookSite::kResidPost}});
+      } else if (mode == "all") {
+        for (HookId id : AllHookIds(c.n_layers)) plan.AddCache({id});
+      }
+      const auto start = std::chrono::steady_clock::now();
+      auto logits = (*model)->Forward(input, mode == "none" ? nullptr : &plan);
+      const auto stop = std::chrono::steady_clock::now();
+      if (!logits.ok()) {
+        std::fprintf(stderr, "forward_bench: %s\n", logits.status().ToString().c_str());
+        std::exit(1);
+      }
+      return std::chrono::duration<double, std::milli>(stop - start).count();
+    };
+    for (int i = 0; i < absl::GetFlag(FLAGS_warmup); ++i) run_once();
+    std::vector<double> times;
+    for (int i = 0; i < absl::GetFlag(FLAGS_iters); ++i) times.push_back(run_once());
+    std::sort(times.begin(), times.end());
+    const double median = times[times.size() / 2];
+    const double mean = std::accumulate(times.begin(), times.end(), 0.0) / times.size();
+    std::printf("{\"mode\": \"%s\", \"median_ms\": %.4f, \"mean_ms\": %.4f, \"iters\": %zu, "
+                "\"threads\": %d}\n",
+                mode.c_str(), median, mean, times.size(), at::get_num_threads());
+    std::fflush(stdout);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace remotelens
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return remotelens::Main();
+}

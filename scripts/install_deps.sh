@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs every Debian package remotelens needs to build, test and serve. Idempotent and
+# non-interactive: packages already present are skipped without touching apt.
+set -euo pipefail
+
+PACKAGES=(
+  # build
+  bazel-bootstrap bazel-platforms bazel-skylib bazel-rules-java bazel-rules-proto
+  g++ cmake
+  # engine
+  libtorch-dev libabsl-dev nlohmann-json3-dev libpcre2-dev
+  # Optimised BLAS for LibTorch's CPU matmuls (Debian's default is the netlib reference BLAS,
+  # ~8x slower here). It plugs in through update-alternatives for C++ and Python alike.
+  libopenblas0-pthread
+  # server
+  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
+  # tests and benchmarks
+  libgtest-dev libgmock-dev libbenchmark-dev prometheus
+  python3 python3-torch python3-numpy python3-pytest python3-grpcio python3-protobuf
+  python3-grpc-tools python3-tqdm
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install_deps: all ${#PACKAGES[@]} packages present"
+  exit 0
+fi
+echo "install_deps: installing ${missing[*]}"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "install_deps: done"

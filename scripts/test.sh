@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs every test: installs packages, builds everything with Bazel, runs the C++ unit tests, then
+# the Python suites (parity against the independent reference, tool behaviour, server end to
+# end). Ends with one summary line over both runners: "N passed, N failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install_deps.sh || exit 1
+
+BAZEL_FLAGS=(--noshow_progress)
+[ "${CI:-}" = "true" ] && BAZEL_FLAGS+=(--color=no --curses=no)
+
+echo "== bazel build //..."
+bazel build "${BAZEL_FLAGS[@]}" //... || { echo "0 passed, 1 failed"; exit 1; }
+
+echo "== bazel test //..."
+bazel test "${BAZEL_FLAGS[@]}" //... 2>&1 | tee /tmp/remotelens_bazel_test.log
+bazel_rc=${PIPESTATUS[0]}
+summary=$(grep -E "^Executed [0-9]+ out of [0-9]+ tests?" /tmp/remotelens_bazel_test.log | tail -1)
+cc_total=$(echo "$summary" | sed -E 's/^Executed [0-9]+ out of ([0-9]+) tests?.*/\1/')
+cc_failed=$(grep -cE "^//.*(FAILED|TIMEOUT|NO STATUS|FAILED TO BUILD)" /tmp/remotelens_bazel_test.log || true)
+cc_total=${cc_total:-0}
+cc_passed=$((cc_total - cc_failed))
+
+echo "== pytest tests/"
+export REMOTELENS_BIN_DIR="$PWD/bazel-bin"
+/usr/bin/python3 -m pytest -q -p no:cacheprovider tests/ 2>&1 | tee /tmp/remotelens_pytest.log
+py_rc=${PIPESTATUS[0]}
+py_line=$(grep -E "^(=+ )?[0-9]+ (passed|failed)" /tmp/remotelens_pytest.log | tail -1)
+py_passed=$(echo "$py_line" | grep -oE "[0-9]+ passed" | grep -oE "[0-9]+" || echo 0)
+py_failed=$(echo "$py_line" | grep -oE "[0-9]+ failed" | grep -oE "[0-9]+" || echo 0)
+py_errors=$(echo "$py_line" | grep -oE "[0-9]+ errors?" | grep -oE "[0-9]+" || echo 0)
+
+passed=$((cc_passed + ${py_passed:-0}))
+failed=$((cc_failed + ${py_failed:-0} + ${py_errors:-0}))
+if [ "$bazel_rc" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
+if [ "$py_rc" -ne 0 ] && [ "$py_rc" -ne 5 ] && [ "$failed" -eq 0 ]; then failed=1; fi
+echo "C++ (bazel test): $cc_passed of $cc_total test targets passed; Python (pytest): ${py_passed:-0} passed"
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
