@@ -13,7 +13,7 @@ PACKAGES=(
   # ~8x slower here). It plugs in through update-alternatives for C++ and Python alike.
   libopenblas0-pthread
   # server
-  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
+  libssl-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev prometheus
   python3 python3-torch python3-numpy python3-pytest python3-grpcio python3-protobuf
