@@ -1,0 +1,159 @@
+#!/usr/bin/python3
+"""Forward-pass benchmark driver: the C++ engine (bench/forward_bench) against the Python reference.
+
+For each model it
+  1. creates the model with make_demo_model unless its directory already holds a config.json
+     ("demo": the default demo model; "100m": a ~100M-parameter Llama-shaped model),
+  2. runs bazel-bin/bench/forward_bench, which prints one JSON object per line:
+     {"mode": "none"|"resid_post"|"all", "median_ms": ..., "mean_ms": ..., "iters": ...},
+  3. times the float32 reference forward (fast path: no hook cache) on the same weights and
+     token shape, median of --iters after --warmup, under torch.inference_mode with the same
+     thread count,
+  4. prints a markdown table (and writes it to --out when given).
+
+Usage:
+  bazel build //tools:all //bench:forward_bench
+  /usr/bin/python3 bench/forward_bench.py --batch 1 --pos 128 --iters 10 --models demo,100m --out bench.md
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from tests.reference.llama_reference import LlamaReference  # noqa: E402
+
+MODEL_FLAGS = {
+    "demo": [],
+    "100m": ["--vocab_size", "32000", "--d_model", "768", "--n_layers", "12", "--n_heads", "12",
+             "--n_kv_heads", "4", "--d_mlp", "2048", "--seed", "1"],
+}
+MODES = ("none", "resid_post", "all")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--pos", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--models", default="demo,100m", help="comma-separated subset of: " + ",".join(MODEL_FLAGS))
+    ap.add_argument("--model_root", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "remotelens_bench_models"),
+                    help="models are created under MODEL_ROOT/<name> unless present")
+    ap.add_argument("--tools_dir", default=os.path.join(REPO, "bazel-bin", "tools"))
+    ap.add_argument("--bench_bin", default=os.path.join(REPO, "bazel-bin", "bench", "forward_bench"))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for the reference (default: the \"threads\" the C++ "
+                         "benchmark reports, else torch.get_num_threads(), LibTorch's own default)")
+    ap.add_argument("--out", default=None, help="also write the markdown report here")
+    return ap.parse_args()
+
+
+def ensure_model(name: str, args: argparse.Namespace) -> str:
+    directory = os.path.join(args.model_root, name)
+    if os.path.exists(os.path.join(directory, "config.json")):
+        return directory
+    os.makedirs(args.model_root, exist_ok=True)
+    cmd = [os.path.join(args.tools_dir, "make_demo_model"), directory] + MODEL_FLAGS[name]
+    print("+", " ".join(cmd), file=sys.stderr)
+    subprocess.run(cmd, check=True)
+    return directory
+
+
+def run_cpp_bench(model_dir: str, args: argparse.Namespace) -> Dict[str, dict]:
+    cmd = [args.bench_bin, "--model_dir", model_dir, "--batch", str(args.batch), "--pos", str(args.pos),
+           "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    print("+", " ".join(cmd), file=sys.stderr)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"forward_bench failed (exit {proc.returncode}):\n{proc.stderr}")
+    results = {}
+    for line in proc.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            record = json.loads(line)
+            results[record["mode"]] = record
+    missing = [m for m in MODES if m not in results]
+    if missing:
+        raise SystemExit(f"forward_bench printed no result for modes {missing}:\n{proc.stdout}")
+    return results
+
+
+def time_reference(model: LlamaReference, args: argparse.Namespace) -> List[float]:
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.config.d_vocab, (args.batch, args.pos), generator=g)
+    times_ms = []
+    with torch.inference_mode():
+        for i in range(args.warmup + args.iters):
+            start = time.perf_counter()
+            model.forward(tokens, collect=False)
+            elapsed = (time.perf_counter() - start) * 1000.0
+            if i >= args.warmup:
+                times_ms.append(elapsed)
+    return times_ms
+
+
+def machine_info(threads: int) -> List[str]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return [f"- CPU: {cpu} ({os.cpu_count()} logical cores)",
+            f"- OS: {platform.platform()}",
+            f"- Python {platform.python_version()}, torch {torch.__version__}, torch threads {threads}"]
+
+
+def main() -> None:
+    args = parse_args()
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if name not in MODEL_FLAGS:
+            raise SystemExit(f"unknown model {name!r}; valid: {sorted(MODEL_FLAGS)}")
+        model_dir = ensure_model(name, args)
+        cpp = run_cpp_bench(model_dir, args)
+        cpp_threads = cpp["none"].get("threads")
+        if args.threads is None and cpp_threads:
+            threads = int(cpp_threads)  # match what the engine used, when it says
+        torch.set_num_threads(threads)
+        model = LlamaReference.from_pretrained(model_dir)
+        n_params = sum(t.numel() for t in model.w.values())
+        ref_ms = statistics.median(time_reference(model, args))
+        del model
+        none_ms = cpp["none"]["median_ms"]
+        rows.append(
+            f"| {name} | {n_params / 1e6:.1f}M | {args.batch}x{args.pos} | {threads} | {ref_ms:.2f} | {none_ms:.2f} "
+            f"| {cpp['resid_post']['median_ms']:.2f} | {cpp['all']['median_ms']:.2f} "
+            f"| {none_ms / ref_ms:.2f} | {cpp['resid_post']['median_ms'] / none_ms:.2f} "
+            f"| {cpp['all']['median_ms'] / none_ms:.2f} |")
+    report = "\n".join(
+        ["# Forward-pass benchmark (median ms, float32, CPU)", "",
+         f"iters {args.iters} after {args.warmup} warmup; batch x pos as shown; reference = "
+         "tests/reference/llama_reference.py fast path (no hook cache).", "",
+         "| model | params | batch x pos | threads | reference | engine none | engine resid_post | engine all "
+         "| none/ref | resid_post/none | all/none |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"] + rows + ["", "Machine:"] + machine_info(threads)) + "\n"
+    print(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    main()
