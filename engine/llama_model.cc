@@ -27,6 +27,18 @@ inline absl::Status Hook(HookPlan* plan, int64_t layer, HookSite site, at::Tenso
   return plan->Apply(id, activation);
 }
 
+// x @ w^T over the last dimension. Large calls on CPU float32 go through oneDNN when the
+// weights have a oneDNN copy (see LayerWeights); everything else through at::linear.
+at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_onednn,
+                  int64_t onednn_min_rows) {
+  const int64_t rows = x.numel() / x.size(-1);
+  if (!w_onednn.defined() || rows < onednn_min_rows) return at::linear(x, w);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = w.size(0);
+  const at::Tensor x2 = x.reshape({rows, x.size(-1)}).contiguous().to_mkldnn();
+  return at::mkldnn_linear(x2, w_onednn, c10::nullopt).to_dense().view(out_shape);
+}
+
 inline bool Hooked(const HookPlan* plan, int64_t layer, HookSite site) {
   return plan != nullptr && plan->Has({static_cast<int>(layer), site});
 }
@@ -247,6 +259,7 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
 
   const int64_t H = c.n_heads, Hkv = c.n_kv_heads, dh = c.d_head, group = H / Hkv;
   const double inv_sqrt_dh = 1.0 / std::sqrt(static_cast<double>(dh));
+  const int64_t onednn_rows = options_.onednn_min_rows;
   const at::ScalarType dtype = weights_.embed.scalar_type();
   at::Tensor mask, cos, sin;  // on the current block's device
   at::Device mask_device(at::kCPU);
@@ -280,7 +293,7 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
     // ---- attention ----
     ASSIGN_OR_RETURN(at::Tensor h, RmsNorm(x, w.ln1, c.rms_norm_eps, plan, layer,
                                            HookSite::kLn1Scale, HookSite::kLn1Normalized));
-    const at::Tensor qkv = at::linear(h, w.w_qkv);  // [batch, pos, (H + 2 Hkv) d_head]
+    const at::Tensor qkv = Linear(h, w.w_qkv, w.w_qkv_onednn, onednn_rows);  // [batch, pos, (H + 2 Hkv) d_head]
     at::Tensor q = qkv.narrow(-1, 0, H * dh).view({batch, pos, H, dh});
     at::Tensor k = qkv.narrow(-1, H * dh, Hkv * dh).view({batch, pos, Hkv, dh});
     at::Tensor v = qkv.narrow(-1, (H + Hkv) * dh, Hkv * dh).view({batch, pos, Hkv, dh});
@@ -353,7 +366,7 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
       RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnResult, result));
       attn_out = result.sum(2);
     } else {
-      attn_out = at::linear(z.reshape({batch, pos, H * dh}), w.w_o);
+      attn_out = Linear(z.reshape({batch, pos, H * dh}), w.w_o, w.w_o_onednn, onednn_rows);
     }
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnOut, attn_out));
     at::Tensor resid_mid = x + attn_out;
@@ -362,14 +375,14 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
     // ---- MLP (SwiGLU) ----
     ASSIGN_OR_RETURN(at::Tensor h2, RmsNorm(resid_mid, w.ln2, c.rms_norm_eps, plan, layer,
                                             HookSite::kLn2Scale, HookSite::kLn2Normalized));
-    const at::Tensor gate_up = at::linear(h2, w.w_gate_up);  // [batch, pos, 2 d_mlp]
+    const at::Tensor gate_up = Linear(h2, w.w_gate_up, w.w_gate_up_onednn, onednn_rows);  // [batch, pos, 2 d_mlp]
     at::Tensor pre = gate_up.narrow(-1, 0, c.d_mlp);
     at::Tensor pre_linear = gate_up.narrow(-1, c.d_mlp, c.d_mlp);
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpPre, pre));
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpPreLinear, pre_linear));
     at::Tensor post = at::silu(pre).mul_(pre_linear);  // [batch, pos, d_mlp]
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpPost, post));
-    at::Tensor mlp_out = at::linear(post, w.w_down);  // [batch, pos, d_model]
+    at::Tensor mlp_out = Linear(post, w.w_down, w.w_down_onednn, onednn_rows);  // [batch, pos, d_model]
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpOut, mlp_out));
     x = resid_mid + mlp_out;
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kResidPost, x));

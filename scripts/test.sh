@@ -23,7 +23,7 @@ cc_total=${cc_total:-0}
 cc_passed=$((cc_total - cc_failed))
 
 echo "== pytest tests/"
-export REMOTELENS_BIN_DIR="$PWD/bazel-bin"
+export REMOTELENS_BIN_DIR="$PWD/bazel-bin/tools" REMOTELENS_REQUIRE_BINARIES=1
 /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/ 2>&1 | tee /tmp/remotelens_pytest.log
 py_rc=${PIPESTATUS[0]}
 py_line=$(grep -E "^(=+ )?[0-9]+ (passed|failed)" /tmp/remotelens_pytest.log | tail -1)

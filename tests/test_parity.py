@@ -40,6 +40,8 @@ _ATTN_SQUARE = ("attn.hook_attn_scores", "attn.hook_pattern")
 
 def _require(binary: str) -> None:
     if not os.access(binary, os.X_OK):
+        if os.environ.get("REMOTELENS_REQUIRE_BINARIES"):
+            pytest.fail(f"{binary} not built (bazel build //tools:all)")
         pytest.skip(f"{binary} not built (bazel build //tools:all)")
 
 
