@@ -24,7 +24,7 @@
 
 // `lhs` = value of the StatusOr `rexpr`, or returns its status from the enclosing function.
 #define ASSIGN_OR_RETURN(lhs, rexpr) \
-  REMOTELENS_ASSIGN_OR_RETURN_IMPL(REMOTELENS_STATUS_CONCAT(statusor_, __LINE__), lhs, rexpr)
+  REMOTELENS_ASSIGN_OR_RETURN_IMPL(REMOTELENS_STATUS_CONCAT(statusor_, __COUNTER__), lhs, rexpr)
 
 #define REMOTELENS_ASSIGN_OR_RETURN_IMPL(statusor, lhs, rexpr) \
   auto statusor = (rexpr);                                     \

@@ -1,0 +1,281 @@
+// remotelens_server: keeps one Llama model resident and serves the RemoteLens gRPC API.
+//
+//   remotelens_server --config configs/demo.textproto [--port 50051] [--model_dir DIR]
+//       [--metrics_port 9464] [--device cpu|cuda:0,...] [--dtype float32] [--users_file F]
+//
+// The config (a ServerConfig textproto) is read here and nowhere else; flags override it.
+// Without a users file the server only listens on loopback. On SIGTERM or SIGINT it stops
+// accepting calls, lets in-flight work finish for shutdown_grace_seconds, and exits 0.
+#include <ATen/ATen.h>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <prometheus/registry.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/synchronization/notification.h"
+#include "engine/demo_model.h"
+#include "engine/model_dir.h"
+#include "engine/status_macros.h"
+#include "engine/tokenizer.h"
+#include "google/protobuf/text_format.h"
+#include "remotelens/v1/config.pb.h"
+#include "server/auth.h"
+#include "server/metrics.h"
+#include "server/metrics_http.h"
+#include "server/request_builder.h"
+#include "server/scheduler.h"
+#include "server/service.h"
+#include "server/session_store.h"
+
+ABSL_FLAG(std::string, config, "", "ServerConfig textproto (e.g. configs/demo.textproto)");
+ABSL_FLAG(std::string, model_dir, "", "Hugging Face model directory (overrides the config)");
+ABSL_FLAG(std::string, host, "", "listen host (overrides the config; default 127.0.0.1)");
+ABSL_FLAG(int, port, -1, "gRPC port (overrides the config; 0 picks a free port)");
+ABSL_FLAG(int, metrics_port, -1, "Prometheus /metrics port (overrides the config; 0 picks one)");
+ABSL_FLAG(std::string, device, "", "device(s): cpu, cuda:0, cuda:0,cuda:1 (overrides the config)");
+ABSL_FLAG(std::string, dtype, "", "float32, bfloat16 or float16 (overrides the config)");
+ABSL_FLAG(std::string, users_file, "", "UsersFile textproto with API key hashes (overrides)");
+
+namespace remotelens {
+namespace {
+
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// host:port with the port replaced.
+std::string WithPort(const std::string& address, int port) {
+  const size_t colon = address.rfind(':');
+  return absl::StrCat(colon == std::string::npos ? address : address.substr(0, colon), ":", port);
+}
+
+std::string WithHost(const std::string& address, const std::string& host) {
+  const size_t colon = address.rfind(':');
+  return absl::StrCat(host, colon == std::string::npos ? ":50051" : address.substr(colon));
+}
+
+absl::StatusOr<v1::ServerConfig> LoadConfig() {
+  v1::ServerConfig config;
+  const std::string path = absl::GetFlag(FLAGS_config);
+  if (!path.empty()) {
+    ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+    if (!google::protobuf::TextFormat::ParseFromString(text, &config)) {
+      return absl::InvalidArgumentError(absl::StrCat(path, " is not a valid ServerConfig textproto"));
+    }
+  }
+  if (!absl::GetFlag(FLAGS_model_dir).empty()) config.set_model_dir(absl::GetFlag(FLAGS_model_dir));
+  if (!absl::GetFlag(FLAGS_dtype).empty()) config.set_dtype(absl::GetFlag(FLAGS_dtype));
+  if (!absl::GetFlag(FLAGS_device).empty()) {
+    config.clear_devices();
+    for (absl::string_view d : absl::StrSplit(absl::GetFlag(FLAGS_device), ',', absl::SkipEmpty())) {
+      config.add_devices(std::string(d));
+    }
+  }
+  if (!absl::GetFlag(FLAGS_users_file).empty()) config.set_users_file(absl::GetFlag(FLAGS_users_file));
+  if (config.listen_address().empty()) config.set_listen_address("127.0.0.1:50051");
+  if (!absl::GetFlag(FLAGS_host).empty()) {
+    config.set_listen_address(WithHost(config.listen_address(), absl::GetFlag(FLAGS_host)));
+  }
+  if (absl::GetFlag(FLAGS_port) >= 0) {
+    config.set_listen_address(WithPort(config.listen_address(), absl::GetFlag(FLAGS_port)));
+  }
+  if (config.metrics_address().empty()) config.set_metrics_address("127.0.0.1:9464");
+  if (absl::GetFlag(FLAGS_metrics_port) >= 0) {
+    const std::string base = config.metrics_address() == "none" ? "127.0.0.1:9464" : config.metrics_address();
+    config.set_metrics_address(WithPort(base, absl::GetFlag(FLAGS_metrics_port)));
+  }
+  if (config.dtype().empty()) config.set_dtype("float32");
+  if (config.devices().empty()) config.add_devices("cpu");
+  if (config.shutdown_grace_seconds() <= 0) config.set_shutdown_grace_seconds(10);
+  *config.mutable_limits() = LimitsWithDefaults(config.limits());
+  return config;
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const v1::TlsConfig& tls) {
+  if (tls.cert_file().empty() && tls.key_file().empty()) return grpc::InsecureServerCredentials();
+  if (tls.cert_file().empty() || tls.key_file().empty()) {
+    return absl::InvalidArgumentError("tls needs both cert_file and key_file");
+  }
+  grpc::SslServerCredentialsOptions options;
+  ASSIGN_OR_RETURN(std::string cert, ReadFile(tls.cert_file()));
+  ASSIGN_OR_RETURN(std::string key, ReadFile(tls.key_file()));
+  options.pem_key_cert_pairs.push_back({key, cert});
+  if (!tls.client_ca_file().empty()) {
+    ASSIGN_OR_RETURN(options.pem_root_certs, ReadFile(tls.client_ca_file()));
+    options.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  return grpc::SslServerCredentials(options);
+}
+
+absl::Status Serve() {
+  ASSIGN_OR_RETURN(v1::ServerConfig config, LoadConfig());
+  const v1::Limits& limits = config.limits();
+
+  std::unique_ptr<Authenticator> auth;
+  if (config.users_file().empty()) {
+    if (!IsLoopbackAddress(config.listen_address())) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "refusing to listen on ", config.listen_address(),
+          " without authentication; set users_file (API keys) or listen on 127.0.0.1"));
+    }
+    auth = Authenticator::Disabled();
+  } else {
+    ASSIGN_OR_RETURN(auth, Authenticator::FromUsersFile(config.users_file()));
+  }
+
+  std::string model_dir = config.model_dir();
+  if (model_dir.empty()) {
+    if (config.demo_model_dir().empty()) {
+      return absl::InvalidArgumentError("no model: set model_dir (or demo_model_dir) in the config or --model_dir");
+    }
+    model_dir = config.demo_model_dir();
+    if (!std::filesystem::exists(model_dir + "/config.json")) {
+      std::fprintf(stderr, "remotelens_server: generating the built-in demo model in %s\n", model_dir.c_str());
+      RETURN_IF_ERROR(WriteDemoModel(model_dir, DemoModelSpec()));
+    }
+  }
+  LoadOptions load;
+  ASSIGN_OR_RETURN(load.dtype, ParseDtype(config.dtype()));
+  ASSIGN_OR_RETURN(load.devices, ParseDevices(absl::StrJoin(config.devices(), ",")));
+  std::fprintf(stderr, "remotelens_server: loading %s (%s on %s)\n", model_dir.c_str(),
+               config.dtype().c_str(), absl::StrJoin(config.devices(), ",").c_str());
+  ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model, LoadModelDir(model_dir, load));
+  std::unique_ptr<Tokenizer> tokenizer;
+  if (std::filesystem::exists(model_dir + "/tokenizer.json")) {
+    const LlamaConfig& c = model->config();
+    std::optional<int64_t> bos, eos;
+    if (c.bos_token_id >= 0) bos = c.bos_token_id;
+    if (!c.eos_token_ids.empty()) eos = c.eos_token_ids[0];
+    ASSIGN_OR_RETURN(tokenizer, Tokenizer::FromJsonFile(model_dir + "/tokenizer.json", bos, eos));
+  }
+
+  auto registry = std::make_shared<prometheus::Registry>();
+  std::vector<std::string> devices(config.devices().begin(), config.devices().end());
+  ServerMetrics metrics(*registry, devices);
+  metrics.SetModelInfo(model->config().model_name, config.dtype());
+  {
+    // Resident weight bytes per device (the model is immutable, so this is set once).
+    std::map<std::string, int64_t> bytes;
+    auto add = [&](const at::Tensor& t) {
+      if (t.defined() && !t.is_mkldnn()) bytes[t.device().str()] += t.numel() * t.element_size();
+    };
+    const LlamaWeights& w = model->weights();
+    add(w.embed);
+    add(w.ln_final);
+    if (!w.unembed.is_same(w.embed)) add(w.unembed);
+    for (const LayerWeights& l : w.layers) {
+      for (const at::Tensor* t : {&l.ln1, &l.w_qkv, &l.w_o, &l.ln2, &l.w_gate_up, &l.w_down}) add(*t);
+    }
+    for (const auto& [device, n] : bytes) metrics.SetDeviceMemoryBytes(device, n);
+  }
+  MetricsHttpServer metrics_http(registry);
+  int metrics_port = 0;
+  if (config.metrics_address() != "none") {
+    ASSIGN_OR_RETURN(metrics_port, metrics_http.Start(config.metrics_address()));
+  }
+
+  // Signals go to one waiting thread, never to a gRPC or scheduler thread.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  Scheduler::Options scheduler_options;
+  scheduler_options.max_queue = limits.max_queue();
+  scheduler_options.on_depth = [&metrics](int64_t depth) { metrics.SetQueueDepth(depth); };
+  scheduler_options.on_start = [&metrics](absl::Duration wait) { metrics.ObserveQueueWait(absl::ToDoubleSeconds(wait)); };
+  Scheduler scheduler(scheduler_options);
+
+  SessionLimits session_limits;
+  session_limits.default_ttl = absl::Seconds(limits.session_ttl_seconds());
+  session_limits.max_ttl = absl::Seconds(limits.max_session_ttl_seconds());
+  session_limits.max_sessions_per_user = limits.max_sessions_per_user();
+  session_limits.max_hooks_per_session = limits.max_hooks_per_session();
+  SessionStore sessions(session_limits);
+
+  ServiceDeps deps;
+  deps.model = model.get();
+  deps.tokenizer = tokenizer.get();
+  deps.auth = auth.get();
+  deps.sessions = &sessions;
+  deps.scheduler = &scheduler;
+  deps.metrics = &metrics;
+  deps.limits = limits;
+  deps.devices = devices;
+  RemoteLensService service(deps);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials, Credentials(config.tls()));
+  int selected_port = 0;
+  builder.AddListeningPort(config.listen_address(), credentials, &selected_port);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(std::min<int64_t>(limits.max_request_bytes(), INT32_MAX)));
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || selected_port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", config.listen_address()));
+  }
+  // Tests and scripts read this line to find the port.
+  std::printf("remotelens_server listening on %s (model %s, %s, auth %s, tls %s, metrics %s)\n",
+              WithPort(config.listen_address(), selected_port).c_str(),
+              model->config().model_name.c_str(), config.dtype().c_str(),
+              auth->enabled() ? "on" : "off", config.tls().cert_file().empty() ? "off" : "on",
+              metrics_port > 0 ? WithPort(config.metrics_address(), metrics_port).c_str() : "off");
+  std::fflush(stdout);
+
+  absl::Notification stop_janitor;
+  std::thread janitor([&] {
+    while (!stop_janitor.WaitForNotificationWithTimeout(absl::Seconds(5))) {
+      if (sessions.ExpireIdle() > 0) service.UpdateSessionMetrics();
+    }
+  });
+
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  std::fprintf(stderr, "remotelens_server: signal %d, shutting down (grace %ds)\n", signal_number,
+               config.shutdown_grace_seconds());
+  server->GetHealthCheckService()->SetServingStatus(false);
+  const absl::Duration grace = absl::Seconds(config.shutdown_grace_seconds());
+  // New calls are refused from here; in-flight ones (and the jobs they queued) get the grace
+  // period, after which gRPC cancels what is left and the scheduler drops its queue.
+  server->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  scheduler.Shutdown(absl::ZeroDuration());
+  stop_janitor.Notify();
+  janitor.join();
+  metrics_http.Stop();
+  std::fprintf(stderr, "remotelens_server: stopped\n");
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace remotelens
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("remotelens_server --config configs/demo.textproto [flags]");
+  absl::ParseCommandLine(argc, argv);
+  absl::Status status = remotelens::Serve();
+  if (!status.ok()) {
+    std::fprintf(stderr, "remotelens_server: %s\n", status.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}

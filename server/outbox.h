@@ -1,0 +1,118 @@
+// Outbox: the bridge between the scheduler thread, which produces response messages, and a gRPC
+// callback reactor, which may have only one write in flight. Producers Push from any thread and
+// never wait for the network; the reactor writes queued messages one after another and calls
+// Finish exactly once, after the last message of a Close()d outbox has been written.
+//
+// The outbox is shared (shared_ptr) between the reactor and the job, so a job that outlives its
+// RPC (the client vanished) pushes into an outbox that simply drops messages.
+//
+//   auto outbox = std::make_shared<Outbox<v1::RunResponse>>();
+//   outbox->Attach([r](const v1::RunResponse* m) { r->StartWrite(m); },
+//                  [r](grpc::Status s) { r->Finish(s); });
+//   outbox->Push(response);          // scheduler thread
+//   outbox->Close(grpc::Status::OK); // after the last Push
+#ifndef REMOTELENS_SERVER_OUTBOX_H_
+#define REMOTELENS_SERVER_OUTBOX_H_
+
+#include <deque>
+#include <functional>
+#include <utility>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/synchronization/mutex.h"
+
+namespace remotelens {
+
+template <typename Message>
+class Outbox {
+ public:
+  using StartWrite = std::function<void(const Message*)>;
+  using Finish = std::function<void(grpc::Status)>;
+
+  void Attach(StartWrite start_write, Finish finish) {
+    start_write_ = std::move(start_write);
+    finish_ = std::move(finish);
+  }
+
+  // Queues a message. False once the stream is finished or the client has cancelled.
+  bool Push(Message message) {
+    const Message* to_write = nullptr;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_ || closed_ || cancelled_) return false;
+      queue_.push_back(std::move(message));
+      if (!writing_) to_write = BeginNextWrite();
+    }
+    if (to_write != nullptr) start_write_(to_write);
+    return true;
+  }
+
+  // No more messages: finishes with `status` once everything queued has been written.
+  void Close(grpc::Status status) {
+    bool finish_now = false;
+    {
+      absl::MutexLock lock(&mu_);
+      if (closed_ || finished_) return;
+      closed_ = true;
+      status_ = std::move(status);
+      if (!writing_) finish_now = finished_ = true;
+    }
+    if (finish_now) finish_(status_);
+  }
+
+  // Reactor side.
+  void OnWriteDone(bool ok) {
+    const Message* to_write = nullptr;
+    bool finish_now = false;
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (!ok) {
+        // The stream broke (client gone): drop what is queued; Finish once closed.
+        cancelled_ = true;
+        queue_.clear();
+      }
+      if (!queue_.empty()) {
+        to_write = BeginNextWrite();
+      } else if (closed_ && !finished_) {
+        finish_now = finished_ = true;
+      }
+    }
+    if (to_write != nullptr) start_write_(to_write);
+    if (finish_now) finish_(status_);
+  }
+
+  void OnCancel() {
+    absl::MutexLock lock(&mu_);
+    cancelled_ = true;
+  }
+
+  bool cancelled() const {
+    absl::MutexLock lock(&mu_);
+    return cancelled_;
+  }
+
+ private:
+  const Message* BeginNextWrite() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    current_ = std::move(queue_.front());
+    queue_.pop_front();
+    writing_ = true;
+    return &current_;
+  }
+
+  StartWrite start_write_;
+  Finish finish_;
+  mutable absl::Mutex mu_;
+  std::deque<Message> queue_ ABSL_GUARDED_BY(mu_);
+  Message current_;  // the message being written; stable until OnWriteDone
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status status_;
+};
+
+}  // namespace remotelens
+
+#endif  // REMOTELENS_SERVER_OUTBOX_H_

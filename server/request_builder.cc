@@ -1,0 +1,355 @@
+#include "server/request_builder.h"
+
+#include <ATen/ATen.h>
+
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "engine/status_macros.h"
+#include "server/tensor_codec.h"
+
+namespace remotelens {
+namespace {
+
+template <typename T>
+T Or(T value, T fallback) {
+  return value > 0 ? value : fallback;
+}
+
+absl::Status Invalid(absl::string_view what, absl::string_view problem) {
+  return absl::InvalidArgumentError(absl::StrCat(what, ": ", problem));
+}
+
+absl::Status CheckIndexList(const google::protobuf::RepeatedField<int64_t>& list,
+                            absl::string_view what) {
+  if (list.size() > 65536) {
+    return Invalid(what, absl::StrCat(list.size(), " entries; at most 65536"));
+  }
+  return absl::OkStatus();
+}
+
+// Selects the region a selector names from `t` (used to take a stored activation's region).
+absl::StatusOr<at::Tensor> SelectRegion(const at::Tensor& t, HookSite site, const Selector& sel,
+                                        absl::string_view what) {
+  at::Tensor out = t;
+  auto select = [&](int dim, const std::vector<int64_t>& indices, const char* kind) -> absl::Status {
+    if (indices.empty()) return absl::OkStatus();
+    std::vector<int64_t> resolved;
+    const int64_t size = out.size(dim);
+    for (int64_t i : indices) {
+      const int64_t r = i < 0 ? i + size : i;
+      if (r < 0 || r >= size) {
+        return Invalid(what, absl::StrCat(kind, " ", i, " is out of range for the stored activation with ",
+                                          size, " ", kind, "s"));
+      }
+      resolved.push_back(r);
+    }
+    out = out.index_select(dim, at::tensor(resolved, at::kLong));
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(select(PosDim(site), sel.positions, "position"));
+  if (HeadDim(site) >= 0) RETURN_IF_ERROR(select(HeadDim(site), sel.heads, "head"));
+  return out;
+}
+
+}  // namespace
+
+v1::Limits LimitsWithDefaults(const v1::Limits& in) {
+  v1::Limits l = in;
+  l.set_max_queue(Or(l.max_queue(), 256));
+  l.set_max_batch(Or(l.max_batch(), 64));
+  l.set_max_tokens_per_request(Or<int64_t>(l.max_tokens_per_request(), 65536));
+  l.set_max_new_tokens(Or<int64_t>(l.max_new_tokens(), 1024));
+  l.set_max_request_bytes(Or<int64_t>(l.max_request_bytes(), int64_t{64} << 20));
+  l.set_chunk_bytes(Or<int64_t>(l.chunk_bytes(), int64_t{1} << 20));
+  l.set_session_ttl_seconds(Or<int64_t>(l.session_ttl_seconds(), 3600));
+  l.set_max_session_ttl_seconds(Or<int64_t>(l.max_session_ttl_seconds(), 86400));
+  l.set_max_sessions_per_user(Or(l.max_sessions_per_user(), 64));
+  l.set_max_hooks_per_session(Or(l.max_hooks_per_session(), 1024));
+  l.set_hook_timeout_ms(Or<int64_t>(l.hook_timeout_ms(), 30000));
+  l.set_max_text_bytes(Or(l.max_text_bytes(), 1 << 20));
+  return l;
+}
+
+absl::StatusOr<EncodedBatch> EncodeTexts(const ModelContext& ctx,
+                                         const google::protobuf::RepeatedPtrField<std::string>& texts,
+                                         bool prepend_bos, v1::PaddingSide side) {
+  if (ctx.tokenizer == nullptr) {
+    return absl::FailedPreconditionError(
+        "this model has no tokenizer.json; send token ids instead of text");
+  }
+  if (texts.empty()) return Invalid("texts", "empty; send at least one text");
+  if (texts.size() > ctx.limits->max_batch()) {
+    return Invalid("texts", absl::StrCat(texts.size(), " texts; at most max_batch = ",
+                                         ctx.limits->max_batch()));
+  }
+  std::vector<std::vector<int64_t>> rows;
+  size_t pos = 0;
+  for (int i = 0; i < texts.size(); ++i) {
+    if (static_cast<int64_t>(texts[i].size()) > ctx.limits->max_text_bytes()) {
+      return Invalid(absl::StrCat("texts[", i, "]"),
+                     absl::StrCat(texts[i].size(), " bytes; at most max_text_bytes = ",
+                                  ctx.limits->max_text_bytes()));
+    }
+    auto ids = ctx.tokenizer->Encode(texts[i], prepend_bos);
+    if (!ids.ok()) {
+      return absl::Status(ids.status().code(), absl::StrCat("texts[", i, "]: ", ids.status().message()));
+    }
+    if (ids->empty()) return Invalid(absl::StrCat("texts[", i, "]"), "encodes to no tokens");
+    pos = std::max(pos, ids->size());
+    rows.push_back(std::move(*ids));
+  }
+  EncodedBatch batch;
+  // Llama 3 has no pad token; padded positions are masked, so any id works. Use eos if known.
+  batch.pad_token_id = ctx.tokenizer->eos_token_id().value_or(0);
+  const int64_t b = static_cast<int64_t>(rows.size());
+  batch.tokens = at::full({b, static_cast<int64_t>(pos)}, batch.pad_token_id, at::kLong);
+  batch.attention_mask = at::zeros({b, static_cast<int64_t>(pos)}, at::kLong);
+  auto tok = batch.tokens.accessor<int64_t, 2>();
+  auto mask = batch.attention_mask.accessor<int64_t, 2>();
+  for (int64_t r = 0; r < b; ++r) {
+    const size_t offset = side == v1::PADDING_SIDE_RIGHT ? 0 : pos - rows[r].size();
+    for (size_t i = 0; i < rows[r].size(); ++i) {
+      tok[r][offset + i] = rows[r][i];
+      mask[r][offset + i] = 1;
+    }
+    batch.lengths.push_back(static_cast<int64_t>(rows[r].size()));
+  }
+  return batch;
+}
+
+absl::StatusOr<EncodedBatch> BuildTokenInput(const v1::Tensor& tokens,
+                                             const google::protobuf::RepeatedPtrField<std::string>& texts,
+                                             bool prepend_bos, const v1::Tensor& attention_mask,
+                                             const ModelContext& ctx, int64_t max_tokens) {
+  const bool has_tokens = tokens.shape_size() > 0 || !tokens.data().empty();
+  if (has_tokens == !texts.empty()) {
+    return Invalid("input", "send exactly one of tokens or texts");
+  }
+  EncodedBatch batch;
+  if (has_tokens) {
+    ASSIGN_OR_RETURN(at::Tensor t, TensorFromProto(tokens, "tokens", max_tokens));
+    if (t.dim() != 2 || (t.scalar_type() != at::kLong && t.scalar_type() != at::kInt)) {
+      return Invalid("tokens", absl::StrCat("must be an int64 or int32 [batch, pos] tensor, got ",
+                                            t.dim(), " dimensions"));
+    }
+    batch.tokens = t.to(at::kLong);
+  } else {
+    ASSIGN_OR_RETURN(batch, EncodeTexts(ctx, texts, prepend_bos, v1::PADDING_SIDE_LEFT));
+  }
+  const int64_t b = batch.tokens.size(0), p = batch.tokens.size(1);
+  if (b < 1 || p < 1) return Invalid("tokens", "needs at least one row and one position");
+  if (b > ctx.limits->max_batch()) {
+    return Invalid("tokens", absl::StrCat("batch of ", b, " rows; at most max_batch = ",
+                                          ctx.limits->max_batch()));
+  }
+  if (b * p > max_tokens) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "request has ", b * p, " tokens (batch ", b, " x pos ", p,
+        "); your limit is max_tokens_per_request = ", max_tokens));
+  }
+  const LlamaConfig& c = ctx.model->config();
+  if (p > c.n_ctx) {
+    return absl::OutOfRangeError(absl::StrCat("sequence of ", p, " positions exceeds the model's maximum of ",
+                                              c.n_ctx, " (n_ctx)"));
+  }
+  const bool has_mask = attention_mask.shape_size() > 0 || !attention_mask.data().empty();
+  if (has_mask) {
+    ASSIGN_OR_RETURN(at::Tensor m, TensorFromProto(attention_mask, "attention_mask", max_tokens));
+    if (m.sizes() != batch.tokens.sizes()) {
+      return Invalid("attention_mask", absl::StrCat("shape [", absl::StrJoin(m.sizes(), ", "),
+                                                    "] differs from tokens [", b, ", ", p, "]"));
+    }
+    batch.attention_mask = m.to(at::kLong);
+  }
+  return batch;
+}
+
+absl::StatusOr<ForwardInput> BuildForwardInput(const v1::RunRequest& request,
+                                               const ModelContext& ctx, int64_t max_tokens) {
+  ForwardInput input;
+  const LlamaConfig& c = ctx.model->config();
+  if (request.has_start_at_layer()) input.start_at_layer = request.start_at_layer();
+  if (request.has_stop_at_layer()) input.stop_at_layer = request.stop_at_layer();
+  const bool has_residual = request.has_residual() && request.residual().shape_size() > 0;
+  if (has_residual) {
+    if (input.start_at_layer == 0) {
+      return Invalid("residual", "is only valid with start_at_layer > 0");
+    }
+    ASSIGN_OR_RETURN(input.residual, TensorFromProto(request.residual(), "residual", max_tokens * c.d_model));
+    if (input.residual.dim() != 3 || input.residual.size(2) != c.d_model) {
+      return Invalid("residual", absl::StrCat("must be [batch, pos, ", c.d_model, "]"));
+    }
+    if (input.residual.size(0) * input.residual.size(1) > max_tokens) {
+      return absl::ResourceExhaustedError(absl::StrCat("residual has ", input.residual.size(0) * input.residual.size(1),
+                                                       " positions; your limit is ", max_tokens));
+    }
+    return input;
+  }
+  if (input.start_at_layer != 0) {
+    return Invalid("start_at_layer", "needs the residual stream as input (RunRequest.residual)");
+  }
+  ASSIGN_OR_RETURN(EncodedBatch batch, BuildTokenInput(request.tokens(), request.texts(),
+                                                       request.prepend_bos(), request.attention_mask(),
+                                                       ctx, max_tokens));
+  input.tokens = batch.tokens;
+  input.attention_mask = batch.attention_mask;
+  return input;
+}
+
+absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, bool allow_callback,
+                            absl::string_view what) {
+  auto id = ParseHookName(op.hook_name(), config.n_layers);
+  if (!id.ok()) return Invalid(absl::StrCat(what, ".hook_name"), id.status().message());
+  RETURN_IF_ERROR(CheckIndexList(op.selector().positions(), absl::StrCat(what, ".selector.positions")));
+  RETURN_IF_ERROR(CheckIndexList(op.selector().heads(), absl::StrCat(what, ".selector.heads")));
+  if (op.selector().heads_size() > 0 && HeadDim(id->site) < 0) {
+    return Invalid(absl::StrCat(what, ".selector.heads"),
+                   absl::StrCat("hook \"", op.hook_name(), "\" has no head dimension"));
+  }
+  switch (op.op_case()) {
+    case v1::HookOp::kZero:
+    case v1::HookOp::kMean:
+      return absl::OkStatus();
+    case v1::HookOp::kScale:
+      if (!std::isfinite(op.scale().factor())) return Invalid(absl::StrCat(what, ".scale.factor"), "must be finite");
+      return absl::OkStatus();
+    case v1::HookOp::kSet:
+    case v1::HookOp::kAdd: {
+      const v1::Tensor& value = op.op_case() == v1::HookOp::kSet ? op.set().value() : op.add().value();
+      const std::string field = absl::StrCat(what, op.op_case() == v1::HookOp::kSet ? ".set.value" : ".add.value");
+      ASSIGN_OR_RETURN(at::Tensor t, TensorFromProto(value, field));
+      if (!at::isFloatingType(t.scalar_type())) return Invalid(field, "must be a floating dtype");
+      return absl::OkStatus();
+    }
+    case v1::HookOp::kPatchFromCache: {
+      if (op.patch_from_cache().cache_handle().empty()) {
+        return Invalid(absl::StrCat(what, ".patch_from_cache.cache_handle"), "is empty");
+      }
+      const std::string& source = op.patch_from_cache().source_hook_name();
+      if (!source.empty()) {
+        auto src = ParseHookName(source, config.n_layers);
+        if (!src.ok()) {
+          return Invalid(absl::StrCat(what, ".patch_from_cache.source_hook_name"), src.status().message());
+        }
+      }
+      return absl::OkStatus();
+    }
+    case v1::HookOp::kClientCallback:
+      if (!allow_callback) {
+        return Invalid(what, "client callbacks are only valid as one-shot hooks of RunInteractive");
+      }
+      return absl::OkStatus();
+    case v1::HookOp::OP_NOT_SET:
+      return Invalid(what, "no op set; one of zero, set, add, scale, mean, patch_from_cache, client_callback");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<InterventionOp> BuildInterventionOp(const v1::HookOp& op, const LlamaConfig& config,
+                                                   const CacheLookup& lookup,
+                                                   const HookCallback& callback,
+                                                   absl::string_view what) {
+  RETURN_IF_ERROR(ValidateHookOp(op, config, static_cast<bool>(callback), what));
+  InterventionOp out;
+  ASSIGN_OR_RETURN(out.hook, ParseHookName(op.hook_name(), config.n_layers));
+  out.selector.positions.assign(op.selector().positions().begin(), op.selector().positions().end());
+  out.selector.heads.assign(op.selector().heads().begin(), op.selector().heads().end());
+  switch (op.op_case()) {
+    case v1::HookOp::kZero:
+      out.kind = OpKind::kZero;
+      break;
+    case v1::HookOp::kMean:
+      out.kind = OpKind::kMean;
+      break;
+    case v1::HookOp::kScale:
+      out.kind = OpKind::kScale;
+      out.factor = op.scale().factor();
+      break;
+    case v1::HookOp::kSet: {
+      out.kind = OpKind::kSet;
+      ASSIGN_OR_RETURN(out.value, TensorFromProto(op.set().value(), absl::StrCat(what, ".set.value")));
+      break;
+    }
+    case v1::HookOp::kAdd: {
+      out.kind = OpKind::kAdd;
+      ASSIGN_OR_RETURN(out.value, TensorFromProto(op.add().value(), absl::StrCat(what, ".add.value")));
+      break;
+    }
+    case v1::HookOp::kPatchFromCache: {
+      const auto& patch = op.patch_from_cache();
+      if (!lookup) return absl::FailedPreconditionError(absl::StrCat(what, ": patching from a cache needs a session"));
+      ASSIGN_OR_RETURN(std::shared_ptr<const StoredCache> cache, lookup(patch.cache_handle()));
+      const std::string source = patch.source_hook_name().empty() ? op.hook_name() : patch.source_hook_name();
+      const at::Tensor* stored = cache->Find(source);
+      if (stored == nullptr) {
+        return absl::NotFoundError(absl::StrCat(what, ": cache '", patch.cache_handle(), "' holds no \"",
+                                                source, "\"; cache it with the run that stores the handle"));
+      }
+      ASSIGN_OR_RETURN(HookId source_id, ParseHookName(source, config.n_layers));
+      out.kind = OpKind::kSet;
+      ASSIGN_OR_RETURN(out.value, SelectRegion(*stored, source_id.site, out.selector, what));
+      break;
+    }
+    case v1::HookOp::kClientCallback:
+      out.kind = OpKind::kCallback;
+      out.callback = callback;
+      break;
+    case v1::HookOp::OP_NOT_SET:
+      break;
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<CacheRequest>> BuildCacheRequests(const v1::CacheSelection& selection,
+                                                             const LlamaConfig& config) {
+  std::vector<bool> wanted(NumHookIds(config.n_layers), false);
+  if (selection.names_size() > 4 * NumHookIds(config.n_layers) + 16) {
+    return Invalid("cache.names", absl::StrCat(selection.names_size(), " names is more than the model has"));
+  }
+  for (int i = 0; i < selection.names_size(); ++i) {
+    const std::string& name = selection.names(i);
+    if (name == "*") {
+      std::fill(wanted.begin(), wanted.end(), true);
+      continue;
+    }
+    auto id = ParseHookName(name, config.n_layers);
+    if (!id.ok()) return Invalid(absl::StrCat("cache.names[", i, "]"), id.status().message());
+    wanted[HookIndex(*id, config.n_layers)] = true;
+  }
+  std::optional<at::ScalarType> dtype;
+  if (selection.dtype() != v1::DTYPE_UNSPECIFIED) {
+    ASSIGN_OR_RETURN(at::ScalarType t, ScalarTypeFromProto(selection.dtype()));
+    if (!at::isFloatingType(t)) return Invalid("cache.dtype", "must be a floating dtype");
+    dtype = t;
+  }
+  std::vector<CacheRequest> requests;
+  for (HookId id : AllHookIds(config.n_layers)) {
+    if (!wanted[HookIndex(id, config.n_layers)]) continue;
+    CacheRequest r;
+    r.hook = id;
+    if (selection.has_pos_start()) r.pos_start = selection.pos_start();
+    if (selection.has_pos_stop()) r.pos_stop = selection.pos_stop();
+    r.dtype = dtype;
+    r.to_host = true;
+    requests.push_back(r);
+  }
+  return requests;
+}
+
+at::Tensor NextTokenLoss(const at::Tensor& logits, const at::Tensor& tokens,
+                         const at::Tensor& attention_mask, bool per_token) {
+  const int64_t pos = logits.size(1);
+  const at::Tensor log_probs = at::log_softmax(logits.narrow(1, 0, pos - 1).to(at::kFloat), -1);
+  const at::Tensor targets = tokens.narrow(1, 1, pos - 1).to(log_probs.device(), at::kLong);
+  const at::Tensor loss = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1);  // [batch, pos-1]
+  if (per_token) return loss;
+  if (!attention_mask.defined()) return loss.mean();
+  // A target counts when both it and the token predicting it are real.
+  const at::Tensor m = attention_mask.to(loss.device(), at::kFloat);
+  const at::Tensor valid = m.narrow(1, 1, pos - 1) * m.narrow(1, 0, pos - 1);
+  return (loss * valid).sum() / valid.sum().clamp_min(1);
+}
+
+}  // namespace remotelens

@@ -1,0 +1,91 @@
+// Request building: proto requests -> engine types, validated once on the gRPC thread so the
+// scheduler thread only ever runs well-formed work. Every error is INVALID_ARGUMENT (or
+// OUT_OF_RANGE / NOT_FOUND / RESOURCE_EXHAUSTED where noted) with a message naming the field.
+//
+//   ASSIGN_OR_RETURN(Limits limits, LimitsWithDefaults(config.limits()));
+//   ModelContext ctx{model.get(), tokenizer.get(), &limits};
+//   ASSIGN_OR_RETURN(ForwardInput input, BuildForwardInput(request, ctx, user_max_tokens));
+//   ASSIGN_OR_RETURN(InterventionOp op, BuildInterventionOp(request.hooks(0), config, lookup, "hooks[0]"));
+#ifndef REMOTELENS_SERVER_REQUEST_BUILDER_H_
+#define REMOTELENS_SERVER_REQUEST_BUILDER_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/hook_plan.h"
+#include "engine/llama_model.h"
+#include "engine/tokenizer.h"
+#include "remotelens/v1/config.pb.h"
+#include "remotelens/v1/remotelens.pb.h"
+#include "server/session_store.h"
+
+namespace remotelens {
+
+// v1::Limits with every unset (zero) field given its documented default.
+v1::Limits LimitsWithDefaults(const v1::Limits& limits);
+
+struct ModelContext {
+  const LlamaModel* model = nullptr;
+  const Tokenizer* tokenizer = nullptr;  // may be null: text inputs are then FAILED_PRECONDITION
+  const v1::Limits* limits = nullptr;    // with defaults filled in
+};
+
+struct EncodedBatch {
+  at::Tensor tokens;          // int64 [batch, pos]
+  at::Tensor attention_mask;  // int64 [batch, pos]
+  std::vector<int64_t> lengths;
+  int64_t pad_token_id = 0;
+};
+
+// Tokenizes texts and pads them (left unless `side` is RIGHT). Bounds: 1..max_batch texts,
+// each at most max_text_bytes.
+absl::StatusOr<EncodedBatch> EncodeTexts(const ModelContext& ctx,
+                                         const google::protobuf::RepeatedPtrField<std::string>& texts,
+                                         bool prepend_bos, v1::PaddingSide side);
+
+// The forward input of a Run: exactly one of tokens / texts / residual. `max_tokens` bounds
+// batch * pos (RESOURCE_EXHAUSTED beyond it); positions past n_ctx are OUT_OF_RANGE.
+absl::StatusOr<ForwardInput> BuildForwardInput(const v1::RunRequest& request,
+                                               const ModelContext& ctx, int64_t max_tokens);
+
+// Token input shared by Run and Generate: tokens or texts plus an optional mask.
+absl::StatusOr<EncodedBatch> BuildTokenInput(const v1::Tensor& tokens,
+                                             const google::protobuf::RepeatedPtrField<std::string>& texts,
+                                             bool prepend_bos, const v1::Tensor& attention_mask,
+                                             const ModelContext& ctx, int64_t max_tokens);
+
+// Finds the caller's stored cache for a handle (NOT_FOUND / PERMISSION_DENIED from the store).
+using CacheLookup =
+    std::function<absl::StatusOr<std::shared_ptr<const StoredCache>>(const std::string& handle)>;
+
+// Checks a hook op's name, selector and payload without resolving stored caches (AddHook).
+// Client callbacks are only valid when `allow_callback` (RunInteractive's one-shot hooks).
+absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, bool allow_callback,
+                            absl::string_view what);
+
+// Converts a validated op into the engine's form. PatchFromCache becomes a Set whose value is
+// the selected region of the stored activation. ClientCallbackOp needs `callback` (else
+// INVALID_ARGUMENT).
+absl::StatusOr<InterventionOp> BuildInterventionOp(const v1::HookOp& op, const LlamaConfig& config,
+                                                   const CacheLookup& lookup,
+                                                   const HookCallback& callback,
+                                                   absl::string_view what);
+
+// Expands a cache selection ("*" = every hook) into cache requests, in forward order, each
+// hook at most once. Values are cast to `dtype` (UNSPECIFIED: the model's) on the host.
+absl::StatusOr<std::vector<CacheRequest>> BuildCacheRequests(const v1::CacheSelection& selection,
+                                                             const LlamaConfig& config);
+
+// TransformerLens next-token loss. logits [batch, pos, d_vocab], tokens [batch, pos], mask
+// (optional) [batch, pos]. Per token: [batch, pos - 1]; otherwise the mean over real targets.
+at::Tensor NextTokenLoss(const at::Tensor& logits, const at::Tensor& tokens,
+                         const at::Tensor& attention_mask, bool per_token);
+
+}  // namespace remotelens
+
+#endif  // REMOTELENS_SERVER_REQUEST_BUILDER_H_

@@ -1,0 +1,69 @@
+// Jobs that run on the scheduler thread: a forward pass (Run, RunInteractive) or a generation.
+// Everything was validated and converted to engine types beforehand (request_builder); these
+// functions only run the model and stream results through an emitter, so they know nothing of
+// gRPC reactors and are testable with a plain callback.
+//
+//   PreparedRun run = ...;   // built on the gRPC thread
+//   auto summary = ExecuteRun(model, run, [&](v1::TensorChunk&& c) { return outbox.Push(c); },
+//                             [&] { return outbox.cancelled(); }, metrics);
+#ifndef REMOTELENS_SERVER_RUN_JOB_H_
+#define REMOTELENS_SERVER_RUN_JOB_H_
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/generator.h"
+#include "engine/hook_plan.h"
+#include "engine/llama_model.h"
+#include "remotelens/v1/remotelens.pb.h"
+#include "server/metrics.h"
+#include "server/session_store.h"
+
+namespace remotelens {
+
+// Sends one chunk to the client. Returns CANCELLED when the client has gone.
+using ChunkEmitter = std::function<absl::Status(v1::TensorChunk&&)>;
+
+struct PreparedRun {
+  ForwardInput input;
+  std::vector<InterventionOp> ops;   // session hooks first, then one-shot hooks
+  std::vector<CacheRequest> cache;
+  bool stream_cache = false;
+  bool store_cache = false;
+  // Stores the cache in the caller's session and returns its handle (set when store_cache).
+  std::function<absl::StatusOr<std::string>(StoredCache)> store;
+  v1::ReturnType return_type = v1::RETURN_TYPE_LOGITS;
+  bool loss_per_token = false;
+  at::ScalarType logits_dtype = at::kFloat;
+  int64_t chunk_bytes = 1 << 20;
+  int64_t max_streamed_bytes = int64_t{4} << 30;  // the user's quota for one response
+};
+
+absl::StatusOr<v1::RunResponse::Summary> ExecuteRun(const LlamaModel& model, PreparedRun& run,
+                                                    const ChunkEmitter& emit,
+                                                    const std::function<bool()>& cancelled,
+                                                    ServerMetrics* metrics);
+
+struct PreparedGenerate {
+  at::Tensor tokens;          // [batch, pos]
+  at::Tensor attention_mask;  // may be undefined
+  GenerateOptions options;
+  std::vector<InterventionOp> ops;
+  std::vector<CacheRequest> step_cache;  // streamed each step
+  int64_t chunk_bytes = 1 << 20;
+  int64_t max_streamed_bytes = int64_t{4} << 30;
+};
+
+// Emits a Step message per generated token column, step_cache tensors after it, then Done.
+using GenerateEmitter = std::function<absl::Status(v1::GenerateResponse&&)>;
+
+absl::Status ExecuteGenerate(const LlamaModel& model, PreparedGenerate& job,
+                             const std::function<std::string(int64_t)>& token_text,
+                             const GenerateEmitter& emit, const std::function<bool()>& cancelled,
+                             ServerMetrics* metrics);
+
+}  // namespace remotelens
+
+#endif  // REMOTELENS_SERVER_RUN_JOB_H_

@@ -1,0 +1,245 @@
+// Unary RPCs of RemoteLensService. The streaming RPCs are in service_streams.cc.
+#include "server/service.h"
+
+#include <ATen/ATen.h>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "engine/hook_names.h"
+#include "engine/status_macros.h"
+#include "server/request_builder.h"
+#include "server/tensor_codec.h"
+
+namespace remotelens {
+
+grpc::Status ToGrpcStatus(const absl::Status& status) {
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+RemoteLensService::RemoteLensService(ServiceDeps deps) : deps_(std::move(deps)) {}
+
+absl::StatusOr<const AuthUser*> RemoteLensService::Authenticate(
+    grpc::CallbackServerContext* ctx) const {
+  const auto& metadata = ctx->client_metadata();
+  auto it = metadata.find("authorization");
+  absl::string_view value;
+  if (it != metadata.end()) value = absl::string_view(it->second.data(), it->second.size());
+  return deps_.auth->Authenticate(value);
+}
+
+void RemoteLensService::UpdateSessionMetrics() const {
+  if (deps_.metrics == nullptr) return;
+  deps_.metrics->SetActiveSessions(deps_.sessions->NumSessions());
+  deps_.metrics->SetActiveHooks(deps_.sessions->NumHooks());
+  deps_.metrics->SetStoredCacheBytes(deps_.sessions->StoredBytes());
+}
+
+grpc::ServerUnaryReactor* RemoteLensService::Finish(grpc::CallbackServerContext* ctx,
+                                                    const char* method, absl::Time start,
+                                                    const absl::Status& status) {
+  if (deps_.metrics != nullptr) {
+    deps_.metrics->RecordRpc(method, status.code(), absl::ToDoubleSeconds(absl::Now() - start));
+  }
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+namespace {
+
+v1::Session SessionToProto(const SessionSummary& s) {
+  v1::Session out;
+  out.set_session_id(s.id);
+  out.set_ttl_seconds(absl::ToInt64Seconds(s.ttl));
+  out.set_expires_unix_ms(absl::ToUnixMillis(s.expires));
+  out.set_num_hooks(s.num_hooks);
+  out.set_num_caches(s.num_caches);
+  out.set_stored_cache_bytes(s.stored_bytes);
+  return out;
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* RemoteLensService::GetModelInfo(grpc::CallbackServerContext* ctx,
+                                                          const v1::GetModelInfoRequest*,
+                                                          v1::ModelInfo* out) {
+  return Unary(ctx, "GetModelInfo", [&](const AuthUser& user) -> absl::Status {
+    const LlamaConfig& c = deps_.model->config();
+    out->set_model_name(c.model_name);
+    out->set_n_layers(c.n_layers);
+    out->set_d_model(c.d_model);
+    out->set_n_heads(c.n_heads);
+    out->set_n_key_value_heads(c.n_kv_heads);
+    out->set_d_head(c.d_head);
+    out->set_d_mlp(c.d_mlp);
+    out->set_d_vocab(c.d_vocab);
+    out->set_n_ctx(c.n_ctx);
+    out->set_rms_norm_eps(c.rms_norm_eps);
+    out->set_rope_theta(c.rope_theta);
+    out->set_dtype(DTypeToProto(deps_.model->weights().embed.scalar_type()));
+    for (const std::string& d : deps_.devices) out->add_devices(d);
+    for (HookId id : AllHookIds(c.n_layers)) {
+      v1::HookInfo* info = out->add_hooks();
+      info->set_name(HookName(id));
+      for (int64_t d : HookShape(id, c)) info->add_shape(d);
+    }
+    out->set_bos_token_id(c.bos_token_id);
+    for (int64_t id : c.eos_token_ids) out->add_eos_token_ids(id);
+    out->set_tie_word_embeddings(c.tie_word_embeddings);
+    out->set_rope_scaling(c.rope_scaling.type == RopeScaling::Type::kLlama3 ? "llama3" : "");
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* RemoteLensService::Tokenize(grpc::CallbackServerContext* ctx,
+                                                      const v1::TokenizeRequest* request,
+                                                      v1::TokenizeResponse* out) {
+  return Unary(ctx, "Tokenize", [&](const AuthUser& user) -> absl::Status {
+    ModelContext mc{deps_.model, deps_.tokenizer, &deps_.limits};
+    ASSIGN_OR_RETURN(EncodedBatch batch, EncodeTexts(mc, request->texts(), request->prepend_bos(),
+                                                     request->padding_side()));
+    ASSIGN_OR_RETURN(*out->mutable_tokens(), TensorToProto(batch.tokens));
+    ASSIGN_OR_RETURN(*out->mutable_attention_mask(), TensorToProto(batch.attention_mask));
+    for (int64_t n : batch.lengths) out->add_lengths(n);
+    out->set_pad_token_id(batch.pad_token_id);
+    if (request->return_str_tokens()) {
+      const bool right = request->padding_side() == v1::PADDING_SIDE_RIGHT;
+      for (int64_t r = 0; r < batch.tokens.size(0); ++r) {
+        v1::StrTokens* row = out->add_str_tokens();
+        const int64_t n = batch.lengths[r], pos = batch.tokens.size(1);
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t id = batch.tokens[r][right ? i : pos - n + i].item<int64_t>();
+          ASSIGN_OR_RETURN(*row->add_tokens(), deps_.tokenizer->TokenToString(id));
+        }
+      }
+    }
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* RemoteLensService::Detokenize(grpc::CallbackServerContext* ctx,
+                                                        const v1::DetokenizeRequest* request,
+                                                        v1::DetokenizeResponse* out) {
+  return Unary(ctx, "Detokenize", [&](const AuthUser& user) -> absl::Status {
+    if (deps_.tokenizer == nullptr) {
+      return absl::FailedPreconditionError("this model has no tokenizer.json");
+    }
+    if (request->rows_size() > deps_.limits.max_batch()) {
+      return absl::InvalidArgumentError(absl::StrCat("rows: ", request->rows_size(),
+                                                     " rows; at most max_batch = ", deps_.limits.max_batch()));
+    }
+    for (int r = 0; r < request->rows_size(); ++r) {
+      const auto& ids = request->rows(r).ids();
+      if (ids.size() > deps_.limits.max_tokens_per_request()) {
+        return absl::InvalidArgumentError(absl::StrCat("rows[", r, "]: too many ids"));
+      }
+      auto text = deps_.tokenizer->Decode(absl::MakeConstSpan(ids.data(), ids.size()));
+      if (!text.ok()) {
+        return absl::Status(text.status().code(), absl::StrCat("rows[", r, "]: ", text.status().message()));
+      }
+      out->add_texts(*text);
+      if (request->return_str_tokens()) {
+        v1::StrTokens* row = out->add_str_tokens();
+        for (int64_t id : ids) {
+          ASSIGN_OR_RETURN(*row->add_tokens(), deps_.tokenizer->TokenToString(id));
+        }
+      }
+    }
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* RemoteLensService::CreateSession(grpc::CallbackServerContext* ctx,
+                                                           const v1::CreateSessionRequest* request,
+                                                           v1::Session* out) {
+  return Unary(ctx, "CreateSession", [&](const AuthUser& user) -> absl::Status {
+    if (request->ttl_seconds() < 0) {
+      return absl::InvalidArgumentError("ttl_seconds must be >= 0 (0: the server default)");
+    }
+    ASSIGN_OR_RETURN(SessionSummary s, deps_.sessions->Create(user.name, absl::Seconds(request->ttl_seconds())));
+    *out = SessionToProto(s);
+    UpdateSessionMetrics();
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* RemoteLensService::CloseSession(grpc::CallbackServerContext* ctx,
+                                                          const v1::CloseSessionRequest* request,
+                                                          v1::CloseSessionResponse*) {
+  return Unary(ctx, "CloseSession", [&](const AuthUser& user) -> absl::Status {
+    RETURN_IF_ERROR(deps_.sessions->Close(user.name, request->session_id()));
+    UpdateSessionMetrics();
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* RemoteLensService::ListSessions(grpc::CallbackServerContext* ctx,
+                                                          const v1::ListSessionsRequest*,
+                                                          v1::ListSessionsResponse* out) {
+  return Unary(ctx, "ListSessions", [&](const AuthUser& user) -> absl::Status {
+    for (const SessionSummary& s : deps_.sessions->List(user.name)) *out->add_sessions() = SessionToProto(s);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* RemoteLensService::AddHook(grpc::CallbackServerContext* ctx,
+                                                     const v1::AddHookRequest* request,
+                                                     v1::AddHookResponse* out) {
+  return Unary(ctx, "AddHook", [&](const AuthUser& user) -> absl::Status {
+    RETURN_IF_ERROR(ValidateHookOp(request->op(), deps_.model->config(), /*allow_callback=*/false, "op"));
+    ASSIGN_OR_RETURN(int64_t id, deps_.sessions->AddHook(user.name, request->session_id(), request->op(),
+                                                         request->prepend()));
+    out->set_hook_id(id);
+    UpdateSessionMetrics();
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* RemoteLensService::RemoveHook(grpc::CallbackServerContext* ctx,
+                                                        const v1::RemoveHookRequest* request,
+                                                        v1::RemoveHookResponse*) {
+  return Unary(ctx, "RemoveHook", [&](const AuthUser& user) -> absl::Status {
+    RETURN_IF_ERROR(deps_.sessions->RemoveHook(user.name, request->session_id(), request->hook_id()));
+    UpdateSessionMetrics();
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* RemoteLensService::ListHooks(grpc::CallbackServerContext* ctx,
+                                                       const v1::ListHooksRequest* request,
+                                                       v1::ListHooksResponse* out) {
+  return Unary(ctx, "ListHooks", [&](const AuthUser& user) -> absl::Status {
+    ASSIGN_OR_RETURN(auto hooks, deps_.sessions->ListHooks(user.name, request->session_id()));
+    for (auto& [id, op] : hooks) {
+      v1::RegisteredHook* h = out->add_hooks();
+      h->set_hook_id(id);
+      *h->mutable_op() = std::move(op);
+    }
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* RemoteLensService::ResetHooks(grpc::CallbackServerContext* ctx,
+                                                        const v1::ResetHooksRequest* request,
+                                                        v1::ResetHooksResponse* out) {
+  return Unary(ctx, "ResetHooks", [&](const AuthUser& user) -> absl::Status {
+    ASSIGN_OR_RETURN(int64_t removed, deps_.sessions->ResetHooks(user.name, request->session_id()));
+    out->set_removed(removed);
+    UpdateSessionMetrics();
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* RemoteLensService::DeleteCache(grpc::CallbackServerContext* ctx,
+                                                         const v1::DeleteCacheRequest* request,
+                                                         v1::DeleteCacheResponse* out) {
+  return Unary(ctx, "DeleteCache", [&](const AuthUser& user) -> absl::Status {
+    ASSIGN_OR_RETURN(int64_t freed, deps_.sessions->DeleteCache(user.name, request->session_id(),
+                                                                request->cache_handle()));
+    out->set_freed_bytes(freed);
+    UpdateSessionMetrics();
+    return absl::OkStatus();
+  });
+}
+
+}  // namespace remotelens

@@ -1,0 +1,524 @@
+// Streaming RPCs of RemoteLensService: Run, RunInteractive, Generate, FetchCache, GetWeights.
+// Model work is validated here on the gRPC thread, then runs as a scheduler job that streams
+// through an Outbox; the reactor only moves bytes.
+#include <ATen/ATen.h>
+
+#include <atomic>
+#include <deque>
+
+#include "absl/strings/str_cat.h"
+#include "engine/status_macros.h"
+#include "server/outbox.h"
+#include "server/request_builder.h"
+#include "server/run_job.h"
+#include "server/service.h"
+#include "server/tensor_codec.h"
+
+namespace remotelens {
+namespace {
+
+// A server-streaming reactor whose writes come from an Outbox. Records the RPC's metrics when
+// it finishes.
+template <typename Message>
+class StreamReactor final : public grpc::ServerWriteReactor<Message> {
+ public:
+  StreamReactor(ServerMetrics* metrics, const char* method)
+      : outbox_(std::make_shared<Outbox<Message>>()) {
+    const absl::Time start = absl::Now();
+    outbox_->Attach([this](const Message* m) { this->StartWrite(m); },
+                    [this, metrics, method, start](grpc::Status status) {
+                      if (metrics != nullptr) {
+                        metrics->RecordRpc(method, static_cast<absl::StatusCode>(status.error_code()),
+                                           absl::ToDoubleSeconds(absl::Now() - start));
+                      }
+                      this->Finish(std::move(status));
+                    });
+  }
+  const std::shared_ptr<Outbox<Message>>& outbox() const { return outbox_; }
+  void OnWriteDone(bool ok) override { outbox_->OnWriteDone(ok); }
+  void OnCancel() override { outbox_->OnCancel(); }
+  void OnDone() override { delete this; }
+
+ private:
+  std::shared_ptr<Outbox<Message>> outbox_;
+};
+
+absl::Time DeadlineOf(grpc::CallbackServerContext* ctx) {
+  const auto deadline = ctx->deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
+  return absl::FromChrono(deadline);
+}
+
+int64_t MaxTokensFor(const AuthUser& user, const v1::Limits& limits) {
+  const int64_t quota = user.quota.max_tokens_per_request();
+  return quota > 0 ? std::min(quota, limits.max_tokens_per_request()) : limits.max_tokens_per_request();
+}
+
+// HookReplies from an interactive client, handed from the reactor's reads to the scheduler
+// thread that waits for them.
+class ReplyChannel {
+ public:
+  void Push(v1::HookReply reply) {
+    absl::MutexLock lock(&mu_);
+    replies_.push_back(std::move(reply));
+  }
+  void Close(absl::Status why) {
+    absl::MutexLock lock(&mu_);
+    if (closed_.ok()) closed_ = std::move(why);
+  }
+  absl::StatusOr<v1::HookReply> Wait(int64_t call_id, const std::string& hook, absl::Duration timeout) {
+    absl::MutexLock lock(&mu_);
+    auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !replies_.empty() || !closed_.ok(); };
+    if (!mu_.AwaitWithTimeout(absl::Condition(&ready), timeout)) {
+      return absl::DeadlineExceededError(absl::StrCat("no reply to hook call ", call_id, " (", hook,
+                                                      ") within ", absl::FormatDuration(timeout),
+                                                      " (hook_timeout_ms)"));
+    }
+    if (replies_.empty()) return closed_;
+    v1::HookReply reply = std::move(replies_.front());
+    replies_.pop_front();
+    if (reply.call_id() != call_id) {
+      return absl::InvalidArgumentError(absl::StrCat("HookReply.call_id ", reply.call_id(),
+                                                     " does not answer the pending hook call ", call_id));
+    }
+    return reply;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::deque<v1::HookReply> replies_ ABSL_GUARDED_BY(mu_);
+  absl::Status closed_ ABSL_GUARDED_BY(mu_);  // OK while open
+};
+
+using CallbackFactory = std::function<HookCallback(int64_t callback_id)>;
+
+// Converts session hooks and one-shot hooks into engine ops (session hooks first).
+absl::StatusOr<std::vector<InterventionOp>> BuildOps(
+    const ServiceDeps& deps, const AuthUser& user, const std::string& session_id,
+    const google::protobuf::RepeatedPtrField<v1::HookOp>& one_shot, const CallbackFactory& callbacks) {
+  const LlamaConfig& config = deps.model->config();
+  std::vector<InterventionOp> ops;
+  CacheLookup lookup;
+  if (!session_id.empty()) {
+    lookup = [&deps, &user, session_id](const std::string& handle) {
+      return deps.sessions->GetCache(user.name, session_id, handle);
+    };
+    ASSIGN_OR_RETURN(auto hooks, deps.sessions->ListHooks(user.name, session_id));
+    for (const auto& [id, op] : hooks) {
+      ASSIGN_OR_RETURN(InterventionOp built,
+                       BuildInterventionOp(op, config, lookup, nullptr, absl::StrCat("session hook ", id)));
+      ops.push_back(std::move(built));
+    }
+  }
+  if (one_shot.size() > deps.limits.max_hooks_per_session()) {
+    return absl::InvalidArgumentError(absl::StrCat("hooks: ", one_shot.size(), " one-shot hooks; at most ",
+                                                   deps.limits.max_hooks_per_session()));
+  }
+  for (int i = 0; i < one_shot.size(); ++i) {
+    const v1::HookOp& op = one_shot[i];
+    HookCallback callback;
+    if (op.op_case() == v1::HookOp::kClientCallback && callbacks) {
+      callback = callbacks(op.client_callback().callback_id());
+    }
+    ASSIGN_OR_RETURN(InterventionOp built,
+                     BuildInterventionOp(op, config, lookup, callback, absl::StrCat("hooks[", i, "]")));
+    ops.push_back(std::move(built));
+  }
+  return ops;
+}
+
+// Validates a RunRequest, and enqueues its forward pass. `done` receives the outcome exactly
+// once (from the scheduler thread, or from Submit's caller when enqueueing fails).
+absl::Status SubmitRun(RemoteLensService& service, grpc::CallbackServerContext* ctx,
+                       const AuthUser& user, const v1::RunRequest& request,
+                       const CallbackFactory& callbacks, ChunkEmitter emit,
+                       std::function<bool()> cancelled,
+                       std::function<void(absl::StatusOr<v1::RunResponse::Summary>)> done) {
+  const ServiceDeps& deps = service.deps();
+  ASSIGN_OR_RETURN(ConcurrencyLimiter::Lease lease, service.limiter().Acquire(user));
+  const v1::Quota& quota = user.quota;
+  ModelContext mc{deps.model, deps.tokenizer, &deps.limits};
+  auto run = std::make_shared<PreparedRun>();
+  ASSIGN_OR_RETURN(run->input, BuildForwardInput(request, mc, MaxTokensFor(user, deps.limits)));
+  ASSIGN_OR_RETURN(run->ops, BuildOps(deps, user, request.session_id(), request.hooks(), callbacks));
+  const v1::CacheSelection& cache = request.cache();
+  ASSIGN_OR_RETURN(run->cache, BuildCacheRequests(cache, deps.model->config()));
+  run->stream_cache = cache.stream();
+  run->store_cache = cache.store();
+  if (!run->cache.empty() && !cache.stream() && !cache.store()) {
+    return absl::InvalidArgumentError("cache: names are selected but neither stream nor store is set");
+  }
+  if (cache.store()) {
+    if (request.session_id().empty()) {
+      return absl::InvalidArgumentError("cache.store needs a session_id to keep the cache in");
+    }
+    SessionStore* sessions = deps.sessions;
+    const std::string owner = user.name, session_id = request.session_id();
+    const int64_t max_bytes = quota.max_stored_cache_bytes();
+    run->store = [sessions, owner, session_id, max_bytes](StoredCache stored) {
+      return sessions->StoreCache(owner, session_id, std::move(stored), max_bytes);
+    };
+  }
+  run->return_type = request.return_type();
+  run->loss_per_token = request.loss_per_token();
+  if (request.logits_dtype() != v1::DTYPE_UNSPECIFIED) {
+    ASSIGN_OR_RETURN(run->logits_dtype, ScalarTypeFromProto(request.logits_dtype()));
+    if (!at::isFloatingType(run->logits_dtype)) {
+      return absl::InvalidArgumentError("logits_dtype must be a floating dtype");
+    }
+  }
+  run->chunk_bytes = deps.limits.chunk_bytes();
+  run->max_streamed_bytes = quota.max_streamed_bytes_per_request();
+
+  auto shared_lease = std::make_shared<ConcurrencyLimiter::Lease>(std::move(lease));
+  auto shared_done = std::make_shared<decltype(done)>(std::move(done));
+  const absl::Time enqueued = absl::Now();
+  Scheduler::Job job;
+  job.user = user.name;
+  job.deadline = DeadlineOf(ctx);
+  job.is_cancelled = cancelled;
+  ServerMetrics* metrics = deps.metrics;
+  const LlamaModel* model = deps.model;
+  RemoteLensService* svc = &service;
+  job.run = [run, emit, cancelled, shared_done, shared_lease, metrics, model, enqueued, svc] {
+    const double queue_ms = absl::ToDoubleMilliseconds(absl::Now() - enqueued);
+    auto summary = ExecuteRun(*model, *run, emit, cancelled, metrics);
+    if (summary.ok()) summary->set_queue_ms(queue_ms);
+    if (run->store_cache) svc->UpdateSessionMetrics();
+    shared_lease->Release();
+    (*shared_done)(std::move(summary));
+  };
+  job.reject = [shared_done, shared_lease](absl::Status status) {
+    shared_lease->Release();
+    (*shared_done)(std::move(status));
+  };
+  return deps.scheduler->Submit(std::move(job));
+}
+
+// Streams a tensor into an outbox of TensorChunk messages, within a byte budget.
+absl::Status StreamToOutbox(const std::shared_ptr<Outbox<v1::TensorChunk>>& outbox,
+                            const std::string& name, const at::Tensor& t, int64_t chunk_bytes) {
+  return StreamTensorChunks(name, t, chunk_bytes, [&outbox](v1::TensorChunk&& chunk) {
+           return outbox->Push(std::move(chunk)) ? absl::OkStatus()
+                                                 : absl::CancelledError("client went away");
+         }).status();
+}
+
+}  // namespace
+
+grpc::ServerWriteReactor<v1::RunResponse>* RemoteLensService::Run(grpc::CallbackServerContext* ctx,
+                                                                  const v1::RunRequest* request) {
+  auto* reactor = new StreamReactor<v1::RunResponse>(deps_.metrics, "Run");
+  auto outbox = reactor->outbox();
+  absl::Status status = [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
+    ChunkEmitter emit = [outbox](v1::TensorChunk&& chunk) {
+      v1::RunResponse response;
+      *response.mutable_tensor() = std::move(chunk);
+      return outbox->Push(std::move(response)) ? absl::OkStatus()
+                                               : absl::CancelledError("client went away");
+    };
+    auto cancelled = [outbox] { return outbox->cancelled(); };
+    auto done = [outbox](absl::StatusOr<v1::RunResponse::Summary> summary) {
+      if (!summary.ok()) {
+        outbox->Close(ToGrpcStatus(summary.status()));
+        return;
+      }
+      v1::RunResponse response;
+      *response.mutable_summary() = std::move(*summary);
+      outbox->Push(std::move(response));
+      outbox->Close(grpc::Status::OK);
+    };
+    return SubmitRun(*this, ctx, *user, *request, nullptr, emit, cancelled, done);
+  }();
+  if (!status.ok()) outbox->Close(ToGrpcStatus(status));
+  return reactor;
+}
+
+namespace {
+
+class InteractiveReactor final
+    : public grpc::ServerBidiReactor<v1::InteractiveRequest, v1::InteractiveResponse> {
+ public:
+  InteractiveReactor(RemoteLensService* service, grpc::CallbackServerContext* ctx)
+      : service_(service), ctx_(ctx), outbox_(std::make_shared<Outbox<v1::InteractiveResponse>>()),
+        replies_(std::make_shared<ReplyChannel>()) {
+    const absl::Time start = absl::Now();
+    ServerMetrics* metrics = service->deps().metrics;
+    outbox_->Attach([this](const v1::InteractiveResponse* m) { StartWrite(m); },
+                    [this, metrics, start](grpc::Status status) {
+                      if (metrics != nullptr) {
+                        metrics->RecordRpc("RunInteractive", static_cast<absl::StatusCode>(status.error_code()),
+                                           absl::ToDoubleSeconds(absl::Now() - start));
+                      }
+                      Finish(std::move(status));
+                    });
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!started_) {
+      started_ = true;
+      absl::Status status = Start(ok);
+      if (!status.ok()) {
+        outbox_->Close(ToGrpcStatus(status));
+        return;
+      }
+      StartRead(&request_);
+      return;
+    }
+    if (!ok) {
+      replies_->Close(absl::CancelledError("client closed the stream while a hook call was pending"));
+      return;
+    }
+    if (request_.item_case() != v1::InteractiveRequest::kReply) {
+      replies_->Close(absl::InvalidArgumentError("after the RunRequest, only HookReply messages are valid"));
+      return;
+    }
+    replies_->Push(request_.reply());
+    StartRead(&request_);
+  }
+  void OnWriteDone(bool ok) override { outbox_->OnWriteDone(ok); }
+  void OnCancel() override {
+    outbox_->OnCancel();
+    replies_->Close(absl::CancelledError("client cancelled"));
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  absl::Status Start(bool ok) {
+    if (!ok || request_.item_case() != v1::InteractiveRequest::kRun) {
+      return absl::InvalidArgumentError("the first RunInteractive message must be a RunRequest");
+    }
+    ASSIGN_OR_RETURN(const AuthUser* user, service_->Authenticate(ctx_));
+    auto outbox = outbox_;
+    auto replies = replies_;
+    const int64_t chunk_bytes = service_->deps().limits.chunk_bytes();
+    const absl::Duration timeout = absl::Milliseconds(service_->deps().limits.hook_timeout_ms());
+    auto call_ids = std::make_shared<std::atomic<int64_t>>(0);
+    CallbackFactory callbacks = [=](int64_t callback_id) -> HookCallback {
+      return [=](HookId id, const at::Tensor& activation) -> absl::StatusOr<std::optional<at::Tensor>> {
+        const int64_t call_id = ++*call_ids;
+        const std::string name = HookName(id);
+        v1::InteractiveResponse call;
+        call.mutable_hook_call()->set_call_id(call_id);
+        call.mutable_hook_call()->set_callback_id(callback_id);
+        call.mutable_hook_call()->set_hook_name(name);
+        if (!outbox->Push(std::move(call))) return absl::CancelledError("client went away");
+        RETURN_IF_ERROR(StreamTensorChunks(name, activation, chunk_bytes, [&](v1::TensorChunk&& chunk) {
+                          v1::InteractiveResponse r;
+                          *r.mutable_tensor() = std::move(chunk);
+                          return outbox->Push(std::move(r)) ? absl::OkStatus()
+                                                            : absl::CancelledError("client went away");
+                        }).status());
+        ASSIGN_OR_RETURN(v1::HookReply reply, replies->Wait(call_id, name, timeout));
+        if (reply.unchanged()) return std::optional<at::Tensor>();
+        ASSIGN_OR_RETURN(at::Tensor replacement,
+                         TensorFromProto(reply.replacement(), "HookReply.replacement",
+                                         activation.numel() + 1));
+        return std::optional<at::Tensor>(std::move(replacement));
+      };
+    };
+    ChunkEmitter emit = [outbox](v1::TensorChunk&& chunk) {
+      v1::InteractiveResponse response;
+      *response.mutable_tensor() = std::move(chunk);
+      return outbox->Push(std::move(response)) ? absl::OkStatus()
+                                               : absl::CancelledError("client went away");
+    };
+    auto cancelled = [outbox] { return outbox->cancelled(); };
+    auto done = [outbox](absl::StatusOr<v1::RunResponse::Summary> summary) {
+      if (!summary.ok()) {
+        outbox->Close(ToGrpcStatus(summary.status()));
+        return;
+      }
+      v1::InteractiveResponse response;
+      *response.mutable_summary() = std::move(*summary);
+      outbox->Push(std::move(response));
+      outbox->Close(grpc::Status::OK);
+    };
+    return SubmitRun(*service_, ctx_, *user, request_.run(), callbacks, emit, cancelled, done);
+  }
+
+  RemoteLensService* service_;
+  grpc::CallbackServerContext* ctx_;
+  std::shared_ptr<Outbox<v1::InteractiveResponse>> outbox_;
+  std::shared_ptr<ReplyChannel> replies_;
+  v1::InteractiveRequest request_;
+  bool started_ = false;
+};
+
+}  // namespace
+
+grpc::ServerBidiReactor<v1::InteractiveRequest, v1::InteractiveResponse>*
+RemoteLensService::RunInteractive(grpc::CallbackServerContext* ctx) {
+  return new InteractiveReactor(this, ctx);
+}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* RemoteLensService::Generate(
+    grpc::CallbackServerContext* ctx, const v1::GenerateRequest* request) {
+  auto* reactor = new StreamReactor<v1::GenerateResponse>(deps_.metrics, "Generate");
+  auto outbox = reactor->outbox();
+  absl::Status status = [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
+    ASSIGN_OR_RETURN(ConcurrencyLimiter::Lease lease, limiter().Acquire(*user));
+    const LlamaConfig& config = deps_.model->config();
+    ModelContext mc{deps_.model, deps_.tokenizer, &deps_.limits};
+    auto job = std::make_shared<PreparedGenerate>();
+    ASSIGN_OR_RETURN(EncodedBatch batch,
+                     BuildTokenInput(request->tokens(), request->texts(), request->prepend_bos(),
+                                     request->attention_mask(), mc, MaxTokensFor(*user, deps_.limits)));
+    job->tokens = batch.tokens;
+    job->attention_mask = batch.attention_mask;
+    if (request->max_new_tokens() < 1 || request->max_new_tokens() > deps_.limits.max_new_tokens()) {
+      return absl::InvalidArgumentError(absl::StrCat("max_new_tokens must be in 1..",
+                                                     deps_.limits.max_new_tokens(), ", got ",
+                                                     request->max_new_tokens()));
+    }
+    GenerateOptions& o = job->options;
+    o.max_new_tokens = request->max_new_tokens();
+    const v1::SamplingParams& s = request->sampling();
+    o.sampling.do_sample = s.do_sample();
+    o.sampling.temperature = s.temperature() == 0 ? 1.0 : s.temperature();
+    o.sampling.top_k = s.top_k();
+    o.sampling.top_p = s.top_p() == 0 ? 1.0 : s.top_p();
+    o.seed = s.seed();
+    o.stop_at_eos = request->stop_at_eos();
+    o.eos_token_ids.assign(request->eos_token_ids().begin(), request->eos_token_ids().end());
+    o.use_past_kv_cache = !request->disable_kv_cache();
+    ASSIGN_OR_RETURN(job->ops, BuildOps(deps_, *user, request->session_id(), request->hooks(), nullptr));
+    if (request->step_cache().names_size() > 0) {
+      if (!request->step_cache().stream()) {
+        return absl::InvalidArgumentError("step_cache: activations per step can only be streamed (set stream)");
+      }
+      ASSIGN_OR_RETURN(job->step_cache, BuildCacheRequests(request->step_cache(), config));
+    }
+    job->chunk_bytes = deps_.limits.chunk_bytes();
+    job->max_streamed_bytes = user->quota.max_streamed_bytes_per_request();
+
+    auto shared_lease = std::make_shared<ConcurrencyLimiter::Lease>(std::move(lease));
+    const Tokenizer* tokenizer = deps_.tokenizer;
+    const LlamaModel* model = deps_.model;
+    ServerMetrics* metrics = deps_.metrics;
+    Scheduler::Job sjob;
+    sjob.user = user->name;
+    sjob.deadline = DeadlineOf(ctx);
+    sjob.is_cancelled = [outbox] { return outbox->cancelled(); };
+    sjob.run = [job, outbox, shared_lease, tokenizer, model, metrics] {
+      auto token_text = [tokenizer](int64_t id) -> std::string {
+        if (tokenizer == nullptr) return "";
+        auto text = tokenizer->TokenToString(id);
+        return text.ok() ? *text : std::string();
+      };
+      absl::Status result = ExecuteGenerate(
+          *model, *job, token_text,
+          [outbox](v1::GenerateResponse&& r) {
+            return outbox->Push(std::move(r)) ? absl::OkStatus() : absl::CancelledError("client went away");
+          },
+          [outbox] { return outbox->cancelled(); }, metrics);
+      shared_lease->Release();
+      outbox->Close(ToGrpcStatus(result));
+    };
+    sjob.reject = [outbox, shared_lease](absl::Status s) {
+      shared_lease->Release();
+      outbox->Close(ToGrpcStatus(s));
+    };
+    return deps_.scheduler->Submit(std::move(sjob));
+  }();
+  if (!status.ok()) outbox->Close(ToGrpcStatus(status));
+  return reactor;
+}
+
+grpc::ServerWriteReactor<v1::TensorChunk>* RemoteLensService::FetchCache(
+    grpc::CallbackServerContext* ctx, const v1::FetchCacheRequest* request) {
+  auto* reactor = new StreamReactor<v1::TensorChunk>(deps_.metrics, "FetchCache");
+  auto outbox = reactor->outbox();
+  absl::Status status = [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
+    ASSIGN_OR_RETURN(std::shared_ptr<const StoredCache> cache,
+                     deps_.sessions->GetCache(user->name, request->session_id(), request->cache_handle()));
+    std::vector<std::pair<std::string, const at::Tensor*>> selected;
+    if (request->names().empty()) {
+      for (const auto& [name, t] : cache->tensors) selected.emplace_back(name, &t);
+    } else {
+      for (const std::string& name : request->names()) {
+        const at::Tensor* t = cache->Find(name);
+        if (t == nullptr) {
+          return absl::NotFoundError(absl::StrCat("cache '", request->cache_handle(), "' holds no \"", name, "\""));
+        }
+        selected.emplace_back(name, t);
+      }
+    }
+    int64_t total = 0;
+    for (const auto& [name, t] : selected) total += t->numel() * t->element_size();
+    if (total > user->quota.max_streamed_bytes_per_request()) {
+      return absl::ResourceExhaustedError(absl::StrCat("fetching ", total, " bytes exceeds your quota of ",
+                                                       user->quota.max_streamed_bytes_per_request(),
+                                                       " streamed bytes per request; fetch fewer names"));
+    }
+    for (const auto& [name, t] : selected) {
+      RETURN_IF_ERROR(StreamToOutbox(outbox, name, *t, deps_.limits.chunk_bytes()));
+    }
+    if (deps_.metrics != nullptr) deps_.metrics->AddStreamedBytes(total);
+    outbox->Close(grpc::Status::OK);
+    return absl::OkStatus();
+  }();
+  if (!status.ok()) outbox->Close(ToGrpcStatus(status));
+  return reactor;
+}
+
+namespace {
+
+// A weight in TransformerLens's shape and naming.
+absl::StatusOr<at::Tensor> TransformerLensWeight(const LlamaModel& model, const std::string& name,
+                                                 int layer) {
+  const LlamaConfig& c = model.config();
+  const LlamaWeights& w = model.weights();
+  if (name == "W_E") return w.embed;
+  if (name == "W_U") return w.unembed.t();
+  if (name == "ln_final_w") return w.ln_final;
+  if (layer < 0 || layer >= c.n_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is out of range 0..", c.n_layers - 1));
+  }
+  const LayerWeights& l = w.layers[layer];
+  const int64_t H = c.n_heads, Hkv = c.n_kv_heads, dh = c.d_head;
+  // w_qkv rows: [H dh | Hkv dh | Hkv dh], each [rows, d_model]; TL wants [heads, d_model, d_head].
+  auto heads = [&](int64_t row0, int64_t n) {
+    return l.w_qkv.narrow(0, row0, n * dh).view({n, dh, c.d_model}).transpose(1, 2);
+  };
+  if (name == "W_Q") return heads(0, H);
+  if (name == "W_K") return heads(H * dh, Hkv);
+  if (name == "W_V") return heads((H + Hkv) * dh, Hkv);
+  if (name == "W_O") return l.w_o.view({c.d_model, H, dh}).permute({1, 2, 0});
+  if (name == "W_gate") return l.w_gate_up.narrow(0, 0, c.d_mlp).t();
+  if (name == "W_in") return l.w_gate_up.narrow(0, c.d_mlp, c.d_mlp).t();
+  if (name == "W_out") return l.w_down.t();
+  if (name == "ln1_w") return l.ln1;
+  if (name == "ln2_w") return l.ln2;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown weight \"", name, "\"; valid: W_E, W_U, W_Q, W_K, W_V, W_O, W_in, W_gate, W_out, ",
+      "ln1_w, ln2_w, ln_final_w"));
+}
+
+}  // namespace
+
+grpc::ServerWriteReactor<v1::TensorChunk>* RemoteLensService::GetWeights(
+    grpc::CallbackServerContext* ctx, const v1::GetWeightsRequest* request) {
+  auto* reactor = new StreamReactor<v1::TensorChunk>(deps_.metrics, "GetWeights");
+  auto outbox = reactor->outbox();
+  absl::Status status = [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
+    (void)user;
+    ASSIGN_OR_RETURN(at::Tensor weight, TransformerLensWeight(*deps_.model, request->name(), request->layer()));
+    if (request->dtype() != v1::DTYPE_UNSPECIFIED) {
+      ASSIGN_OR_RETURN(at::ScalarType dtype, ScalarTypeFromProto(request->dtype()));
+      weight = weight.to(dtype);
+    }
+    RETURN_IF_ERROR(StreamToOutbox(outbox, request->name(), weight.to(at::kCPU), deps_.limits.chunk_bytes()));
+    outbox->Close(grpc::Status::OK);
+    return absl::OkStatus();
+  }();
+  if (!status.ok()) outbox->Close(ToGrpcStatus(status));
+  return reactor;
+}
+
+}  // namespace remotelens

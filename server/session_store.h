@@ -1,0 +1,172 @@
+// SessionStore: users' sessions, each with persistent hooks (TransformerLens add_hook) and stored
+// activation caches, freed after an idle TTL. Sessions belong to the store, never to the model,
+// and every access names its owner, so one user can never read or change another's session.
+// Thread-safe: the service's handlers, the scheduler and a janitor thread share one store.
+//
+//   SessionStore store(SessionLimits{.max_sessions_per_user = 8});
+//   ASSIGN_OR_RETURN(SessionSummary session, store.Create("alice", absl::ZeroDuration()));
+//   ASSIGN_OR_RETURN(int64_t hook_id, store.AddHook("alice", session.id, op, /*prepend=*/false));
+//   ASSIGN_OR_RETURN(std::string handle,
+//                    store.StoreCache("alice", session.id, std::move(cache), quota_bytes));
+//   store.GetCache("bob", session.id, handle);  // PERMISSION_DENIED
+//   ...
+//   store.ExpireIdle();  // from the janitor, every few seconds
+#ifndef REMOTELENS_SERVER_SESSION_STORE_H_
+#define REMOTELENS_SERVER_SESSION_STORE_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "remotelens/v1/hooks.pb.h"
+
+namespace remotelens {
+
+// From ServerConfig.limits; the defaults are that proto's documented defaults.
+struct SessionLimits {
+  absl::Duration default_ttl = absl::Hours(1);  // idle TTL when Create asks for zero
+  absl::Duration max_ttl = absl::Hours(24);     // longer requests are clamped to this
+  int max_sessions_per_user = 64;               // live sessions per owner
+  int max_hooks_per_session = 1024;             // persistent hooks per session
+};
+
+// Activations kept on the server for later patching or fetching. Immutable once stored: readers
+// hold a shared_ptr, so a cache deleted (or expired) while a run patches from it stays valid
+// until that run lets go.
+struct StoredCache {
+  std::vector<std::pair<std::string, at::Tensor>> tensors;  // hook name -> activation, forward order
+  int64_t bytes = 0;  // sum of the tensors' nbytes(); StoreCache recomputes it
+
+  // The activation stored under `name`, or nullptr.
+  const at::Tensor* Find(absl::string_view name) const;
+};
+
+// A snapshot of one session, for CreateSession and ListSessions.
+struct SessionSummary {
+  std::string id;
+  std::string owner;
+  absl::Duration ttl;   // idle time after which it is freed
+  absl::Time expires;   // last access + ttl
+  int64_t num_hooks = 0;
+  int64_t num_caches = 0;
+  int64_t stored_bytes = 0;  // its caches' bytes
+};
+
+class SessionStore {
+ public:
+  // `clock` is injectable so tests can move time; it is called with the store's lock held.
+  explicit SessionStore(SessionLimits limits, std::function<absl::Time()> clock = absl::Now);
+
+  SessionStore(const SessionStore&) = delete;
+  SessionStore& operator=(const SessionStore&) = delete;
+
+  // A new session for `owner` with an unguessable id (128 random bits as 32 lowercase hex chars).
+  // `ttl` zero means limits.default_ttl; above limits.max_ttl it is clamped; negative is
+  // INVALID_ARGUMENT. RESOURCE_EXHAUSTED when the owner already has max_sessions_per_user live
+  // sessions: "user 'bob' already has 64 sessions (max_sessions_per_user)".
+  absl::StatusOr<SessionSummary> Create(const std::string& owner, absl::Duration ttl);
+
+  // Every method below that takes (owner, id) fails the same way: NOT_FOUND "session 'x' not
+  // found or expired" when no live session has that id, else PERMISSION_DENIED "session 'x'
+  // belongs to another user" when `owner` is not its owner. Every successful call restarts the
+  // session's idle timer.
+
+  // Frees the session with its hooks and caches.
+  absl::Status Close(const std::string& owner, const std::string& id);
+
+  // Live sessions of `owner` (ListAll: everyone's, for admins), oldest first. Listing is not an
+  // access: it does not keep sessions alive.
+  std::vector<SessionSummary> List(const std::string& owner) const;
+  std::vector<SessionSummary> ListAll() const;
+
+  // Persistent hooks, stored as the (already validated) proto op. Ids start at 1 and increase
+  // per session, never reused, so a stale id cannot remove a newer hook. `prepend` puts the hook
+  // first in application order. RESOURCE_EXHAUSTED past max_hooks_per_session.
+  absl::StatusOr<int64_t> AddHook(const std::string& owner, const std::string& id,
+                                  v1::HookOp op, bool prepend);
+  // NOT_FOUND "hook 7 not found in session 'x'".
+  absl::Status RemoveHook(const std::string& owner, const std::string& id, int64_t hook_id);
+  // (hook id, op) in application order.
+  absl::StatusOr<std::vector<std::pair<int64_t, v1::HookOp>>> ListHooks(const std::string& owner,
+                                                                        const std::string& id);
+  // Removes every hook; returns how many there were.
+  absl::StatusOr<int64_t> ResetHooks(const std::string& owner, const std::string& id);
+
+  // Keeps `cache` under a new handle ("c1", "c2", ... per session). `max_user_bytes` is the
+  // owner's quota over all their sessions; RESOURCE_EXHAUSTED "storing 3.0 MiB would exceed user
+  // 'bob''s stored cache quota of 2.0 MiB (1.5 MiB in use)".
+  absl::StatusOr<std::string> StoreCache(const std::string& owner, const std::string& id,
+                                         StoredCache cache, int64_t max_user_bytes);
+  // NOT_FOUND "cache 'c3' not found in session 'x'".
+  absl::StatusOr<std::shared_ptr<const StoredCache>> GetCache(const std::string& owner,
+                                                              const std::string& id,
+                                                              const std::string& handle);
+  // Returns the bytes freed. NOT_FOUND as GetCache.
+  absl::StatusOr<int64_t> DeleteCache(const std::string& owner, const std::string& id,
+                                      const std::string& handle);
+
+  // Frees every session idle for at least its TTL, with its caches; returns how many. A server
+  // janitor thread calls this periodically; an expired session is already unreachable before
+  // that (NOT_FOUND), this only returns its memory.
+  int ExpireIdle();
+
+  // Totals over the store, for metrics. Sessions past their TTL count until freed.
+  int64_t NumSessions() const;
+  int64_t NumHooks() const;
+  int64_t StoredBytes() const;
+  int64_t StoredBytesOf(const std::string& owner) const;
+
+ private:
+  struct Session {
+    std::string id;
+    std::string owner;
+    int64_t sequence = 0;  // creation order, for stable listings
+    absl::Duration ttl;
+    absl::Time last_access;
+    int64_t next_hook_id = 1;
+    std::vector<std::pair<int64_t, v1::HookOp>> hooks;  // application order
+    int64_t next_cache = 1;
+    std::map<std::string, std::shared_ptr<const StoredCache>> caches;  // by handle
+    int64_t stored_bytes = 0;
+  };
+
+  // The owner's live session `id`, its idle timer restarted, or NOT_FOUND / PERMISSION_DENIED.
+  absl::StatusOr<Session*> Access(const std::string& owner, const std::string& id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool Expired(const Session& session, absl::Time now) const;
+  SessionSummary Summarize(const Session& session) const;
+  // Unlinks the session and its totals; the caller destroys it outside the lock.
+  std::unique_ptr<Session> Remove(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<SessionSummary> ListWhere(const std::function<bool(const Session&)>& keep) const;
+
+  const SessionLimits limits_;
+  const std::function<absl::Time()> clock_;
+
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<std::string, std::unique_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, absl::flat_hash_set<std::string>> ids_by_owner_
+      ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, int64_t> bytes_by_owner_ ABSL_GUARDED_BY(mu_);
+  int64_t next_sequence_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t num_hooks_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t stored_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace remotelens
+
+#endif  // REMOTELENS_SERVER_SESSION_STORE_H_
