@@ -85,8 +85,10 @@ absl::Status CheckTokens(const at::Tensor& tokens, const LlamaConfig& config) {
   if (tokens.size(0) == 0 || tokens.size(1) == 0) {
     return absl::InvalidArgumentError("tokens must have at least one row and one position");
   }
-  const at::Tensor bad = (tokens < 0).logical_or(tokens >= config.d_vocab).nonzero();
-  if (bad.size(0) > 0) {
+  // One reduction on the common path; the offending position is looked up only on error.
+  const auto [min_id, max_id] = at::aminmax(tokens);
+  if (min_id.item<int64_t>() < 0 || max_id.item<int64_t>() >= config.d_vocab) {
+    const at::Tensor bad = (tokens < 0).logical_or(tokens >= config.d_vocab).nonzero();
     const at::Tensor where = bad[0].cpu();
     const int64_t row = where[0].item<int64_t>(), pos = where[1].item<int64_t>();
     return absl::InvalidArgumentError(absl::StrCat(
@@ -244,14 +246,14 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
   }
   // Additive mask [batch|1, 1, pos, past + pos]: causal, and padding keys hidden. A query may
   // always see itself, so padding rows stay finite instead of becoming NaN.
-  at::Tensor additive_mask_cpu;
-  {
+  at::Tensor additive_mask_cpu;  // undefined when simple: built on the device directly
+  if (!simple) {
     const at::Tensor q_index = at::arange(past, past + pos, at::kLong).unsqueeze(1);  // [pos, 1]
     const at::Tensor k_index = at::arange(past + pos, at::kLong).unsqueeze(0);        // [1, keys]
-    at::Tensor allowed = (k_index <= q_index).unsqueeze(0);                           // [1, pos, keys]
-    if (!simple) {
-      allowed = allowed.logical_and(full_mask.unsqueeze(1) != 0).logical_or((k_index == q_index).unsqueeze(0));
-    }
+    const at::Tensor allowed = (k_index <= q_index)
+                                   .unsqueeze(0)
+                                   .logical_and(full_mask.unsqueeze(1) != 0)
+                                   .logical_or((k_index == q_index).unsqueeze(0));    // [batch, pos, keys]
     additive_mask_cpu = at::zeros(allowed.sizes(), at::kFloat)
                             .masked_fill_(allowed.logical_not(), -std::numeric_limits<float>::infinity())
                             .unsqueeze(1);
@@ -275,7 +277,10 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
     const at::Device device = w.w_qkv.device();
     if (x.device() != device) x = x.to(device);
     if (!mask_ready || mask_device != device) {
-      mask = additive_mask_cpu.to(device, dtype);
+      mask = simple ? at::full({1, 1, pos, pos}, -std::numeric_limits<float>::infinity(),
+                               at::TensorOptions().dtype(dtype).device(device))
+                          .triu_(1)
+                    : additive_mask_cpu.to(device, dtype);
       if (simple) {
         cos = rope_cos_[layer].narrow(0, 0, pos).view({1, pos, 1, dh}).to(dtype);
         sin = rope_sin_[layer].narrow(0, 0, pos).view({1, pos, 1, dh}).to(dtype);

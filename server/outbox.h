@@ -7,7 +7,7 @@
 // RPC (the client vanished) pushes into an outbox that simply drops messages.
 //
 //   auto outbox = std::make_shared<Outbox<v1::RunResponse>>();
-//   outbox->Attach([r](const v1::RunResponse* m) { r->StartWrite(m); },
+//   outbox->Attach([r](const v1::RunResponse* m, grpc::WriteOptions o) { r->StartWrite(m, o); },
 //                  [r](grpc::Status s) { r->Finish(s); });
 //   outbox->Push(response);          // scheduler thread
 //   outbox->Close(grpc::Status::OK); // after the last Push
@@ -27,7 +27,9 @@ namespace remotelens {
 template <typename Message>
 class Outbox {
  public:
-  using StartWrite = std::function<void(const Message*)>;
+  // `options` carries buffer_hint when more messages are already queued behind this one, so
+  // gRPC may coalesce small messages instead of flushing each (many hooks' activations are tiny).
+  using StartWrite = std::function<void(const Message*, grpc::WriteOptions options)>;
   using Finish = std::function<void(grpc::Status)>;
 
   void Attach(StartWrite start_write, Finish finish) {
@@ -38,13 +40,14 @@ class Outbox {
   // Queues a message. False once the stream is finished or the client has cancelled.
   bool Push(Message message) {
     const Message* to_write = nullptr;
+    grpc::WriteOptions options;
     {
       absl::MutexLock lock(&mu_);
       if (finished_ || closed_ || cancelled_) return false;
       queue_.push_back(std::move(message));
-      if (!writing_) to_write = BeginNextWrite();
+      if (!writing_) to_write = BeginNextWrite(&options);
     }
-    if (to_write != nullptr) start_write_(to_write);
+    if (to_write != nullptr) start_write_(to_write, options);
     return true;
   }
 
@@ -64,6 +67,7 @@ class Outbox {
   // Reactor side.
   void OnWriteDone(bool ok) {
     const Message* to_write = nullptr;
+    grpc::WriteOptions options;
     bool finish_now = false;
     {
       absl::MutexLock lock(&mu_);
@@ -74,12 +78,12 @@ class Outbox {
         queue_.clear();
       }
       if (!queue_.empty()) {
-        to_write = BeginNextWrite();
+        to_write = BeginNextWrite(&options);
       } else if (closed_ && !finished_) {
         finish_now = finished_ = true;
       }
     }
-    if (to_write != nullptr) start_write_(to_write);
+    if (to_write != nullptr) start_write_(to_write, options);
     if (finish_now) finish_(status_);
   }
 
@@ -94,10 +98,11 @@ class Outbox {
   }
 
  private:
-  const Message* BeginNextWrite() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  const Message* BeginNextWrite(grpc::WriteOptions* options) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     current_ = std::move(queue_.front());
     queue_.pop_front();
     writing_ = true;
+    if (!queue_.empty()) options->set_buffer_hint();
     return &current_;
   }
 

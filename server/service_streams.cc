@@ -25,7 +25,7 @@ class StreamReactor final : public grpc::ServerWriteReactor<Message> {
   StreamReactor(ServerMetrics* metrics, const char* method)
       : outbox_(std::make_shared<Outbox<Message>>()) {
     const absl::Time start = absl::Now();
-    outbox_->Attach([this](const Message* m) { this->StartWrite(m); },
+    outbox_->Attach([this](const Message* m, grpc::WriteOptions o) { this->StartWrite(m, o); },
                     [this, metrics, method, start](grpc::Status status) {
                       if (metrics != nullptr) {
                         metrics->RecordRpc(method, static_cast<absl::StatusCode>(status.error_code()),
@@ -245,7 +245,7 @@ class InteractiveReactor final
         replies_(std::make_shared<ReplyChannel>()) {
     const absl::Time start = absl::Now();
     ServerMetrics* metrics = service->deps().metrics;
-    outbox_->Attach([this](const v1::InteractiveResponse* m) { StartWrite(m); },
+    outbox_->Attach([this](const v1::InteractiveResponse* m, grpc::WriteOptions o) { StartWrite(m, o); },
                     [this, metrics, start](grpc::Status status) {
                       if (metrics != nullptr) {
                         metrics->RecordRpc("RunInteractive", static_cast<absl::StatusCode>(status.error_code()),
