@@ -129,7 +129,9 @@ absl::StatusOr<EncodedBatch> BuildTokenInput(const v1::Tensor& tokens,
   }
   EncodedBatch batch;
   if (has_tokens) {
-    ASSIGN_OR_RETURN(at::Tensor t, TensorFromProto(tokens, "tokens", max_tokens));
+    // Decoding is already bounded by the gRPC message size limit; the token quota is checked
+    // below so that an oversized request is RESOURCE_EXHAUSTED, not a malformed tensor.
+    ASSIGN_OR_RETURN(at::Tensor t, TensorFromProto(tokens, "tokens"));
     if (t.dim() != 2 || (t.scalar_type() != at::kLong && t.scalar_type() != at::kInt)) {
       return Invalid("tokens", absl::StrCat("must be an int64 or int32 [batch, pos] tensor, got ",
                                             t.dim(), " dimensions"));
@@ -156,7 +158,7 @@ absl::StatusOr<EncodedBatch> BuildTokenInput(const v1::Tensor& tokens,
   }
   const bool has_mask = attention_mask.shape_size() > 0 || !attention_mask.data().empty();
   if (has_mask) {
-    ASSIGN_OR_RETURN(at::Tensor m, TensorFromProto(attention_mask, "attention_mask", max_tokens));
+    ASSIGN_OR_RETURN(at::Tensor m, TensorFromProto(attention_mask, "attention_mask"));
     if (m.sizes() != batch.tokens.sizes()) {
       return Invalid("attention_mask", absl::StrCat("shape [", absl::StrJoin(m.sizes(), ", "),
                                                     "] differs from tokens [", b, ", ", p, "]"));
@@ -177,7 +179,7 @@ absl::StatusOr<ForwardInput> BuildForwardInput(const v1::RunRequest& request,
     if (input.start_at_layer == 0) {
       return Invalid("residual", "is only valid with start_at_layer > 0");
     }
-    ASSIGN_OR_RETURN(input.residual, TensorFromProto(request.residual(), "residual", max_tokens * c.d_model));
+    ASSIGN_OR_RETURN(input.residual, TensorFromProto(request.residual(), "residual"));
     if (input.residual.dim() != 3 || input.residual.size(2) != c.d_model) {
       return Invalid("residual", absl::StrCat("must be [batch, pos, ", c.d_model, "]"));
     }

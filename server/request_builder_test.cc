@@ -1,0 +1,187 @@
+#include "server/request_builder.h"
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+
+#include "engine/demo_model.h"
+#include "engine/model_dir.h"
+#include "gtest/gtest.h"
+#include "server/tensor_codec.h"
+
+namespace remotelens {
+namespace {
+
+class RequestBuilderTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    const char* tmp = std::getenv("TEST_TMPDIR");
+    const std::string dir = std::string(tmp ? tmp : "/tmp") + "/request_builder_test";
+    DemoModelSpec spec;
+    spec.d_model = 32;
+    spec.n_layers = 2;
+    spec.n_heads = 4;
+    spec.n_kv_heads = 2;
+    spec.d_mlp = 48;
+    spec.n_ctx = 16;
+    ASSERT_TRUE(WriteDemoModel(dir, spec).ok());
+    model_ = LoadModelDir(dir, LoadOptions()).value().release();
+    tokenizer_ = Tokenizer::FromJsonFile(dir + "/tokenizer.json").value().release();
+    v1::Limits limits;
+    limits.set_max_batch(4);
+    limits_ = new v1::Limits(LimitsWithDefaults(limits));
+  }
+  static ModelContext Ctx() { return {model_, tokenizer_, limits_}; }
+  static v1::Tensor Proto(const at::Tensor& t) { return TensorToProto(t).value(); }
+
+  static LlamaModel* model_;
+  static Tokenizer* tokenizer_;
+  static v1::Limits* limits_;
+};
+LlamaModel* RequestBuilderTest::model_ = nullptr;
+Tokenizer* RequestBuilderTest::tokenizer_ = nullptr;
+v1::Limits* RequestBuilderTest::limits_ = nullptr;
+
+TEST_F(RequestBuilderTest, LimitsDefaultsFillOnlyUnsetFields) {
+  EXPECT_EQ(limits_->max_batch(), 4);
+  EXPECT_EQ(limits_->chunk_bytes(), 1 << 20);
+  EXPECT_EQ(limits_->max_queue(), 256);
+  EXPECT_EQ(limits_->hook_timeout_ms(), 30000);
+}
+
+TEST_F(RequestBuilderTest, CacheSelectionExpandsStarInForwardOrderOnce) {
+  v1::CacheSelection selection;
+  selection.add_names("blocks.1.hook_resid_post");
+  selection.add_names("*");
+  selection.set_dtype(v1::DTYPE_BFLOAT16);
+  selection.set_pos_start(-2);
+  auto requests = BuildCacheRequests(selection, model_->config());
+  ASSERT_TRUE(requests.ok()) << requests.status();
+  ASSERT_EQ(requests->size(), static_cast<size_t>(NumHookIds(2)));
+  EXPECT_EQ(HookName(requests->front().hook), "hook_embed");
+  EXPECT_EQ(HookName(requests->back().hook), "ln_final.hook_normalized");
+  EXPECT_EQ(requests->front().dtype, at::kBFloat16);
+  EXPECT_EQ(requests->front().pos_start, -2);
+  EXPECT_FALSE(requests->front().pos_stop.has_value());
+
+  v1::CacheSelection bad;
+  bad.add_names("blocks.0.hook_resid_pre");
+  bad.add_names("blocks.0.hook_resid_pr");
+  auto error = BuildCacheRequests(bad, model_->config());
+  ASSERT_FALSE(error.ok());
+  EXPECT_NE(error.status().message().find("cache.names[1]"), std::string::npos) << error.status();
+}
+
+TEST_F(RequestBuilderTest, HookOpsConvertAndNameTheFieldOnError) {
+  const LlamaConfig& c = model_->config();
+  v1::HookOp op;
+  op.set_hook_name("blocks.0.attn.hook_z");
+  op.mutable_zero();
+  op.mutable_selector()->add_heads(1);
+  auto built = BuildInterventionOp(op, c, nullptr, nullptr, "hooks[0]");
+  ASSERT_TRUE(built.ok()) << built.status();
+  EXPECT_EQ(built->kind, OpKind::kZero);
+  EXPECT_EQ(built->selector.heads, std::vector<int64_t>{1});
+
+  v1::HookOp on_resid;
+  on_resid.set_hook_name("blocks.0.hook_resid_post");
+  on_resid.mutable_zero();
+  on_resid.mutable_selector()->add_heads(1);
+  auto error = BuildInterventionOp(on_resid, c, nullptr, nullptr, "hooks[3]");
+  EXPECT_EQ(error.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(error.status().message().find("hooks[3].selector.heads"), std::string::npos) << error.status();
+
+  v1::HookOp add;
+  add.set_hook_name("blocks.1.hook_resid_post");
+  *add.mutable_add()->mutable_value() = Proto(at::ones({32}, at::kLong));
+  error = BuildInterventionOp(add, c, nullptr, nullptr, "hooks[1]");
+  EXPECT_NE(error.status().message().find("hooks[1].add.value"), std::string::npos) << error.status();
+
+  v1::HookOp empty;
+  empty.set_hook_name("hook_embed");
+  EXPECT_NE(ValidateHookOp(empty, c, false, "op").message().find("no op set"), std::string::npos);
+
+  v1::HookOp callback;
+  callback.set_hook_name("hook_embed");
+  callback.mutable_client_callback()->set_callback_id(3);
+  EXPECT_NE(ValidateHookOp(callback, c, false, "op").message().find("only valid as one-shot hooks"),
+            std::string::npos);
+}
+
+TEST_F(RequestBuilderTest, PatchFromCacheBecomesSetWithTheStoredRegion) {
+  auto stored = std::make_shared<StoredCache>();
+  const at::Tensor resid = at::arange(2 * 5 * 32, at::kFloat).view({2, 5, 32});
+  stored->tensors.emplace_back("blocks.1.hook_resid_pre", resid);
+  CacheLookup lookup = [&](const std::string& handle) -> absl::StatusOr<std::shared_ptr<const StoredCache>> {
+    if (handle != "c1") return absl::NotFoundError("cache 'c9' not found");
+    return std::shared_ptr<const StoredCache>(stored);
+  };
+  v1::HookOp op;
+  op.set_hook_name("blocks.1.hook_resid_pre");
+  op.mutable_patch_from_cache()->set_cache_handle("c1");
+  op.mutable_selector()->add_positions(-1);
+  auto built = BuildInterventionOp(op, model_->config(), lookup, nullptr, "hooks[0]");
+  ASSERT_TRUE(built.ok()) << built.status();
+  EXPECT_EQ(built->kind, OpKind::kSet);
+  EXPECT_TRUE(at::equal(built->value, resid.narrow(1, 4, 1)));
+
+  op.mutable_patch_from_cache()->set_source_hook_name("blocks.0.hook_resid_pre");
+  EXPECT_EQ(BuildInterventionOp(op, model_->config(), lookup, nullptr, "h").status().code(),
+            absl::StatusCode::kNotFound);
+  op.mutable_patch_from_cache()->set_cache_handle("c9");
+  EXPECT_EQ(BuildInterventionOp(op, model_->config(), lookup, nullptr, "h").status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST_F(RequestBuilderTest, TokenInputBoundsAndTexts) {
+  google::protobuf::RepeatedPtrField<std::string> no_texts;
+  v1::Tensor none;
+  auto ok = BuildTokenInput(Proto(at::ones({2, 3}, at::kLong)), no_texts, false, none, Ctx(), 100);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->tokens.sizes(), (std::vector<int64_t>{2, 3}));
+
+  EXPECT_EQ(BuildTokenInput(none, no_texts, false, none, Ctx(), 100).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto too_many = BuildTokenInput(Proto(at::ones({2, 3}, at::kLong)), no_texts, false, none, Ctx(), 5);
+  EXPECT_EQ(too_many.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(too_many.status().message().find("max_tokens_per_request = 5"), std::string::npos);
+  EXPECT_EQ(BuildTokenInput(Proto(at::ones({5, 1}, at::kLong)), no_texts, false, none, Ctx(), 100)
+                .status().code(),
+            absl::StatusCode::kInvalidArgument);  // max_batch 4
+  EXPECT_EQ(BuildTokenInput(Proto(at::ones({1, 17}, at::kLong)), no_texts, false, none, Ctx(), 100)
+                .status().code(),
+            absl::StatusCode::kOutOfRange);  // n_ctx 16
+  auto bad_mask = BuildTokenInput(Proto(at::ones({1, 3}, at::kLong)), no_texts, false,
+                                  Proto(at::ones({1, 2}, at::kLong)), Ctx(), 100);
+  EXPECT_NE(bad_mask.status().message().find("attention_mask"), std::string::npos);
+
+  google::protobuf::RepeatedPtrField<std::string> texts;
+  *texts.Add() = "the cat";
+  *texts.Add() = "a";
+  auto encoded = BuildTokenInput(none, texts, true, none, Ctx(), 100);
+  ASSERT_TRUE(encoded.ok()) << encoded.status();
+  // Left padding: the shorter row's mask starts with zeros, and both rows start with bos.
+  EXPECT_EQ(encoded->attention_mask[1][0].item<int64_t>(), 0);
+  EXPECT_EQ(encoded->attention_mask[0][0].item<int64_t>(), 1);
+  EXPECT_EQ(encoded->tokens[0][0].item<int64_t>(), model_->config().bos_token_id);
+  EXPECT_EQ(encoded->tokens[1].index({encoded->attention_mask[1].argmax()}).item<int64_t>(),
+            model_->config().bos_token_id);
+}
+
+TEST_F(RequestBuilderTest, NextTokenLossMatchesCrossEntropyAndMasksPadding) {
+  const at::Tensor logits = at::randn({2, 4, 7});
+  const at::Tensor tokens = at::randint(0, 7, {2, 4}, at::kLong);
+  const at::Tensor per_token = NextTokenLoss(logits, tokens, at::Tensor(), true);
+  ASSERT_EQ(per_token.sizes(), (std::vector<int64_t>{2, 3}));
+  const float manual = -at::log_softmax(logits[1][2], -1)[tokens[1][3]].item<float>();
+  EXPECT_NEAR(per_token[1][2].item<float>(), manual, 1e-5);
+  EXPECT_NEAR(NextTokenLoss(logits, tokens, at::Tensor(), false).item<float>(),
+              per_token.mean().item<float>(), 1e-5);
+  at::Tensor mask = at::ones({2, 4}, at::kLong);
+  mask[1][0] = 0;  // row 1 left-padded by one: its first target does not count
+  const float expected = (per_token[0].sum() + per_token[1].narrow(0, 1, 2).sum()).item<float>() / 5;
+  EXPECT_NEAR(NextTokenLoss(logits, tokens, mask, false).item<float>(), expected, 1e-5);
+}
+
+}  // namespace
+}  // namespace remotelens
