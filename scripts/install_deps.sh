@@ -15,7 +15,7 @@ PACKAGES=(
   # server
   libssl-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
   # tests and benchmarks
-  libgtest-dev libgmock-dev libbenchmark-dev prometheus
+  libgtest-dev libgmock-dev libbenchmark-dev prometheus openssl
   python3 python3-torch python3-numpy python3-pytest python3-grpcio python3-protobuf
   python3-grpc-tools python3-tqdm
 )

@@ -1,0 +1,62 @@
+"""Operational surface: grpc.health.v1, server reflection, TLS, and refusing insecure exposure."""
+import os
+import subprocess
+
+import grpc
+import pytest
+
+import server_harness
+from remotelens.v1 import remotelens_pb2 as pb
+
+
+def test_health_reports_serving(demo_server):
+    # grpc.health.v1.Health/Check with an empty HealthCheckRequest; SERVING is status 1.
+    check = demo_server.channel().unary_unary("/grpc.health.v1.Health/Check",
+                                              request_serializer=lambda b: b,
+                                              response_deserializer=lambda b: b)
+    assert check(b"", timeout=5) == b"\x08\x01"
+
+
+def test_reflection_lists_the_service(demo_server):
+    # ServerReflectionRequest{list_services: "*"} (field 7) on the v1alpha reflection stream.
+    info = demo_server.channel().stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    responses = list(info(iter([b"\x3a\x01*"]), timeout=5))
+    assert b"remotelens.v1.RemoteLens" in responses[0]
+    assert b"grpc.health.v1.Health" in responses[0]
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/openssl"), reason="openssl CLI not installed")
+def test_tls_serves_encrypted_and_rejects_plaintext(demo_model_dir, tmp_path):
+    key, cert = tmp_path / "server.key", tmp_path / "server.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    config = f'tls {{ cert_file: "{cert}" key_file: "{key}" }}'
+    with server_harness.ServerProcess(demo_model_dir, config=config) as server:
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        secure = grpc.secure_channel(server.address, credentials)
+        info = server.stub(secure).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        assert info.model_name == "remotelens-demo"
+        with pytest.raises(grpc.RpcError) as error:
+            server.stub().GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_refuses_public_address_without_users_file(demo_model_dir):
+    server = server_harness.ServerProcess(demo_model_dir, args=["--host", "0.0.0.0"])
+    with pytest.raises(RuntimeError) as error:
+        server.start()
+    assert "without authentication" in str(error.value)
+    assert server.proc.wait(timeout=10) == 1
+
+
+def test_bad_config_is_a_clear_startup_error(tmp_path):
+    config = tmp_path / "bad.textproto"
+    config.write_text("model_dir: 42 nonsense {")
+    out = subprocess.run([server_harness.SERVER_BIN, "--config", str(config)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "not a valid ServerConfig textproto" in out.stderr
