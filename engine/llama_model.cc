@@ -336,9 +336,9 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
     const int64_t n_keys = keys.size(2);
 
     at::Tensor z;  // [batch, pos, H, d_head]
+#if TORCH_VERSION_MAJOR >= 2
     const bool want_pattern =
         Hooked(plan, layer, HookSite::kAttnScores) || Hooked(plan, layer, HookSite::kAttnPattern);
-#if TORCH_VERSION_MAJOR >= 2
     if (!want_pattern) {
       // Fused attention: the pattern is never materialised.
       const at::Tensor k_all = keys.unsqueeze(2).expand({batch, Hkv, group, n_keys, dh}).reshape({batch, H, n_keys, dh});

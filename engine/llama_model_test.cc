@@ -71,11 +71,15 @@ TEST_F(LlamaModelTest, CachingEveryHookDoesNotChangeLogits) {
   ASSERT_EQ(plan.cache().size(), static_cast<size_t>(NumHookIds(3)));
   for (const auto& [id, tensor] : plan.cache()) {
     std::vector<int64_t> expected = HookShape(id, model_->config());
-    for (auto& d : expected) if (d == -1) d = 0;
+    for (auto& d : expected) {
+      if (d == -1) d = 0;
+    }
     ASSERT_EQ(tensor.dim(), static_cast<int64_t>(expected.size())) << HookName(id);
     EXPECT_EQ(tensor.size(0), 2) << HookName(id);
     for (size_t i = 1; i < expected.size(); ++i) {
-      if (expected[i] != 0) EXPECT_EQ(tensor.size(i), expected[i]) << HookName(id);
+      if (expected[i] != 0) {
+        EXPECT_EQ(tensor.size(i), expected[i]) << HookName(id);
+      }
     }
   }
 }

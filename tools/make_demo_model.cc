@@ -1,7 +1,7 @@
 // make_demo_model DIR [--d_model N ...]: writes the built-in demo model (a small random
 // Llama-3.1-architecture checkpoint in Hugging Face layout) into DIR. Flags override the
 // defaults, e.g. a ~100M-parameter model for benchmarks:
-//   make_demo_model /tmp/m100 --vocab_size 32000 --d_model 768 --n_layers 12 --n_heads 12 \
+//   make_demo_model /tmp/m100 --vocab_size 32000 --d_model 768 --n_layers 12 --n_heads 12
 //       --n_kv_heads 4 --d_mlp 2048 --seed 1
 #include <cstdio>
 
