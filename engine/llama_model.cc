@@ -202,7 +202,10 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
           "start_at_layer ", start, " needs the residual stream as input: a floating [batch, pos, ",
           c.d_model, "] tensor"));
     }
-    x = r.to(weights_.layers[start].w_qkv.device(), weights_.embed.scalar_type());
+    // start == n_layers runs no block: the residual goes straight to the final norm.
+    const at::Device device = start < n_layers ? weights_.layers[start].w_qkv.device()
+                                               : weights_.unembed.device();
+    x = r.to(device, weights_.embed.scalar_type());
   }
   const int64_t batch = x.size(0), pos = x.size(1);
   const int64_t past = kv != nullptr ? kv->length_ : 0;
@@ -397,7 +400,8 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
     kv->mask_ = full_mask;
     kv->length_ = past + pos;
   }
-  if (stop < n_layers) return x;
+  // TransformerLens: with stop_at_layer given (even == n_layers) the result is the residual.
+  if (input.stop_at_layer.has_value()) return x;
 
   if (x.device() != weights_.unembed.device()) x = x.to(weights_.unembed.device());
   ASSIGN_OR_RETURN(at::Tensor final_normed,

@@ -254,10 +254,13 @@ absl::Status Serve() {
   std::fprintf(stderr, "remotelens_server: signal %d, shutting down (grace %ds)\n", signal_number,
                config.shutdown_grace_seconds());
   server->GetHealthCheckService()->SetServingStatus(false);
-  const absl::Duration grace = absl::Seconds(config.shutdown_grace_seconds());
-  // New calls are refused from here; in-flight ones (and the jobs they queued) get the grace
-  // period, after which gRPC cancels what is left and the scheduler drops its queue.
-  server->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  // New calls are refused (UNAVAILABLE) from here; streaming calls in flight, and the jobs they
+  // queued, get the grace period. An idle server exits at once; after the grace period gRPC
+  // cancels what is left and the scheduler drops its queue.
+  service.BeginDrain();
+  const absl::Time until = absl::Now() + absl::Seconds(config.shutdown_grace_seconds());
+  while (service.active_streams() > 0 && absl::Now() < until) absl::SleepFor(absl::Milliseconds(20));
+  server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));
   scheduler.Shutdown(absl::ZeroDuration());
   stop_janitor.Notify();
   janitor.join();

@@ -175,6 +175,11 @@ absl::StatusOr<ForwardInput> BuildForwardInput(const v1::RunRequest& request,
   if (request.has_start_at_layer()) input.start_at_layer = request.start_at_layer();
   if (request.has_stop_at_layer()) input.stop_at_layer = request.stop_at_layer();
   const bool has_residual = request.has_residual() && request.residual().shape_size() > 0;
+  const bool has_tokens = request.has_tokens() &&
+                          (request.tokens().shape_size() > 0 || !request.tokens().data().empty());
+  if (has_residual + has_tokens + !request.texts().empty() > 1) {
+    return Invalid("input", "send exactly one of tokens, texts or residual");
+  }
   if (has_residual) {
     if (input.start_at_layer == 0) {
       return Invalid("residual", "is only valid with start_at_layer > 0");
@@ -183,9 +188,23 @@ absl::StatusOr<ForwardInput> BuildForwardInput(const v1::RunRequest& request,
     if (input.residual.dim() != 3 || input.residual.size(2) != c.d_model) {
       return Invalid("residual", absl::StrCat("must be [batch, pos, ", c.d_model, "]"));
     }
-    if (input.residual.size(0) * input.residual.size(1) > max_tokens) {
-      return absl::ResourceExhaustedError(absl::StrCat("residual has ", input.residual.size(0) * input.residual.size(1),
-                                                       " positions; your limit is ", max_tokens));
+    const int64_t b = input.residual.size(0), p = input.residual.size(1);
+    if (b * p > max_tokens) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "residual has ", b * p, " positions (batch ", b, " x pos ", p,
+          "); your limit is max_tokens_per_request = ", max_tokens));
+    }
+    if (b > ctx.limits->max_batch()) {
+      return Invalid("residual", absl::StrCat("batch of ", b, " rows; at most max_batch = ",
+                                              ctx.limits->max_batch()));
+    }
+    if (request.has_attention_mask() && request.attention_mask().shape_size() > 0) {
+      ASSIGN_OR_RETURN(at::Tensor m, TensorFromProto(request.attention_mask(), "attention_mask"));
+      if (m.dim() != 2 || m.size(0) != b || m.size(1) != p) {
+        return Invalid("attention_mask", absl::StrCat("must be [batch, pos] = [", b, ", ", p,
+                                                      "] like the residual"));
+      }
+      input.attention_mask = m.to(at::kLong);
     }
     return input;
   }
@@ -281,7 +300,9 @@ absl::StatusOr<InterventionOp> BuildInterventionOp(const v1::HookOp& op, const L
     }
     case v1::HookOp::kPatchFromCache: {
       const auto& patch = op.patch_from_cache();
-      if (!lookup) return absl::FailedPreconditionError(absl::StrCat(what, ": patching from a cache needs a session"));
+      if (!lookup) {
+        return Invalid(what, "patch_from_cache needs the session_id that holds the cache");
+      }
       ASSIGN_OR_RETURN(std::shared_ptr<const StoredCache> cache, lookup(patch.cache_handle()));
       const std::string source = patch.source_hook_name().empty() ? op.hook_name() : patch.source_hook_name();
       const at::Tensor* stored = cache->Find(source);

@@ -20,6 +20,7 @@ RemoteLensService::RemoteLensService(ServiceDeps deps) : deps_(std::move(deps)) 
 
 absl::StatusOr<const AuthUser*> RemoteLensService::Authenticate(
     grpc::CallbackServerContext* ctx) const {
+  if (draining_) return absl::UnavailableError("server is shutting down; retry on another replica");
   const auto& metadata = ctx->client_metadata();
   auto it = metadata.find("authorization");
   absl::string_view value;

@@ -9,6 +9,7 @@
 #ifndef REMOTELENS_SERVER_SERVICE_H_
 #define REMOTELENS_SERVER_SERVICE_H_
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -90,6 +91,13 @@ class RemoteLensService final : public v1::RemoteLens::CallbackService {
   void UpdateSessionMetrics() const;
   ConcurrencyLimiter& limiter() { return limiter_; }
 
+  // Shutdown: after BeginDrain every new call is UNAVAILABLE; streaming calls already running
+  // finish. The server waits for active_streams() to reach zero (or its grace period).
+  void BeginDrain() { draining_ = true; }
+  int active_streams() const { return active_streams_.load(); }
+  void StreamStarted() { ++active_streams_; }
+  void StreamDone() { --active_streams_; }
+
  private:
   // Authenticates, runs `body` for the caller, and finishes the RPC with its status.
   template <typename Body>
@@ -103,6 +111,8 @@ class RemoteLensService final : public v1::RemoteLens::CallbackService {
 
   ServiceDeps deps_;
   ConcurrencyLimiter limiter_;
+  std::atomic<bool> draining_{false};
+  std::atomic<int> active_streams_{0};
 };
 
 grpc::Status ToGrpcStatus(const absl::Status& status);

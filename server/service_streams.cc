@@ -22,8 +22,10 @@ namespace {
 template <typename Message>
 class StreamReactor final : public grpc::ServerWriteReactor<Message> {
  public:
-  StreamReactor(ServerMetrics* metrics, const char* method)
-      : outbox_(std::make_shared<Outbox<Message>>()) {
+  StreamReactor(RemoteLensService* service, const char* method)
+      : service_(service), outbox_(std::make_shared<Outbox<Message>>()) {
+    service_->StreamStarted();
+    ServerMetrics* metrics = service->deps().metrics;
     const absl::Time start = absl::Now();
     outbox_->Attach([this](const Message* m, grpc::WriteOptions o) { this->StartWrite(m, o); },
                     [this, metrics, method, start](grpc::Status status) {
@@ -37,9 +39,13 @@ class StreamReactor final : public grpc::ServerWriteReactor<Message> {
   const std::shared_ptr<Outbox<Message>>& outbox() const { return outbox_; }
   void OnWriteDone(bool ok) override { outbox_->OnWriteDone(ok); }
   void OnCancel() override { outbox_->OnCancel(); }
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    service_->StreamDone();
+    delete this;
+  }
 
  private:
+  RemoteLensService* service_;
   std::shared_ptr<Outbox<Message>> outbox_;
 };
 
@@ -208,7 +214,7 @@ absl::Status StreamToOutbox(const std::shared_ptr<Outbox<v1::TensorChunk>>& outb
 
 grpc::ServerWriteReactor<v1::RunResponse>* RemoteLensService::Run(grpc::CallbackServerContext* ctx,
                                                                   const v1::RunRequest* request) {
-  auto* reactor = new StreamReactor<v1::RunResponse>(deps_.metrics, "Run");
+  auto* reactor = new StreamReactor<v1::RunResponse>(this, "Run");
   auto outbox = reactor->outbox();
   absl::Status status = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
@@ -243,6 +249,7 @@ class InteractiveReactor final
   InteractiveReactor(RemoteLensService* service, grpc::CallbackServerContext* ctx)
       : service_(service), ctx_(ctx), outbox_(std::make_shared<Outbox<v1::InteractiveResponse>>()),
         replies_(std::make_shared<ReplyChannel>()) {
+    service_->StreamStarted();
     const absl::Time start = absl::Now();
     ServerMetrics* metrics = service->deps().metrics;
     outbox_->Attach([this](const v1::InteractiveResponse* m, grpc::WriteOptions o) { StartWrite(m, o); },
@@ -283,7 +290,10 @@ class InteractiveReactor final
     outbox_->OnCancel();
     replies_->Close(absl::CancelledError("client cancelled"));
   }
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    service_->StreamDone();
+    delete this;
+  }
 
  private:
   absl::Status Start(bool ok) {
@@ -356,7 +366,7 @@ RemoteLensService::RunInteractive(grpc::CallbackServerContext* ctx) {
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* RemoteLensService::Generate(
     grpc::CallbackServerContext* ctx, const v1::GenerateRequest* request) {
-  auto* reactor = new StreamReactor<v1::GenerateResponse>(deps_.metrics, "Generate");
+  auto* reactor = new StreamReactor<v1::GenerateResponse>(this, "Generate");
   auto outbox = reactor->outbox();
   absl::Status status = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
@@ -430,7 +440,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* RemoteLensService::Generate(
 
 grpc::ServerWriteReactor<v1::TensorChunk>* RemoteLensService::FetchCache(
     grpc::CallbackServerContext* ctx, const v1::FetchCacheRequest* request) {
-  auto* reactor = new StreamReactor<v1::TensorChunk>(deps_.metrics, "FetchCache");
+  auto* reactor = new StreamReactor<v1::TensorChunk>(this, "FetchCache");
   auto outbox = reactor->outbox();
   absl::Status status = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
@@ -503,7 +513,7 @@ absl::StatusOr<at::Tensor> TransformerLensWeight(const LlamaModel& model, const 
 
 grpc::ServerWriteReactor<v1::TensorChunk>* RemoteLensService::GetWeights(
     grpc::CallbackServerContext* ctx, const v1::GetWeightsRequest* request) {
-  auto* reactor = new StreamReactor<v1::TensorChunk>(deps_.metrics, "GetWeights");
+  auto* reactor = new StreamReactor<v1::TensorChunk>(this, "GetWeights");
   auto outbox = reactor->outbox();
   absl::Status status = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
