@@ -1,0 +1,31 @@
+"""remotelens: TransformerLens's HookedTransformer API for a model resident on a remotelens server.
+
+    from remotelens import HookedTransformer, ops, utils
+    model = HookedTransformer.from_server("127.0.0.1:50051", api_key=...)
+    logits, cache = model.run_with_cache("Hello world")
+
+Porting a TransformerLens notebook: replace HookedTransformer.from_pretrained(...) with
+HookedTransformer.from_server(...); `from transformer_lens import utils` may become
+`from remotelens import utils`.
+"""
+
+from . import ops, utils
+from .activation_cache import ActivationCache
+from .config import HookedTransformerConfig
+from .errors import (CancelledError, DeadlineExceededError, FailedPreconditionError,
+                     InvalidArgumentError, NotFoundError, OutOfRangeError, PermissionDeniedError,
+                     RemoteLensError, ResourceExhaustedError, UnauthenticatedError,
+                     UnavailableError)
+from ._hooks import HookPoint
+from .hooked_transformer import HookedTransformer, Output
+from .utils import get_act_name
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HookedTransformer", "HookedTransformerConfig", "ActivationCache", "HookPoint", "Output",
+    "ops", "utils", "get_act_name",
+    "RemoteLensError", "InvalidArgumentError", "OutOfRangeError", "NotFoundError",
+    "PermissionDeniedError", "UnauthenticatedError", "DeadlineExceededError", "UnavailableError",
+    "ResourceExhaustedError", "CancelledError", "FailedPreconditionError",
+]

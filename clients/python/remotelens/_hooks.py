@@ -1,0 +1,195 @@
+"""Client-side hook points: where hook functions live between forward passes.
+
+As in TransformerLens, hooks belong to the model object in the notebook (not to the server): a
+HookPoint per hook name keeps its list of hook functions, permanent or not, with the context
+level that added it. At each forward pass the model turns every active hook into a HookOp: a
+remotelens.ops op runs on the server; a Python callable becomes a client callback that the
+server calls back over RunInteractive.
+
+The module tree (model.blocks[3].attn.hook_z, model.ln_final.hook_scale) is built from the
+server's hook list, so attribute access works like on a local HookedTransformer.
+"""
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional
+
+__all__ = ["HookPoint", "LensHandle", "build_module_tree"]
+
+
+@dataclasses.dataclass
+class LensHandle:
+    """One hook function registered on a HookPoint."""
+
+    hook: Callable
+    is_permanent: bool = False
+    context_level: Optional[int] = None
+
+
+class HookPoint:
+    """A named hook point of the remote model.
+
+    Attributes:
+        name: the TransformerLens hook name.
+        shape: the activation's shape from the server, -1 for batch and position dimensions.
+        fwd_hooks: the registered hook functions, in application order.
+        bwd_hooks: always empty: the server runs no backward pass.
+        ctx: a dict hook functions may use to keep state between calls (clear_contexts empties it).
+    """
+
+    def __init__(self, name: str, shape=()):
+        self.name = name
+        self.shape = tuple(shape)
+        self.fwd_hooks: List[LensHandle] = []
+        self.bwd_hooks: List[LensHandle] = []
+        self.ctx: Dict[Any, Any] = {}
+
+    def __repr__(self) -> str:
+        extra = f", {len(self.fwd_hooks)} fwd" if self.fwd_hooks else ""
+        return f"HookPoint(name={self.name!r}{extra})"
+
+    def add_hook(self, hook: Callable, dir: str = "fwd", is_permanent: bool = False,
+                 level: Optional[int] = None, prepend: bool = False) -> None:
+        """Registers `hook` (fn(activation, hook) or a remotelens.ops op) at this point.
+
+        Args:
+            hook: the hook function or op.
+            dir: "fwd"; "bwd" raises NotImplementedError (no backward pass on the server).
+            is_permanent: survive reset_hooks() unless including_permanent=True.
+            level: the hooks() context level that owns it (None: added directly).
+            prepend: run before the hooks already registered here.
+        """
+        if dir == "bwd":
+            raise NotImplementedError(
+                "backward hooks need gradients, and the remotelens server runs forward passes only")
+        if dir != "fwd":
+            raise ValueError(f"Invalid direction {dir!r}")
+        if not callable(hook):
+            raise TypeError(f"hook for {self.name} must be callable or a remotelens.ops op, "
+                            f"got {type(hook).__name__}")
+        handle = LensHandle(hook, is_permanent, level)
+        if prepend:
+            self.fwd_hooks.insert(0, handle)
+        else:
+            self.fwd_hooks.append(handle)
+
+    def add_perma_hook(self, hook: Callable, dir: str = "fwd") -> None:
+        """add_hook with is_permanent=True."""
+        self.add_hook(hook, dir=dir, is_permanent=True)
+
+    def remove_hooks(self, dir: str = "fwd", including_permanent: bool = False,
+                     level: Optional[int] = None) -> None:
+        """Removes hooks: all non-permanent ones (of `level`, when given), or every one."""
+        if dir not in ("fwd", "bwd", "both"):
+            raise ValueError(f"Invalid direction {dir!r}")
+
+        def keep(handle: LensHandle) -> bool:
+            if including_permanent:
+                return False
+            return handle.is_permanent or (level is not None and handle.context_level != level)
+
+        if dir in ("fwd", "both"):
+            self.fwd_hooks = [h for h in self.fwd_hooks if keep(h)]
+        if dir in ("bwd", "both"):
+            self.bwd_hooks = [h for h in self.bwd_hooks if keep(h)]
+
+    def has_hooks(self, dir: str = "both", including_permanent: bool = True,
+                  level: Optional[int] = None) -> bool:
+        """True when any hook matching the filters is registered."""
+        handles = (self.fwd_hooks if dir in ("fwd", "both") else []) + (
+            self.bwd_hooks if dir in ("bwd", "both") else [])
+        return any((including_permanent or not h.is_permanent)
+                   and (level is None or h.context_level == level) for h in handles)
+
+    def clear_context(self) -> None:
+        self.ctx = {}
+
+    def layer(self) -> int:
+        """The block index of a "blocks.L...." hook; ValueError otherwise."""
+        parts = self.name.split(".")
+        if len(parts) < 2 or parts[0] != "blocks":
+            raise ValueError(f"hook {self.name!r} is not inside a block")
+        return int(parts[1])
+
+
+class Module:
+    """A node of the model's module tree: attributes are child modules and hook points."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        children = [k for k in vars(self) if not k.startswith("_") and k != "name"]
+        return f"{type(self).__name__}(name={self.name!r}, children={children})"
+
+
+class _WeightModule(Module):
+    """A module whose weight attributes (attn.W_Q, mlp.W_out, ln1.w) are fetched from the server."""
+
+    def __init__(self, name: str, layer: Optional[int], weights: Dict[str, str], fetch):
+        super().__init__(name)
+        self._layer = layer
+        self._weights = weights  # attribute -> model attribute that stacks it over layers
+        self._fetch = fetch
+
+    def __getattr__(self, attr: str):
+        weights = self.__dict__.get("_weights", {})
+        if attr in weights:
+            return self._fetch(weights[attr], self._layer)
+        raise AttributeError(f"{type(self).__name__} {self.__dict__.get('name')!r} has no "
+                             f"attribute {attr!r}")
+
+
+# Per-block weights each sublayer exposes, as in TransformerLens (attn.W_Q, mlp.W_in, ln1.w).
+_SUBLAYER_WEIGHTS = {
+    "attn": {"W_Q": "W_Q", "W_K": "W_K", "W_V": "W_V", "W_O": "W_O", "_W_K": "_W_K",
+             "_W_V": "_W_V", "b_Q": "b_Q", "b_K": "b_K", "b_V": "b_V", "b_O": "b_O"},
+    "mlp": {"W_in": "W_in", "W_gate": "W_gate", "W_out": "W_out", "b_in": "b_in", "b_out": "b_out"},
+    "ln1": {"w": "ln1_w"},
+    "ln2": {"w": "ln2_w"},
+}
+
+
+def build_module_tree(root: Any, hook_points: Dict[str, HookPoint], n_layers: int,
+                      fetch_weight: Callable[[str, Optional[int]], Any]) -> Dict[str, Any]:
+    """Attaches blocks, sublayers and hook points to `root` as attributes.
+
+    Args:
+        root: the model object; gets .blocks (a list), .ln_final, .hook_embed, ...
+        hook_points: name -> HookPoint, in forward order.
+        n_layers: number of blocks.
+        fetch_weight: fetch_weight(stacked attribute name, layer) -> tensor for one layer.
+
+    Returns:
+        mod_dict: every module and hook point by its dotted name.
+    """
+    mod_dict: Dict[str, Any] = {}
+    blocks = [Module(f"blocks.{i}") for i in range(n_layers)]
+    for i, block in enumerate(blocks):
+        mod_dict[block.name] = block
+        for sub, weights in _SUBLAYER_WEIGHTS.items():
+            module = _WeightModule(f"blocks.{i}.{sub}", i, weights, fetch_weight)
+            setattr(block, sub, module)
+            mod_dict[module.name] = module
+    root.blocks = blocks
+    ln_final = _WeightModule("ln_final", None, {"w": "ln_final_w"}, fetch_weight)
+    root.ln_final = ln_final
+    mod_dict["ln_final"] = ln_final
+    for name, hp in hook_points.items():
+        parts = name.split(".")
+        if parts[0] == "blocks":
+            parent: Any = blocks[int(parts[1])]
+            path = parts[2:]
+        else:
+            parent, path = root, parts
+        prefix = parts[:len(parts) - len(path)]
+        for part in path[:-1]:
+            prefix = prefix + [part]
+            child = getattr(parent, part, None)
+            if child is None:
+                child = Module(".".join(prefix))
+                setattr(parent, part, child)
+                mod_dict[child.name] = child
+            parent = child
+        setattr(parent, path[-1], hp)
+        mod_dict[name] = hp
+    return mod_dict
