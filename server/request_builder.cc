@@ -119,10 +119,29 @@ absl::StatusOr<EncodedBatch> EncodeTexts(const ModelContext& ctx,
   return batch;
 }
 
+absl::StatusOr<at::Tensor> DecodeAttentionMask(const v1::Tensor& proto, at::IntArrayRef shape) {
+  ASSIGN_OR_RETURN(at::Tensor m, TensorFromProto(proto, "attention_mask"));
+  if (m.scalar_type() != at::kLong && m.scalar_type() != at::kInt) {
+    return Invalid("attention_mask", absl::StrCat("must be int64 or int32 (1 real, 0 padding), got ",
+                                                  c10::toString(m.scalar_type())));
+  }
+  if (m.sizes() != shape) {
+    return Invalid("attention_mask", absl::StrCat("shape [", absl::StrJoin(m.sizes(), ", "),
+                                                  "] differs from the input's [",
+                                                  absl::StrJoin(shape, ", "), "]"));
+  }
+  m = m.to(at::kLong);
+  if ((m != 0).logical_and(m != 1).any().item<bool>()) {
+    return Invalid("attention_mask", "values must be 0 or 1");
+  }
+  return m;
+}
+
 absl::StatusOr<EncodedBatch> BuildTokenInput(const v1::Tensor& tokens,
                                              const google::protobuf::RepeatedPtrField<std::string>& texts,
                                              bool prepend_bos, const v1::Tensor& attention_mask,
-                                             const ModelContext& ctx, int64_t max_tokens) {
+                                             const ModelContext& ctx, int64_t max_tokens,
+                                             v1::PaddingSide side) {
   const bool has_tokens = tokens.shape_size() > 0 || !tokens.data().empty();
   if (has_tokens == !texts.empty()) {
     return Invalid("input", "send exactly one of tokens or texts");
@@ -138,7 +157,7 @@ absl::StatusOr<EncodedBatch> BuildTokenInput(const v1::Tensor& tokens,
     }
     batch.tokens = t.to(at::kLong);
   } else {
-    ASSIGN_OR_RETURN(batch, EncodeTexts(ctx, texts, prepend_bos, v1::PADDING_SIDE_LEFT));
+    ASSIGN_OR_RETURN(batch, EncodeTexts(ctx, texts, prepend_bos, side));
   }
   const int64_t b = batch.tokens.size(0), p = batch.tokens.size(1);
   if (b < 1 || p < 1) return Invalid("tokens", "needs at least one row and one position");
@@ -158,12 +177,7 @@ absl::StatusOr<EncodedBatch> BuildTokenInput(const v1::Tensor& tokens,
   }
   const bool has_mask = attention_mask.shape_size() > 0 || !attention_mask.data().empty();
   if (has_mask) {
-    ASSIGN_OR_RETURN(at::Tensor m, TensorFromProto(attention_mask, "attention_mask"));
-    if (m.sizes() != batch.tokens.sizes()) {
-      return Invalid("attention_mask", absl::StrCat("shape [", absl::StrJoin(m.sizes(), ", "),
-                                                    "] differs from tokens [", b, ", ", p, "]"));
-    }
-    batch.attention_mask = m.to(at::kLong);
+    ASSIGN_OR_RETURN(batch.attention_mask, DecodeAttentionMask(attention_mask, batch.tokens.sizes()));
   }
   return batch;
 }
@@ -199,12 +213,7 @@ absl::StatusOr<ForwardInput> BuildForwardInput(const v1::RunRequest& request,
                                               ctx.limits->max_batch()));
     }
     if (request.has_attention_mask() && request.attention_mask().shape_size() > 0) {
-      ASSIGN_OR_RETURN(at::Tensor m, TensorFromProto(request.attention_mask(), "attention_mask"));
-      if (m.dim() != 2 || m.size(0) != b || m.size(1) != p) {
-        return Invalid("attention_mask", absl::StrCat("must be [batch, pos] = [", b, ", ", p,
-                                                      "] like the residual"));
-      }
-      input.attention_mask = m.to(at::kLong);
+      ASSIGN_OR_RETURN(input.attention_mask, DecodeAttentionMask(request.attention_mask(), {b, p}));
     }
     return input;
   }
@@ -213,7 +222,7 @@ absl::StatusOr<ForwardInput> BuildForwardInput(const v1::RunRequest& request,
   }
   ASSIGN_OR_RETURN(EncodedBatch batch, BuildTokenInput(request.tokens(), request.texts(),
                                                        request.prepend_bos(), request.attention_mask(),
-                                                       ctx, max_tokens));
+                                                       ctx, max_tokens, request.padding_side()));
   input.tokens = batch.tokens;
   input.attention_mask = batch.attention_mask;
   return input;

@@ -54,10 +54,16 @@ absl::StatusOr<ForwardInput> BuildForwardInput(const v1::RunRequest& request,
                                                const ModelContext& ctx, int64_t max_tokens);
 
 // Token input shared by Run and Generate: tokens or texts plus an optional mask.
+// Texts are padded on `side` (left unless RIGHT; a single forward handles either, generation
+// needs left).
 absl::StatusOr<EncodedBatch> BuildTokenInput(const v1::Tensor& tokens,
                                              const google::protobuf::RepeatedPtrField<std::string>& texts,
                                              bool prepend_bos, const v1::Tensor& attention_mask,
-                                             const ModelContext& ctx, int64_t max_tokens);
+                                             const ModelContext& ctx, int64_t max_tokens,
+                                             v1::PaddingSide side = v1::PADDING_SIDE_LEFT);
+
+// An attention mask: an integer tensor of 0s and 1s with the given shape.
+absl::StatusOr<at::Tensor> DecodeAttentionMask(const v1::Tensor& proto, at::IntArrayRef shape);
 
 // Finds the caller's stored cache for a handle (NOT_FOUND / PERMISSION_DENIED from the store).
 using CacheLookup =

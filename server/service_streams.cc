@@ -521,6 +521,9 @@ grpc::ServerWriteReactor<v1::TensorChunk>* RemoteLensService::GetWeights(
     ASSIGN_OR_RETURN(at::Tensor weight, TransformerLensWeight(*deps_.model, request->name(), request->layer()));
     if (request->dtype() != v1::DTYPE_UNSPECIFIED) {
       ASSIGN_OR_RETURN(at::ScalarType dtype, ScalarTypeFromProto(request->dtype()));
+      if (!at::isFloatingType(dtype)) {
+        return absl::InvalidArgumentError("dtype: weights are floating point; use DTYPE_FLOAT32, DTYPE_BFLOAT16 or DTYPE_FLOAT16");
+      }
       weight = weight.to(dtype);
     }
     RETURN_IF_ERROR(StreamToOutbox(outbox, request->name(), weight.to(at::kCPU), deps_.limits.chunk_bytes()));
