@@ -15,6 +15,7 @@
 #define REMOTELENS_SERVER_OUTBOX_H_
 
 #include <deque>
+#include <optional>
 #include <functional>
 #include <utility>
 
@@ -51,6 +52,21 @@ class Outbox {
     return true;
   }
 
+  // Messages made on demand: after each completed write, when nothing is queued, the outbox
+  // asks `producer` for the next message (nullopt: no more). Large streams of existing data
+  // (FetchCache) then hold one chunk in memory at a time instead of materialising all of them.
+  // Call before Close(); Close then finishes once the producer is exhausted.
+  void SetProducer(std::function<std::optional<Message>()> producer) {
+    const Message* to_write = nullptr;
+    grpc::WriteOptions options;
+    {
+      absl::MutexLock lock(&mu_);
+      producer_ = std::move(producer);
+      if (!writing_ && queue_.empty()) to_write = PullNext(&options);
+    }
+    if (to_write != nullptr) start_write_(to_write, options);
+  }
+
   // No more messages: finishes with `status` once everything queued has been written.
   void Close(grpc::Status status) {
     bool finish_now = false;
@@ -59,7 +75,7 @@ class Outbox {
       if (closed_ || finished_) return;
       closed_ = true;
       status_ = std::move(status);
-      if (!writing_) finish_now = finished_ = true;
+      if (!writing_ && !producer_) finish_now = finished_ = true;
     }
     if (finish_now) finish_(status_);
   }
@@ -79,6 +95,8 @@ class Outbox {
       }
       if (!queue_.empty()) {
         to_write = BeginNextWrite(&options);
+      } else if (producer_ && !cancelled_ && (to_write = PullNext(&options)) != nullptr) {
+        // written below
       } else if (closed_ && !finished_) {
         finish_now = finished_ = true;
       }
@@ -98,6 +116,19 @@ class Outbox {
   }
 
  private:
+  // Takes the producer's next message as the current write; null when it is exhausted.
+  const Message* PullNext(grpc::WriteOptions* options) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::optional<Message> next = producer_();
+    if (!next.has_value()) {
+      producer_ = nullptr;
+      return nullptr;
+    }
+    current_ = std::move(*next);
+    writing_ = true;
+    options->set_buffer_hint();  // more may follow; the final Finish flushes
+    return &current_;
+  }
+
   const Message* BeginNextWrite(grpc::WriteOptions* options) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     current_ = std::move(queue_.front());
     queue_.pop_front();
@@ -111,6 +142,7 @@ class Outbox {
   mutable absl::Mutex mu_;
   std::deque<Message> queue_ ABSL_GUARDED_BY(mu_);
   Message current_;  // the message being written; stable until OnWriteDone
+  std::function<std::optional<Message>()> producer_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;

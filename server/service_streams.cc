@@ -465,9 +465,19 @@ grpc::ServerWriteReactor<v1::TensorChunk>* RemoteLensService::FetchCache(
                                                        user->quota.max_streamed_bytes_per_request(),
                                                        " streamed bytes per request; fetch fewer names"));
     }
+    // Chunks are cut lazily, one per completed write, so a large cache is never duplicated into
+    // messages all at once. The cursors keep their tensors (and so the cache) alive even if the
+    // session deletes the cache meanwhile.
+    auto cursors = std::make_shared<std::deque<ChunkCursor>>();
     for (const auto& [name, t] : selected) {
-      RETURN_IF_ERROR(StreamToOutbox(outbox, name, *t, deps_.limits.chunk_bytes()));
+      ASSIGN_OR_RETURN(ChunkCursor cursor, ChunkCursor::Create(name, *t, deps_.limits.chunk_bytes()));
+      cursors->push_back(std::move(cursor));
     }
+    outbox->SetProducer([cursors]() -> std::optional<v1::TensorChunk> {
+      while (!cursors->empty() && cursors->front().done()) cursors->pop_front();
+      if (cursors->empty()) return std::nullopt;
+      return cursors->front().Next();
+    });
     if (deps_.metrics != nullptr) deps_.metrics->AddStreamedBytes(total);
     outbox->Close(grpc::Status::OK);
     return absl::OkStatus();

@@ -183,35 +183,44 @@ absl::StatusOr<v1::Tensor> TensorToProto(const at::Tensor& tensor) {
   return proto;
 }
 
-absl::StatusOr<int64_t> StreamTensorChunks(
-    absl::string_view name, const at::Tensor& tensor, int64_t chunk_bytes,
-    const std::function<absl::Status(v1::TensorChunk&&)>& emit) {
+absl::StatusOr<ChunkCursor> ChunkCursor::Create(std::string name, const at::Tensor& tensor,
+                                                int64_t chunk_bytes) {
   if (chunk_bytes < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("chunk_bytes must be at least 1, got ", chunk_bytes));
   }
-  v1::DType dtype;
-  absl::StatusOr<at::Tensor> host_or = HostContiguous(tensor, &dtype);
+  ChunkCursor cursor;
+  absl::StatusOr<at::Tensor> host_or = HostContiguous(tensor, &cursor.dtype_);
   if (!host_or.ok()) return Prefixed(name, host_or.status());
-  const at::Tensor host = *std::move(host_or);
-  const char* base = BytesOf(host);
-  const int64_t total = static_cast<int64_t>(host.nbytes());
+  cursor.host_ = *std::move(host_or);
+  cursor.name_ = std::move(name);
+  cursor.chunk_bytes_ = chunk_bytes;
+  cursor.total_ = static_cast<int64_t>(cursor.host_.nbytes());
+  return cursor;
+}
 
-  int64_t offset = 0;
-  do {  // at least once: an empty tensor is still announced with one (empty) chunk
-    const int64_t length = std::min(chunk_bytes, total - offset);
-    v1::TensorChunk chunk;
-    chunk.set_name(std::string(name));
-    chunk.set_dtype(dtype);
-    chunk.mutable_shape()->Reserve(static_cast<int>(host.dim()));
-    for (int64_t d : host.sizes()) chunk.add_shape(d);
-    chunk.set_total_bytes(total);
-    chunk.set_offset(offset);
-    chunk.set_data(base + offset, length);
-    RETURN_IF_ERROR(emit(std::move(chunk)));
-    offset += length;
-  } while (offset < total);
-  return total;
+v1::TensorChunk ChunkCursor::Next() {
+  // At least one chunk: an empty tensor is still announced with one (empty) chunk.
+  const int64_t length = std::min(chunk_bytes_, total_ - offset_);
+  v1::TensorChunk chunk;
+  chunk.set_name(name_);
+  chunk.set_dtype(dtype_);
+  chunk.mutable_shape()->Reserve(static_cast<int>(host_.dim()));
+  for (int64_t d : host_.sizes()) chunk.add_shape(d);
+  chunk.set_total_bytes(total_);
+  chunk.set_offset(offset_);
+  chunk.set_data(BytesOf(host_) + offset_, length);
+  offset_ += length;
+  done_ = offset_ >= total_;
+  return chunk;
+}
+
+absl::StatusOr<int64_t> StreamTensorChunks(
+    absl::string_view name, const at::Tensor& tensor, int64_t chunk_bytes,
+    const std::function<absl::Status(v1::TensorChunk&&)>& emit) {
+  ASSIGN_OR_RETURN(ChunkCursor cursor, ChunkCursor::Create(std::string(name), tensor, chunk_bytes));
+  while (!cursor.done()) RETURN_IF_ERROR(emit(cursor.Next()));
+  return cursor.total_bytes();
 }
 
 absl::StatusOr<std::optional<std::pair<std::string, at::Tensor>>> ChunkAssembler::Add(

@@ -67,6 +67,26 @@ absl::StatusOr<int64_t> StreamTensorChunks(
     absl::string_view name, const at::Tensor& tensor, int64_t chunk_bytes,
     const std::function<absl::Status(v1::TensorChunk&&)>& emit);
 
+// Cuts a tensor into TensorChunks on demand, one Next() at a time, for streams that should not
+// hold every chunk in memory at once (FetchCache). Same chunks as StreamTensorChunks.
+class ChunkCursor {
+ public:
+  // InvalidArgument for chunk_bytes < 1 or an unsupported dtype.
+  static absl::StatusOr<ChunkCursor> Create(std::string name, const at::Tensor& tensor,
+                                            int64_t chunk_bytes);
+  bool done() const { return done_; }
+  int64_t total_bytes() const { return total_; }
+  v1::TensorChunk Next();  // requires !done()
+
+ private:
+  ChunkCursor() = default;
+  std::string name_;
+  at::Tensor host_;  // contiguous, CPU
+  v1::DType dtype_ = v1::DTYPE_UNSPECIFIED;
+  int64_t chunk_bytes_ = 0, total_ = 0, offset_ = 0;
+  bool done_ = false;
+};
+
 // Reassembles TensorChunks into tensors, one tensor at a time, as StreamTensorChunks sends them.
 // Every chunk is checked against the tensor it continues: same name, dtype and shape, an offset
 // that continues exactly where the previous chunk ended, and a total_bytes consistent with the
