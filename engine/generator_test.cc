@@ -3,10 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
-#include <cstdlib>
-
-#include "engine/demo_model.h"
-#include "engine/model_dir.h"
+#include "engine/test_model.h"
 #include "gtest/gtest.h"
 
 namespace remotelens {
@@ -15,21 +12,14 @@ namespace {
 class GeneratorTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    const char* tmp = std::getenv("TEST_TMPDIR");
-    const std::string dir = std::string(tmp ? tmp : "/tmp") + "/generator_test";
-    DemoModelSpec spec;
-    spec.d_model = 64;
-    spec.n_layers = 2;
-    spec.n_heads = 4;
-    spec.n_kv_heads = 2;
-    spec.d_mlp = 96;
-    spec.n_ctx = 64;
-    ASSERT_TRUE(WriteDemoModel(dir, spec).ok());
-    model_ = LoadModelDir(dir, LoadOptions()).value().release();
+    test_model_ = new TestModel(MakeTestModel("generator_test", SmallSpec(64, 2, 64)));
+    model_ = test_model_->model.get();
   }
-  static void TearDownTestSuite() { delete model_; }
+  static void TearDownTestSuite() { delete test_model_; }
+  static TestModel* test_model_;
   static LlamaModel* model_;
 };
+TestModel* GeneratorTest::test_model_ = nullptr;
 LlamaModel* GeneratorTest::model_ = nullptr;
 
 GenerateOptions Greedy(int64_t n) {

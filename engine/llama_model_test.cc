@@ -6,9 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
-#include <cstdlib>
-
-#include "engine/demo_model.h"
+#include "engine/test_model.h"
 #include "engine/model_dir.h"
 #include "gtest/gtest.h"
 
@@ -18,27 +16,15 @@ namespace {
 class LlamaModelTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    const char* tmp = std::getenv("TEST_TMPDIR");
-    dir_ = new std::string(std::string(tmp ? tmp : "/tmp") + "/llama_model_test");
-    DemoModelSpec spec;
+    DemoModelSpec spec = SmallSpec(64, 3, 96);
     spec.vocab_size = 300;
-    spec.d_model = 64;
-    spec.n_layers = 3;
-    spec.n_heads = 4;
-    spec.n_kv_heads = 2;
-    spec.d_mlp = 96;
-    spec.n_ctx = 96;
     spec.original_max_position_embeddings = 16;
     spec.seed = 7;
-    ASSERT_TRUE(WriteDemoModel(*dir_, spec).ok());
-    auto model = LoadModelDir(*dir_, LoadOptions());
-    ASSERT_TRUE(model.ok()) << model.status();
-    model_ = model->release();
+    test_model_ = new TestModel(MakeTestModel("llama_model_test", spec));
+    dir_ = &test_model_->dir;
+    model_ = test_model_->model.get();
   }
-  static void TearDownTestSuite() {
-    delete model_;
-    delete dir_;
-  }
+  static void TearDownTestSuite() { delete test_model_; }
 
   static at::Tensor Tokens(int64_t batch, int64_t pos, int64_t seed) {
     return at::randint(0, 300, {batch, pos}, at::make_generator<at::CPUGeneratorImpl>(seed), at::kLong);
@@ -52,10 +38,12 @@ class LlamaModelTest : public ::testing::Test {
     return (a - b).abs().max().item<float>();
   }
 
+  static TestModel* test_model_;
   static std::string* dir_;
   static LlamaModel* model_;
 };
 
+TestModel* LlamaModelTest::test_model_ = nullptr;
 std::string* LlamaModelTest::dir_ = nullptr;
 LlamaModel* LlamaModelTest::model_ = nullptr;
 

@@ -2,10 +2,7 @@
 
 #include <ATen/ATen.h>
 
-#include <cstdlib>
-
-#include "engine/demo_model.h"
-#include "engine/model_dir.h"
+#include "engine/test_model.h"
 #include "gtest/gtest.h"
 #include "server/tensor_codec.h"
 
@@ -15,18 +12,9 @@ namespace {
 class RequestBuilderTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    const char* tmp = std::getenv("TEST_TMPDIR");
-    const std::string dir = std::string(tmp ? tmp : "/tmp") + "/request_builder_test";
-    DemoModelSpec spec;
-    spec.d_model = 32;
-    spec.n_layers = 2;
-    spec.n_heads = 4;
-    spec.n_kv_heads = 2;
-    spec.d_mlp = 48;
-    spec.n_ctx = 16;
-    ASSERT_TRUE(WriteDemoModel(dir, spec).ok());
-    model_ = LoadModelDir(dir, LoadOptions()).value().release();
-    tokenizer_ = Tokenizer::FromJsonFile(dir + "/tokenizer.json").value().release();
+    test_model_ = new TestModel(MakeTestModel("request_builder_test", SmallSpec(32, 2, 16)));
+    model_ = test_model_->model.get();
+    tokenizer_ = Tokenizer::FromJsonFile(test_model_->dir + "/tokenizer.json").value().release();
     v1::Limits limits;
     limits.set_max_batch(4);
     limits_ = new v1::Limits(LimitsWithDefaults(limits));
@@ -34,10 +22,12 @@ class RequestBuilderTest : public ::testing::Test {
   static ModelContext Ctx() { return {model_, tokenizer_, limits_}; }
   static v1::Tensor Proto(const at::Tensor& t) { return TensorToProto(t).value(); }
 
+  static TestModel* test_model_;
   static LlamaModel* model_;
   static Tokenizer* tokenizer_;
   static v1::Limits* limits_;
 };
+TestModel* RequestBuilderTest::test_model_ = nullptr;
 LlamaModel* RequestBuilderTest::model_ = nullptr;
 Tokenizer* RequestBuilderTest::tokenizer_ = nullptr;
 v1::Limits* RequestBuilderTest::limits_ = nullptr;

@@ -2,10 +2,7 @@
 
 #include <ATen/ATen.h>
 
-#include <cstdlib>
-
-#include "engine/demo_model.h"
-#include "engine/model_dir.h"
+#include "engine/test_model.h"
 #include "gtest/gtest.h"
 #include "server/tensor_codec.h"
 
@@ -15,20 +12,13 @@ namespace {
 class RunJobTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    const char* tmp = std::getenv("TEST_TMPDIR");
-    const std::string dir = std::string(tmp ? tmp : "/tmp") + "/run_job_test";
-    DemoModelSpec spec;
-    spec.d_model = 32;
-    spec.n_layers = 2;
-    spec.n_heads = 4;
-    spec.n_kv_heads = 2;
-    spec.d_mlp = 48;
-    spec.n_ctx = 32;
-    ASSERT_TRUE(WriteDemoModel(dir, spec).ok());
-    model_ = LoadModelDir(dir, LoadOptions()).value().release();
+    test_model_ = new TestModel(MakeTestModel("run_job_test", SmallSpec(32, 2, 32)));
+    model_ = test_model_->model.get();
   }
+  static TestModel* test_model_;
   static LlamaModel* model_;
 };
+TestModel* RunJobTest::test_model_ = nullptr;
 LlamaModel* RunJobTest::model_ = nullptr;
 
 TEST_F(RunJobTest, StreamsCacheInForwardOrderThenLogitsAndStores) {

@@ -55,6 +55,43 @@ absl::Time DeadlineOf(grpc::CallbackServerContext* ctx) {
   return absl::FromChrono(deadline);
 }
 
+// Pushes a message, or reports that the client has gone.
+template <typename Message>
+absl::Status PushOrCancelled(Outbox<Message>& outbox, Message message) {
+  return outbox.Push(std::move(message)) ? absl::OkStatus() : absl::CancelledError("client went away");
+}
+
+// What a forward-pass job reports through: tensors as they are computed, then a Summary (or an
+// error). Response is RunResponse or InteractiveResponse, which carry the same two items.
+template <typename Response>
+struct RunSink {
+  ChunkEmitter emit;
+  std::function<bool()> cancelled;
+  std::function<void(absl::StatusOr<v1::RunResponse::Summary>)> done;
+};
+
+template <typename Response>
+RunSink<Response> MakeRunSink(std::shared_ptr<Outbox<Response>> outbox) {
+  RunSink<Response> sink;
+  sink.emit = [outbox](v1::TensorChunk&& chunk) {
+    Response response;
+    *response.mutable_tensor() = std::move(chunk);
+    return PushOrCancelled(*outbox, std::move(response));
+  };
+  sink.cancelled = [outbox] { return outbox->cancelled(); };
+  sink.done = [outbox](absl::StatusOr<v1::RunResponse::Summary> summary) {
+    if (!summary.ok()) {
+      outbox->Close(ToGrpcStatus(summary.status()));
+      return;
+    }
+    Response response;
+    *response.mutable_summary() = std::move(*summary);
+    outbox->Push(std::move(response));
+    outbox->Close(grpc::Status::OK);
+  };
+  return sink;
+}
+
 int64_t MaxTokensFor(const AuthUser& user, const v1::Limits& limits) {
   const int64_t quota = user.quota.max_tokens_per_request();
   return quota > 0 ? std::min(quota, limits.max_tokens_per_request()) : limits.max_tokens_per_request();
@@ -205,8 +242,7 @@ absl::Status SubmitRun(RemoteLensService& service, grpc::CallbackServerContext* 
 absl::Status StreamToOutbox(const std::shared_ptr<Outbox<v1::TensorChunk>>& outbox,
                             const std::string& name, const at::Tensor& t, int64_t chunk_bytes) {
   return StreamTensorChunks(name, t, chunk_bytes, [&outbox](v1::TensorChunk&& chunk) {
-           return outbox->Push(std::move(chunk)) ? absl::OkStatus()
-                                                 : absl::CancelledError("client went away");
+           return PushOrCancelled(*outbox, std::move(chunk));
          }).status();
 }
 
@@ -218,24 +254,8 @@ grpc::ServerWriteReactor<v1::RunResponse>* RemoteLensService::Run(grpc::Callback
   auto outbox = reactor->outbox();
   absl::Status status = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
-    ChunkEmitter emit = [outbox](v1::TensorChunk&& chunk) {
-      v1::RunResponse response;
-      *response.mutable_tensor() = std::move(chunk);
-      return outbox->Push(std::move(response)) ? absl::OkStatus()
-                                               : absl::CancelledError("client went away");
-    };
-    auto cancelled = [outbox] { return outbox->cancelled(); };
-    auto done = [outbox](absl::StatusOr<v1::RunResponse::Summary> summary) {
-      if (!summary.ok()) {
-        outbox->Close(ToGrpcStatus(summary.status()));
-        return;
-      }
-      v1::RunResponse response;
-      *response.mutable_summary() = std::move(*summary);
-      outbox->Push(std::move(response));
-      outbox->Close(grpc::Status::OK);
-    };
-    return SubmitRun(*this, ctx, *user, *request, nullptr, emit, cancelled, done);
+    RunSink<v1::RunResponse> sink = MakeRunSink(outbox);
+    return SubmitRun(*this, ctx, *user, *request, nullptr, sink.emit, sink.cancelled, sink.done);
   }();
   if (!status.ok()) outbox->Close(ToGrpcStatus(status));
   return reactor;
@@ -314,12 +334,11 @@ class InteractiveReactor final
         call.mutable_hook_call()->set_call_id(call_id);
         call.mutable_hook_call()->set_callback_id(callback_id);
         call.mutable_hook_call()->set_hook_name(name);
-        if (!outbox->Push(std::move(call))) return absl::CancelledError("client went away");
+        RETURN_IF_ERROR(PushOrCancelled(*outbox, std::move(call)));
         RETURN_IF_ERROR(StreamTensorChunks(name, activation, chunk_bytes, [&](v1::TensorChunk&& chunk) {
                           v1::InteractiveResponse r;
                           *r.mutable_tensor() = std::move(chunk);
-                          return outbox->Push(std::move(r)) ? absl::OkStatus()
-                                                            : absl::CancelledError("client went away");
+                          return PushOrCancelled(*outbox, std::move(r));
                         }).status());
         ASSIGN_OR_RETURN(v1::HookReply reply, replies->Wait(call_id, name, timeout));
         if (reply.unchanged()) return std::optional<at::Tensor>();
@@ -329,24 +348,9 @@ class InteractiveReactor final
         return std::optional<at::Tensor>(std::move(replacement));
       };
     };
-    ChunkEmitter emit = [outbox](v1::TensorChunk&& chunk) {
-      v1::InteractiveResponse response;
-      *response.mutable_tensor() = std::move(chunk);
-      return outbox->Push(std::move(response)) ? absl::OkStatus()
-                                               : absl::CancelledError("client went away");
-    };
-    auto cancelled = [outbox] { return outbox->cancelled(); };
-    auto done = [outbox](absl::StatusOr<v1::RunResponse::Summary> summary) {
-      if (!summary.ok()) {
-        outbox->Close(ToGrpcStatus(summary.status()));
-        return;
-      }
-      v1::InteractiveResponse response;
-      *response.mutable_summary() = std::move(*summary);
-      outbox->Push(std::move(response));
-      outbox->Close(grpc::Status::OK);
-    };
-    return SubmitRun(*service_, ctx_, *user, request_.run(), callbacks, emit, cancelled, done);
+    RunSink<v1::InteractiveResponse> sink = MakeRunSink(outbox);
+    return SubmitRun(*service_, ctx_, *user, request_.run(), callbacks, sink.emit, sink.cancelled,
+                     sink.done);
   }
 
   RemoteLensService* service_;
@@ -421,9 +425,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* RemoteLensService::Generate(
       };
       absl::Status result = ExecuteGenerate(
           *model, *job, token_text,
-          [outbox](v1::GenerateResponse&& r) {
-            return outbox->Push(std::move(r)) ? absl::OkStatus() : absl::CancelledError("client went away");
-          },
+          [outbox](v1::GenerateResponse&& r) { return PushOrCancelled(*outbox, std::move(r)); },
           [outbox] { return outbox->cancelled(); }, metrics);
       shared_lease->Release();
       outbox->Close(ToGrpcStatus(result));
