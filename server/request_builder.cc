@@ -251,6 +251,24 @@ absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, boo
       const std::string field = absl::StrCat(what, op.op_case() == v1::HookOp::kSet ? ".set.value" : ".add.value");
       ASSIGN_OR_RETURN(at::Tensor t, TensorFromProto(value, field));
       if (!at::isFloatingType(t.scalar_type())) return Invalid(field, "must be a floating dtype");
+      // Check what is known before any input exists: the hook's fixed dimensions (heads narrowed
+      // by the selector); batch and positions are checked when the op is applied.
+      std::vector<int64_t> region = HookShape(*id, config);
+      if (op.selector().heads_size() > 0) region[HeadDim(id->site)] = op.selector().heads_size();
+      if (t.dim() > static_cast<int64_t>(region.size())) {
+        return Invalid(field, absl::StrCat("has ", t.dim(), " dimensions; hook \"", op.hook_name(),
+                                           "\" has ", region.size()));
+      }
+      const size_t offset = region.size() - t.dim();
+      for (int64_t i = 0; i < t.dim(); ++i) {
+        const int64_t want = region[offset + i];
+        if (want > 0 && t.size(i) != 1 && t.size(i) != want) {
+          return Invalid(field, absl::StrCat("shape [", absl::StrJoin(t.sizes(), ", "),
+                                             "] does not broadcast to hook \"", op.hook_name(),
+                                             "\" of shape [", absl::StrJoin(region, ", "),
+                                             "] (-1: batch or positions)"));
+        }
+      }
       return absl::OkStatus();
     }
     case v1::HookOp::kPatchFromCache: {

@@ -87,6 +87,18 @@ TEST_F(RequestBuilderTest, HookOpsConvertAndNameTheFieldOnError) {
   error = BuildInterventionOp(add, c, nullptr, nullptr, "hooks[1]");
   EXPECT_NE(error.status().message().find("hooks[1].add.value"), std::string::npos) << error.status();
 
+  v1::HookOp wrong_width;
+  wrong_width.set_hook_name("blocks.1.hook_resid_post");
+  *wrong_width.mutable_add()->mutable_value() = Proto(at::ones({5}));
+  auto status = ValidateHookOp(wrong_width, c, false, "op");
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("does not broadcast"), std::string::npos) << status;
+  v1::HookOp one_head;  // a [d_head] value for one selected head of z broadcasts
+  one_head.set_hook_name("blocks.0.attn.hook_z");
+  one_head.mutable_selector()->add_heads(1);
+  *one_head.mutable_set()->mutable_value() = Proto(at::ones({1, 8}));
+  EXPECT_TRUE(ValidateHookOp(one_head, c, false, "op").ok());
+
   v1::HookOp empty;
   empty.set_hook_name("hook_embed");
   EXPECT_NE(ValidateHookOp(empty, c, false, "op").message().find("no op set"), std::string::npos);

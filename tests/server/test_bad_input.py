@@ -89,7 +89,8 @@ CASES = [
     ("value-does-not-broadcast",
      lambda s: R(s, tokens=T3, hooks=[H(hook_name="blocks.0.hook_resid_pre",
                                         add=hooks_pb2.AddOp(value=f32(63)))]),
-     C.INVALID_ARGUMENT, [r"\[63\]", r"broadcast", r"\[1, 3, 128\]"]),
+     # Caught before the run, against the hook's static shape (-1 = batch, positions).
+     C.INVALID_ARGUMENT, [r"\[63\]", r"broadcast", r"\[-1, -1, 128\]"]),
     ("set-value-does-not-broadcast-to-selection",
      lambda s: R(s, tokens=T3, hooks=[H(hook_name="blocks.1.hook_resid_mid",
                                         selector=hooks_pb2.Selector(positions=[0]),
@@ -272,6 +273,10 @@ CASES = [
     ("hook-op-not-set",
      lambda s: lambda c: s.AddHook(pb.AddHookRequest(session_id=c["sid"], op=H(hook_name="hook_embed"))),
      C.INVALID_ARGUMENT, [r"no op set"]),
+    ("add-hook-value-never-broadcasts",
+     lambda s: lambda c: s.AddHook(pb.AddHookRequest(session_id=c["sid"], op=H(
+         hook_name="blocks.0.hook_resid_post", add=hooks_pb2.AddOp(value=f32(5))))),
+     C.INVALID_ARGUMENT, [r"op\.add\.value", r"\[5\]", r"does not broadcast"]),
     ("scale-not-finite",
      lambda s: R(s, tokens=T3, hooks=[H(hook_name="hook_embed", scale=hooks_pb2.ScaleOp(factor=float("inf")))]),
      C.INVALID_ARGUMENT, [r"scale\.factor", r"finite"]),
