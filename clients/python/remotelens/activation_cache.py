@@ -332,21 +332,8 @@ class ActivationCache:
         for l in range(layer):
             components.append(pos_slice.apply(self[("result", l, "attn")], dim=-3))
             labels.extend(f"L{l}H{h}" for h in range(self.model.cfg.n_heads))
-        if components:
-            stack = torch.cat(components, dim=-2)  # [..., layer * n_heads, d_model]
-            stack = stack.movedim(-2, 0)
-            if incl_remainder:
-                remainder = pos_slice.apply(self[("resid_post", layer - 1)], dim=-2) - stack.sum(dim=0)
-                stack = torch.cat([stack, remainder[None]], dim=0)
-                labels.append("remainder")
-        elif incl_remainder:
-            stack = pos_slice.apply(self[("resid_post", layer - 1)], dim=-2)[None]
-            labels.append("remainder")
-        else:
-            stack = torch.zeros(0, *pos_slice.apply(self["hook_embed"], dim=-2).shape)
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
-        return (stack, labels) if return_labels else stack
+        return self._finish_component_stack(components, labels, layer, pos_slice,
+                                            return_labels, incl_remainder, apply_ln)
 
     def stack_activation(self, activation_name: str, layer: int = -1,
                          sublayer_type: Optional[str] = None) -> torch.Tensor:
@@ -379,8 +366,19 @@ class ActivationCache:
         neurons = [int(neurons)] if neurons.dim() == 0 else neurons.tolist()
         labels = [f"L{l}N{n}" for l in range(layer) for n in neurons]
         parts = [self.get_neuron_results(l, neuron_slice, pos_slice) for l in range(layer)]
-        if parts:
-            stack = torch.cat(parts, dim=-2).movedim(-2, 0)
+        return self._finish_component_stack(parts, labels, layer, pos_slice,
+                                            return_labels, incl_remainder, apply_ln)
+
+    def _finish_component_stack(self, components: List[torch.Tensor], labels: List[str],
+                                layer: int, pos_slice: Slice, return_labels: bool,
+                                incl_remainder: bool, apply_ln: bool):
+        """Stacks per-block components [..., n, d_model] into [components, ..., d_model].
+
+        Shared by stack_head_results and stack_neuron_results: optionally appends the remainder
+        (resid_post of the last block minus the components' sum) and applies the final norm.
+        """
+        if components:
+            stack = torch.cat(components, dim=-2).movedim(-2, 0)
             if incl_remainder:
                 remainder = pos_slice.apply(self[("resid_post", layer - 1)], dim=-2) - stack.sum(dim=0)
                 stack = torch.cat([stack, remainder[None]], dim=0)
