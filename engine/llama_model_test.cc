@@ -217,6 +217,26 @@ TEST_F(LlamaModelTest, BFloat16StaysCloseToFloat32) {
   EXPECT_LT(MaxDiff(logits.to(at::kFloat), reference) / reference.abs().max().item<float>(), 0.1);
 }
 
+TEST_F(LlamaModelTest, Float16LoadsWhereLibTorchCanMultiplyItElseIsRefusedAtLoad) {
+  LoadOptions fp16;
+  fp16.dtype = at::kHalf;
+  auto model = LoadModelDir(*dir_, fp16);
+  if (!model.ok()) {
+    // LibTorch 1.13 has no float16 matmul on CPU: refused up front, with the alternatives.
+    EXPECT_EQ(model.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(model.status().message().find("Half is not supported on cpu"), std::string::npos)
+        << model.status();
+    EXPECT_NE(model.status().message().find("bfloat16 or float32"), std::string::npos);
+    return;
+  }
+  ForwardInput input;
+  input.tokens = Tokens(1, 8, 14);
+  const at::Tensor logits = (*model)->Forward(input).value();
+  EXPECT_EQ(logits.scalar_type(), at::kHalf);
+  const at::Tensor reference = Run(input);
+  EXPECT_LT(MaxDiff(logits.to(at::kFloat), reference) / reference.abs().max().item<float>(), 0.02);
+}
+
 TEST_F(LlamaModelTest, RejectsBadInputWithClearErrors) {
   ForwardInput input;
   input.tokens = at::tensor({1, 2, 300}, at::kLong).view({1, 3});

@@ -68,6 +68,18 @@ absl::StatusOr<LlamaWeights> LoadLlamaWeights(const std::string& model_dir,
     return absl::InvalidArgumentError(absl::StrCat("unsupported load dtype ", c10::toString(dtype),
                                                    "; supported: float32, bfloat16, float16"));
   }
+  // Some LibTorch builds (1.13 on CPU, for one) cannot multiply float16 matrices; find out here
+  // with a 1x1 product rather than failing every forward pass later.
+  for (const at::Device& device : options.devices) {
+    try {
+      at::mm(at::ones({1, 1}, at::TensorOptions().dtype(dtype).device(device)),
+             at::ones({1, 1}, at::TensorOptions().dtype(dtype).device(device)));
+    } catch (const c10::Error&) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "dtype ", c10::toString(dtype), " is not supported on ", device.str(),
+          " by this LibTorch (no matrix multiply); use bfloat16 or float32 there"));
+    }
+  }
   ASSIGN_OR_RETURN(std::unique_ptr<CheckpointTensors> checkpoint, CheckpointTensors::Open(model_dir));
 
   // Validate names and shapes of everything before reading a byte of data.

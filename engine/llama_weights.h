@@ -48,7 +48,9 @@ struct LlamaWeights {
 };
 
 struct LoadOptions {
-  at::ScalarType dtype = at::kFloat;  // float32, bfloat16 or float16; weights are cast on load
+  // float32, bfloat16 or float16; weights are cast on load. A dtype the LibTorch build cannot
+  // multiply on a device (float16 on CPU with LibTorch 1.13) is refused at load.
+  at::ScalarType dtype = at::kFloat;
   // Devices to spread the blocks over, in order (TransformerLens n_devices): block i goes to
   // devices[i * devices.size() / n_layers]; the embedding sits on the first, ln_final and the
   // unembedding on the last. Default: one CPU.
