@@ -62,7 +62,7 @@ class Outbox {
     {
       absl::MutexLock lock(&mu_);
       producer_ = std::move(producer);
-      if (!writing_ && queue_.empty()) to_write = PullNext(&options);
+      if (!writing_ && queue_.empty()) to_write = PullNext();
     }
     if (to_write != nullptr) start_write_(to_write, options);
   }
@@ -95,7 +95,7 @@ class Outbox {
       }
       if (!queue_.empty()) {
         to_write = BeginNextWrite(&options);
-      } else if (producer_ && !cancelled_ && (to_write = PullNext(&options)) != nullptr) {
+      } else if (producer_ && !cancelled_ && (to_write = PullNext()) != nullptr) {
         // written below
       } else if (closed_ && !finished_) {
         finish_now = finished_ = true;
@@ -117,7 +117,7 @@ class Outbox {
 
  private:
   // Takes the producer's next message as the current write; null when it is exhausted.
-  const Message* PullNext(grpc::WriteOptions* options) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  const Message* PullNext() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     std::optional<Message> next = producer_();
     if (!next.has_value()) {
       producer_ = nullptr;
@@ -125,7 +125,8 @@ class Outbox {
     }
     current_ = std::move(*next);
     writing_ = true;
-    options->set_buffer_hint();  // more may follow; the final Finish flushes
+    // No buffer_hint here: a pulled chunk has nothing queued behind it to flush it, and hinted
+    // writes then waited ~0.4 ms each (FetchCache of a small cache ran at 0.13x raw gRPC).
     return &current_;
   }
 
