@@ -16,11 +16,9 @@ Usage:
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List
@@ -32,6 +30,7 @@ sys.path.insert(0, os.path.join(REPO, "clients", "python"))
 import torch  # noqa: E402
 
 import server_harness  # noqa: E402
+from forward_bench import run_forward_bench  # noqa: E402  (bench/ is on sys.path)
 from remotelens import HookedTransformer, ops  # noqa: E402
 
 MODEL_FLAGS = {
@@ -71,21 +70,9 @@ def interleaved_medians(cases: List[tuple], iters: int, warmup: int) -> List[tup
 
 
 def engine_ms(args, model_dir: str) -> Dict[str, float]:
-    cmd = [args.forward_bench, "--model_dir", model_dir, "--batch", str(args.batch), "--pos",
-           str(args.pos), "--iters", str(args.iters), "--warmup", str(args.warmup)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"forward_bench failed ({proc.returncode}):\n{proc.stderr}")
-    out = {}
-    for line in proc.stdout.splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            record = json.loads(line)
-            if "mode" in record:
-                out[record["mode"]] = float(record["median_ms"])
-    if "resid_post" not in out:
-        raise SystemExit(f"forward_bench printed no resid_post result:\n{proc.stdout}")
-    return out
+    records = run_forward_bench(args.forward_bench, model_dir, args.batch, args.pos, args.iters,
+                                args.warmup)
+    return {mode: float(record["median_ms"]) for mode, record in records.items()}
 
 
 def client_rows(model: HookedTransformer, args) -> List[tuple]:

@@ -70,9 +70,14 @@ def ensure_model(name: str, args: argparse.Namespace) -> str:
     return directory
 
 
-def run_cpp_bench(model_dir: str, args: argparse.Namespace) -> Dict[str, dict]:
-    cmd = [args.bench_bin, "--model_dir", model_dir, "--batch", str(args.batch), "--pos", str(args.pos),
-           "--iters", str(args.iters), "--warmup", str(args.warmup)]
+def run_forward_bench(binary: str, model_dir: str, batch: int, pos: int, iters: int,
+                      warmup: int) -> Dict[str, dict]:
+    """Runs the C++ forward_bench and returns its records by mode ("none", "resid_post", "all").
+
+    Shared by every benchmark driver that needs the engine-alone baseline.
+    """
+    cmd = [binary, "--model_dir", model_dir, "--batch", str(batch), "--pos", str(pos),
+           "--iters", str(iters), "--warmup", str(warmup)]
     print("+", " ".join(cmd), file=sys.stderr)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -87,6 +92,10 @@ def run_cpp_bench(model_dir: str, args: argparse.Namespace) -> Dict[str, dict]:
     if missing:
         raise SystemExit(f"forward_bench printed no result for modes {missing}:\n{proc.stdout}")
     return results
+
+
+def run_cpp_bench(model_dir: str, args: argparse.Namespace) -> Dict[str, dict]:
+    return run_forward_bench(args.bench_bin, model_dir, args.batch, args.pos, args.iters, args.warmup)
 
 
 def time_reference(model: LlamaReference, args: argparse.Namespace) -> List[float]:

@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import server_harness  # noqa: E402
+from forward_bench import run_forward_bench  # noqa: E402  (bench/ is on sys.path)
 
 BENCH = os.path.join(REPO, "bazel-bin", "bench", "server_bench")
 FORWARD_BENCH = os.path.join(REPO, "bazel-bin", "bench", "forward_bench")
@@ -59,9 +60,7 @@ def main():
     with server_harness.ServerProcess(model) as server:
         latency = run([BENCH, "--mode=latency", f"--address={server.address}"])
         stream = run([BENCH, "--mode=stream", f"--address={server.address}", f"--cache_mb={a.cache_mb}"])
-    engine = next(json.loads(l) for l in subprocess.run(
-        [FORWARD_BENCH, "--model_dir", model, "--pos", "8", "--iters", "300", "--warmup", "20"],
-        check=True, capture_output=True, text=True).stdout.splitlines() if '"none"' in l)
+    engine = run_forward_bench(FORWARD_BENCH, model, batch=1, pos=8, iters=300, warmup=20)["none"]
     with server_harness.ServerProcess(model, config=f'users_file: "{users}"\nlimits {{ max_queue: 1024 }}') as server:
         load = run([BENCH, "--mode=load", f"--address={server.address}", f"--clients={a.clients}",
                     f"--seconds={a.seconds}", f"--keys={KEYS['alice']},{KEYS['bob']}"])

@@ -436,12 +436,19 @@ const Tokenizer::AddedToken* Tokenizer::MatchAddedToken(absl::string_view text,
   return nullptr;
 }
 
-template <typename OnPlain, typename OnAdded>
-absl::Status Tokenizer::SplitOnAddedTokens(absl::string_view text, OnPlain on_plain,
-                                           OnAdded on_added) const {
+template <typename OnPiece, typename OnAdded>
+absl::Status Tokenizer::ForEachPreToken(absl::string_view text, OnPiece on_piece,
+                                        OnAdded on_added) const {
   // Validating once here lets every regex match skip PCRE2's own per-call UTF check, which would
   // rescan the rest of the text on each match and make encoding quadratic.
   RETURN_IF_ERROR(ValidateUtf8(text));
+  std::vector<absl::string_view> pieces;
+  auto on_plain = [&](absl::string_view plain) -> absl::Status {
+    pieces.clear();
+    RETURN_IF_ERROR(SplitPlainText(plain, &pieces));
+    for (absl::string_view piece : pieces) RETURN_IF_ERROR(on_piece(piece));
+    return absl::OkStatus();
+  };
   size_t plain_start = 0;
   for (size_t pos = 0; pos < text.size();) {
     const AddedToken* added = MatchAddedToken(text, pos);
@@ -469,15 +476,8 @@ absl::StatusOr<std::vector<int64_t>> Tokenizer::Encode(absl::string_view text,
     }
     ids.push_back(*bos_token_id_);
   }
-  std::vector<absl::string_view> pieces;
-  RETURN_IF_ERROR(SplitOnAddedTokens(
-      text,
-      [&](absl::string_view plain) -> absl::Status {
-        pieces.clear();
-        RETURN_IF_ERROR(SplitPlainText(plain, &pieces));
-        for (absl::string_view piece : pieces) RETURN_IF_ERROR(EncodePiece(piece, &ids));
-        return absl::OkStatus();
-      },
+  RETURN_IF_ERROR(ForEachPreToken(
+      text, [&](absl::string_view piece) { return EncodePiece(piece, &ids); },
       [&](const AddedToken& added) -> absl::Status {
         ids.push_back(added.id);
         return absl::OkStatus();
@@ -487,13 +487,10 @@ absl::StatusOr<std::vector<int64_t>> Tokenizer::Encode(absl::string_view text,
 
 absl::StatusOr<std::vector<std::string>> Tokenizer::PreTokenize(absl::string_view text) const {
   std::vector<std::string> out;
-  std::vector<absl::string_view> pieces;
-  RETURN_IF_ERROR(SplitOnAddedTokens(
+  RETURN_IF_ERROR(ForEachPreToken(
       text,
-      [&](absl::string_view plain) -> absl::Status {
-        pieces.clear();
-        RETURN_IF_ERROR(SplitPlainText(plain, &pieces));
-        for (absl::string_view piece : pieces) out.emplace_back(piece);
+      [&](absl::string_view piece) -> absl::Status {
+        out.emplace_back(piece);
         return absl::OkStatus();
       },
       [&](const AddedToken& added) -> absl::Status {

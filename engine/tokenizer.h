@@ -103,11 +103,11 @@ class Tokenizer {
   // Splits a span of plain text (no added tokens in it) into pre-tokens with every regex in turn.
   absl::Status SplitPlainText(absl::string_view text,
                               std::vector<absl::string_view>* pieces) const;
-  // Calls on_plain(span) for text between added tokens and on_added(token) for each added token,
-  // in order.
-  template <typename OnPlain, typename OnAdded>
-  absl::Status SplitOnAddedTokens(absl::string_view text, OnPlain on_plain,
-                                  OnAdded on_added) const;
+  // Walks the text in order: on_piece(span) for each pre-token of the plain text (split by the
+  // regexes) and on_added(token) for each added token. Encode and PreTokenize differ only in
+  // what they do with the two.
+  template <typename OnPiece, typename OnAdded>
+  absl::Status ForEachPreToken(absl::string_view text, OnPiece on_piece, OnAdded on_added) const;
   // Byte-level BPE over one pre-token; appends ids to `out`.
   absl::Status EncodePiece(absl::string_view piece, std::vector<int64_t>* out) const;
   // The added token starting at text[pos], longest first, or nullptr.

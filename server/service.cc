@@ -105,12 +105,12 @@ grpc::ServerUnaryReactor* RemoteLensService::Tokenize(grpc::CallbackServerContex
     out->set_pad_token_id(batch.pad_token_id);
     if (request->return_str_tokens()) {
       const bool right = request->padding_side() == v1::PADDING_SIDE_RIGHT;
-      for (int64_t r = 0; r < batch.tokens.size(0); ++r) {
+      const auto ids = batch.tokens.accessor<int64_t, 2>();
+      for (int64_t r = 0; r < ids.size(0); ++r) {
         v1::StrTokens* row = out->add_str_tokens();
-        const int64_t n = batch.lengths[r], pos = batch.tokens.size(1);
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t id = batch.tokens[r][right ? i : pos - n + i].item<int64_t>();
-          ASSIGN_OR_RETURN(*row->add_tokens(), deps_.tokenizer->TokenToString(id));
+        const int64_t n = batch.lengths[r], first = right ? 0 : ids.size(1) - n;
+        for (int64_t i = first; i < first + n; ++i) {
+          ASSIGN_OR_RETURN(*row->add_tokens(), deps_.tokenizer->TokenToString(ids[r][i]));
         }
       }
     }

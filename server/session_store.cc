@@ -275,15 +275,21 @@ absl::StatusOr<std::string> SessionStore::StoreCache(const std::string& owner,
   return handle;
 }
 
+absl::StatusOr<SessionStore::CacheMap::iterator> SessionStore::FindCache(
+    Session& session, const std::string& id, const std::string& handle) {
+  auto it = session.caches.find(handle);
+  if (it == session.caches.end()) {
+    return absl::NotFoundError(
+        absl::StrCat("cache '", handle, "' not found in session '", id, "'"));
+  }
+  return it;
+}
+
 absl::StatusOr<std::shared_ptr<const StoredCache>> SessionStore::GetCache(
     const std::string& owner, const std::string& id, const std::string& handle) {
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, Access(owner, id));
-  auto it = session->caches.find(handle);
-  if (it == session->caches.end()) {
-    return absl::NotFoundError(
-        absl::StrCat("cache '", handle, "' not found in session '", id, "'"));
-  }
+  ASSIGN_OR_RETURN(auto it, FindCache(*session, id, handle));
   return it->second;
 }
 
@@ -293,11 +299,7 @@ absl::StatusOr<int64_t> SessionStore::DeleteCache(const std::string& owner,
   std::shared_ptr<const StoredCache> deleted;  // freed after the lock is released
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, Access(owner, id));
-  auto it = session->caches.find(handle);
-  if (it == session->caches.end()) {
-    return absl::NotFoundError(
-        absl::StrCat("cache '", handle, "' not found in session '", id, "'"));
-  }
+  ASSIGN_OR_RETURN(auto it, FindCache(*session, id, handle));
   deleted = std::move(it->second);
   session->caches.erase(it);
   const int64_t bytes = deleted->bytes;

@@ -146,6 +146,10 @@ class SessionStore {
   };
 
   // The owner's live session `id`, its idle timer restarted, or NOT_FOUND / PERMISSION_DENIED.
+  using CacheMap = std::map<std::string, std::shared_ptr<const StoredCache>>;
+  // The session's cache under `handle`, or NOT_FOUND naming both.
+  static absl::StatusOr<CacheMap::iterator> FindCache(Session& session, const std::string& id,
+                                                      const std::string& handle);
   absl::StatusOr<Session*> Access(const std::string& owner, const std::string& id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool Expired(const Session& session, absl::Time now) const;
