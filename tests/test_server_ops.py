@@ -1,12 +1,14 @@
 """Operational surface: grpc.health.v1, server reflection, TLS, and refusing insecure exposure."""
 import os
 import subprocess
+import urllib.request
 
 import grpc
 import pytest
 
 import server_harness
 from remotelens.v1 import remotelens_pb2 as pb
+from remotelens.v1 import tensor_pb2
 
 
 def test_health_reports_serving(demo_server):
@@ -60,3 +62,20 @@ def test_bad_config_is_a_clear_startup_error(tmp_path):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert "not a valid ServerConfig textproto" in out.stderr
+
+
+def test_flags_override_the_config(demo_model_dir, tmp_path):
+    # The config names a model directory that does not exist and float32; the flags win.
+    server = server_harness.ServerProcess(
+        str(tmp_path / "no_such_model"), config='dtype: "float32"',
+        args=["--model_dir", demo_model_dir, "--dtype", "bfloat16", "--device", "cpu",
+              "--port", "0", "--metrics_port", "0"])
+    with server:
+        info = server.stub().GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        assert info.dtype == tensor_pb2.DTYPE_BFLOAT16
+        assert list(info.devices) == ["cpu"]
+        assert info.model_name == "remotelens-demo"
+        assert not server.address.endswith(":0") and not server.metrics_address.endswith(":0")
+        body = urllib.request.urlopen(f"http://{server.metrics_address}/metrics", timeout=10).read()
+        assert b'remotelens_model_info{dtype="bfloat16"' in body
+    assert server.returncode == 0
