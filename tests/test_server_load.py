@@ -22,7 +22,8 @@ def test_two_users_under_load_get_equal_shares(demo_model_dir, tmp_path):
         out = subprocess.run([BENCH, "--mode=load", f"--address={server.address}", "--clients=32",
                               "--seconds=5", f"--keys={keys['alice']},{keys['bob']}"],
                              capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
+        assert out.returncode == 0, (out.stderr + f"\nserver exit code: {server.proc.poll()}\n"
+                                     + "".join(server.stderr_lines[-20:]))
         result = json.loads(out.stdout.strip().splitlines()[-1])
         # The server keeps serving afterwards.
         assert server.proc.poll() is None
