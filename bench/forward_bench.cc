@@ -22,8 +22,8 @@ ABSL_FLAG(int, iters, 10, "timed iterations per mode");
 ABSL_FLAG(int, warmup, 2, "untimed iterations per mode");
 ABSL_FLAG(int, threads, 0, "intra-op threads (0: LibTorch's default)");
 ABSL_FLAG(uint64_t, seed, 0, "token seed (the Python driver uses the same ids)");
-ABSL_FLAG(int64_t, onednn_min_rows, remotelens::LoadOptions().onednn_min_rows,
-          "rows from which CPU float32 projections use oneDNN (0: never)");
+ABSL_FLAG(bool, onednn_gemm, true,
+          "CPU float32 products through oneDNN's sgemm (false: LibTorch's BLAS)");
 ABSL_FLAG(std::string, tokens_file, "", "optional: raw int64 token ids [batch, pos] to use");
 
 namespace remotelens {
@@ -32,7 +32,7 @@ namespace {
 int Main() {
   if (absl::GetFlag(FLAGS_threads) > 0) at::set_num_threads(absl::GetFlag(FLAGS_threads));
   LoadOptions load;
-  load.onednn_min_rows = absl::GetFlag(FLAGS_onednn_min_rows);
+  load.onednn_gemm = absl::GetFlag(FLAGS_onednn_gemm);
   auto model = LoadModelDir(absl::GetFlag(FLAGS_model_dir), load);
   if (!model.ok()) {
     std::fprintf(stderr, "forward_bench: %s\n", model.status().ToString().c_str());

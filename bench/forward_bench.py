@@ -6,10 +6,12 @@ For each model it
      ("demo": the default demo model; "100m": a ~100M-parameter Llama-shaped model),
   2. runs bazel-bin/bench/forward_bench, which prints one JSON object per line:
      {"mode": "none"|"resid_post"|"all", "median_ms": ..., "mean_ms": ..., "iters": ...},
-  3. times the float32 reference forward (fast path: no hook cache) on the same weights and
+  3. runs it again with --onednn_gemm=false (LibTorch's BLAS for every product) as the baseline
+     for engine/cpu_gemm's oneDNN path,
+  4. times the float32 reference forward (fast path: no hook cache) on the same weights and
      token shape, median of --iters after --warmup, under torch.inference_mode with the same
      thread count,
-  4. prints a markdown table (and writes it to --out when given).
+  5. prints a markdown table (and writes it to --out when given).
 
 Usage:
   bazel build //tools:all //bench:forward_bench
@@ -71,13 +73,13 @@ def ensure_model(name: str, args: argparse.Namespace) -> str:
 
 
 def run_forward_bench(binary: str, model_dir: str, batch: int, pos: int, iters: int,
-                      warmup: int) -> Dict[str, dict]:
+                      warmup: int, extra_flags: List[str] = ()) -> Dict[str, dict]:
     """Runs the C++ forward_bench and returns its records by mode ("none", "resid_post", "all").
 
     Shared by every benchmark driver that needs the engine-alone baseline.
     """
     cmd = [binary, "--model_dir", model_dir, "--batch", str(batch), "--pos", str(pos),
-           "--iters", str(iters), "--warmup", str(warmup)]
+           "--iters", str(iters), "--warmup", str(warmup)] + list(extra_flags)
     print("+", " ".join(cmd), file=sys.stderr)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -94,8 +96,9 @@ def run_forward_bench(binary: str, model_dir: str, batch: int, pos: int, iters: 
     return results
 
 
-def run_cpp_bench(model_dir: str, args: argparse.Namespace) -> Dict[str, dict]:
-    return run_forward_bench(args.bench_bin, model_dir, args.batch, args.pos, args.iters, args.warmup)
+def run_cpp_bench(model_dir: str, args: argparse.Namespace, extra_flags: List[str] = ()) -> Dict[str, dict]:
+    return run_forward_bench(args.bench_bin, model_dir, args.batch, args.pos, args.iters, args.warmup,
+                             extra_flags)
 
 
 def time_reference(model: LlamaReference, args: argparse.Namespace) -> List[float]:
@@ -137,6 +140,7 @@ def main() -> None:
             raise SystemExit(f"unknown model {name!r}; valid: {sorted(MODEL_FLAGS)}")
         model_dir = ensure_model(name, args)
         cpp = run_cpp_bench(model_dir, args)
+        libtorch_gemm = run_cpp_bench(model_dir, args, ["--onednn_gemm=false"])
         cpp_threads = cpp["none"].get("threads")
         if args.threads is None and cpp_threads:
             threads = int(cpp_threads)  # match what the engine used, when it says
@@ -150,14 +154,15 @@ def main() -> None:
             f"| {name} | {n_params / 1e6:.1f}M | {args.batch}x{args.pos} | {threads} | {ref_ms:.2f} | {none_ms:.2f} "
             f"| {cpp['resid_post']['median_ms']:.2f} | {cpp['all']['median_ms']:.2f} "
             f"| {none_ms / ref_ms:.2f} | {cpp['resid_post']['median_ms'] / none_ms:.2f} "
-            f"| {cpp['all']['median_ms'] / none_ms:.2f} |")
+            f"| {cpp['all']['median_ms'] / none_ms:.2f} "
+            f"| {libtorch_gemm['none']['median_ms']:.2f} | {none_ms / libtorch_gemm['none']['median_ms']:.2f} |")
     report = "\n".join(
         ["# Forward-pass benchmark (median ms, float32, CPU)", "",
          f"iters {args.iters} after {args.warmup} warmup; batch x pos as shown; reference = "
          "tests/reference/llama_reference.py fast path (no hook cache).", "",
          "| model | params | batch x pos | threads | reference | engine none | engine resid_post | engine all "
-         "| none/ref | resid_post/none | all/none |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"] + rows + ["", "Machine:"] + machine_info(threads)) + "\n"
+         "| none/ref | resid_post/none | all/none | engine none, LibTorch BLAS products | none/BLAS |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"] + rows + ["", "Machine:"] + machine_info(threads)) + "\n"
     print(report)
     if args.out:
         with open(args.out, "w") as f:

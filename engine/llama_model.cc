@@ -12,6 +12,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/cpu_gemm.h"
+#include "engine/fused_ops.h"
 #include "engine/status_macros.h"
 
 namespace remotelens {
@@ -27,32 +29,20 @@ inline absl::Status Hook(HookPlan* plan, int64_t layer, HookSite site, at::Tenso
   return plan->Apply(id, activation);
 }
 
-// x @ w^T over the last dimension. Large calls on CPU float32 go through oneDNN when the
-// weights have a oneDNN copy (see LayerWeights); everything else through at::linear.
-at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_onednn,
-                  int64_t onednn_min_rows) {
-  const int64_t rows = x.numel() / x.size(-1);
-  if (!w_onednn.defined() || rows < onednn_min_rows) return at::linear(x, w);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = w.size(0);
-  const at::Tensor x2 = x.reshape({rows, x.size(-1)}).contiguous().to_mkldnn();
-  return at::mkldnn_linear(x2, w_onednn, c10::nullopt).to_dense().view(out_shape);
-}
-
 inline bool Hooked(const HookPlan* plan, int64_t layer, HookSite site) {
   return plan != nullptr && plan->Has({static_cast<int>(layer), site});
 }
 
 // RMSNorm in float32 (as the reference does, whatever the model dtype), with hook_scale =
 // sqrt(mean(x^2) + eps) [batch, pos, 1] and hook_normalized = x / scale [batch, pos, d_model].
-absl::StatusOr<at::Tensor> RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
-                                   HookPlan* plan, int64_t layer, HookSite scale_site,
-                                   HookSite normalized_site) {
+absl::StatusOr<at::Tensor> HookedRmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                                         HookPlan* plan, int64_t layer, HookSite scale_site,
+                                         HookSite normalized_site) {
+  if (!Hooked(plan, layer, scale_site) && !Hooked(plan, layer, normalized_site)) {
+    return RmsNorm(x, weight, eps);
+  }
   const at::Tensor x32 = x.to(at::kFloat);
   const at::Tensor mean_square = x32.pow(2).mean(-1, /*keepdim=*/true);  // [batch, pos, 1]
-  if (!Hooked(plan, layer, scale_site) && !Hooked(plan, layer, normalized_site)) {
-    return (x32 * at::rsqrt(mean_square + eps)).to(x.scalar_type()) * weight;
-  }
   const at::Tensor scale32 = (mean_square + eps).sqrt();  // [batch, pos, 1]
   at::Tensor scale = scale32.to(x.scalar_type());
   const at::Tensor scale_before = scale;
@@ -62,14 +52,6 @@ absl::StatusOr<at::Tensor> RmsNorm(const at::Tensor& x, const at::Tensor& weight
   at::Tensor normalized = (x32 / divisor).to(x.scalar_type());  // [batch, pos, d_model]
   RETURN_IF_ERROR(Hook(plan, layer, normalized_site, normalized));
   return normalized * weight;
-}
-
-// Rotate-half rotary embedding (Hugging Face layout): the first half of each head's dimensions
-// pairs with the second half. x: [batch, pos, heads, d_head]; cos, sin: [batch|1, pos, 1, d_head].
-at::Tensor ApplyRotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  const at::Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
-  return x * cos + rotated * sin;
 }
 
 absl::Status CheckTokens(const at::Tensor& tokens, const LlamaConfig& config) {
@@ -264,8 +246,8 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
 
   const int64_t H = c.n_heads, Hkv = c.n_kv_heads, dh = c.d_head, group = H / Hkv;
   const double inv_sqrt_dh = 1.0 / std::sqrt(static_cast<double>(dh));
-  const int64_t onednn_rows = options_.onednn_min_rows;
   const at::ScalarType dtype = weights_.embed.scalar_type();
+  const bool onednn = options_.onednn_gemm;
   at::Tensor mask, cos, sin;  // on the current block's device
   at::Device mask_device(at::kCPU);
   bool mask_ready = false;
@@ -299,17 +281,17 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kResidPre, x));
 
     // ---- attention ----
-    ASSIGN_OR_RETURN(at::Tensor h, RmsNorm(x, w.ln1, c.rms_norm_eps, plan, layer,
+    ASSIGN_OR_RETURN(at::Tensor h, HookedRmsNorm(x, w.ln1, c.rms_norm_eps, plan, layer,
                                            HookSite::kLn1Scale, HookSite::kLn1Normalized));
-    const at::Tensor qkv = Linear(h, w.w_qkv, w.w_qkv_onednn, onednn_rows);  // [batch, pos, (H + 2 Hkv) d_head]
+    const at::Tensor qkv = Linear(h, w.w_qkv, onednn);  // [batch, pos, (H + 2 Hkv) d_head]
     at::Tensor q = qkv.narrow(-1, 0, H * dh).view({batch, pos, H, dh});
     at::Tensor k = qkv.narrow(-1, H * dh, Hkv * dh).view({batch, pos, Hkv, dh});
     at::Tensor v = qkv.narrow(-1, (H + Hkv) * dh, Hkv * dh).view({batch, pos, Hkv, dh});
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnQ, q));
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnK, k));
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnV, v));
-    q = ApplyRotary(q, cos, sin);  // [batch, pos, H, d_head]
-    k = ApplyRotary(k, cos, sin);  // [batch, pos, Hkv, d_head]
+    q = Rotary(q, cos, sin);  // [batch, pos, H, d_head]
+    k = Rotary(k, cos, sin);  // [batch, pos, Hkv, d_head]
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnRotQ, q));
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnRotK, k));
 
@@ -353,14 +335,13 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
       // Grouped-query attention without copying keys/values per query head: the `group` query
       // heads sharing a key/value head are stacked along the query axis of one matmul.
       const at::Tensor q_grouped = q.transpose(1, 2).contiguous().view({batch, Hkv, group * pos, dh});
-      at::Tensor scores = at::matmul(q_grouped, keys.transpose(-1, -2))
-                              .mul_(inv_sqrt_dh)
+      at::Tensor scores = BatchedMatmul(q_grouped, keys.transpose(-1, -2), inv_sqrt_dh, onednn)
                               .view({batch, H, pos, n_keys})
                               .add_(mask);  // [batch, H, query_pos, key_pos]
       RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnScores, scores));
       at::Tensor pattern = at::softmax(scores, -1, at::kFloat).to(dtype);
       RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnPattern, pattern));
-      z = at::matmul(pattern.reshape({batch, Hkv, group * pos, n_keys}), values)
+      z = BatchedMatmul(pattern.reshape({batch, Hkv, group * pos, n_keys}), values, 1.0, onednn)
               .view({batch, H, pos, dh})
               .transpose(1, 2);
     }
@@ -370,27 +351,27 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
       // Per-head outputs: result[b, p, h] = z[b, p, h] @ W_O[:, h]^T.
       const at::Tensor w_o_heads = w.w_o.view({c.d_model, H, dh}).permute({1, 2, 0});  // [H, d_head, d_model]
       const at::Tensor z_heads = z.permute({2, 0, 1, 3}).reshape({H, batch * pos, dh});
-      at::Tensor result = at::bmm(z_heads, w_o_heads).view({H, batch, pos, c.d_model}).permute({1, 2, 0, 3});
+      at::Tensor result = BatchedMatmul(z_heads, w_o_heads, 1.0, onednn).view({H, batch, pos, c.d_model}).permute({1, 2, 0, 3});
       RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnResult, result));
       attn_out = result.sum(2);
     } else {
-      attn_out = Linear(z.reshape({batch, pos, H * dh}), w.w_o, w.w_o_onednn, onednn_rows);
+      attn_out = Linear(z.reshape({batch, pos, H * dh}), w.w_o, onednn);
     }
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnOut, attn_out));
     at::Tensor resid_mid = x + attn_out;
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kResidMid, resid_mid));
 
     // ---- MLP (SwiGLU) ----
-    ASSIGN_OR_RETURN(at::Tensor h2, RmsNorm(resid_mid, w.ln2, c.rms_norm_eps, plan, layer,
+    ASSIGN_OR_RETURN(at::Tensor h2, HookedRmsNorm(resid_mid, w.ln2, c.rms_norm_eps, plan, layer,
                                             HookSite::kLn2Scale, HookSite::kLn2Normalized));
-    const at::Tensor gate_up = Linear(h2, w.w_gate_up, w.w_gate_up_onednn, onednn_rows);  // [batch, pos, 2 d_mlp]
+    const at::Tensor gate_up = Linear(h2, w.w_gate_up, onednn);  // [batch, pos, 2 d_mlp]
     at::Tensor pre = gate_up.narrow(-1, 0, c.d_mlp);
     at::Tensor pre_linear = gate_up.narrow(-1, c.d_mlp, c.d_mlp);
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpPre, pre));
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpPreLinear, pre_linear));
     at::Tensor post = at::silu(pre).mul_(pre_linear);  // [batch, pos, d_mlp]
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpPost, post));
-    at::Tensor mlp_out = Linear(post, w.w_down, w.w_down_onednn, onednn_rows);  // [batch, pos, d_model]
+    at::Tensor mlp_out = Linear(post, w.w_down, onednn);  // [batch, pos, d_model]
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpOut, mlp_out));
     x = resid_mid + mlp_out;
     RETURN_IF_ERROR(Hook(plan, layer, HookSite::kResidPost, x));
@@ -405,9 +386,9 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
 
   if (x.device() != weights_.unembed.device()) x = x.to(weights_.unembed.device());
   ASSIGN_OR_RETURN(at::Tensor final_normed,
-                   RmsNorm(x, weights_.ln_final, c.rms_norm_eps, plan, -1,
+                   HookedRmsNorm(x, weights_.ln_final, c.rms_norm_eps, plan, -1,
                            HookSite::kLnFinalScale, HookSite::kLnFinalNormalized));
-  return at::linear(final_normed, weights_.unembed);  // [batch, pos, d_vocab]
+  return Linear(final_normed, weights_.unembed, options_.onednn_gemm);  // [batch, pos, d_vocab]
 }
 
 }  // namespace remotelens

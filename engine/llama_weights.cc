@@ -152,13 +152,6 @@ absl::StatusOr<LlamaWeights> LoadLlamaWeights(const std::string& model_dir,
     ASSIGN_OR_RETURN(lw.ln2, load(p + "post_attention_layernorm.weight", device));
     ASSIGN_OR_RETURN(lw.w_gate_up, load_cat({p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"}, device));
     ASSIGN_OR_RETURN(lw.w_down, load(p + "mlp.down_proj.weight", device));
-    if (options.onednn_min_rows > 0 && device.is_cpu() && dtype == at::kFloat &&
-        at::hasMKLDNN()) {
-      lw.w_qkv_onednn = lw.w_qkv.to_mkldnn();
-      lw.w_o_onednn = lw.w_o.to_mkldnn();
-      lw.w_gate_up_onednn = lw.w_gate_up.to_mkldnn();
-      lw.w_down_onednn = lw.w_down.to_mkldnn();
-    }
     weights.layers.push_back(std::move(lw));
   }
   ASSIGN_OR_RETURN(weights.ln_final, load("model.norm.weight", last));

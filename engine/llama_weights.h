@@ -34,10 +34,6 @@ struct LayerWeights {
   at::Tensor ln2;        // [d_model]
   at::Tensor w_gate_up;  // [2 * d_mlp, d_model]  rows: gate, then up
   at::Tensor w_down;     // [d_model, d_mlp]
-  // Copies of the four projections in oneDNN's blocked layout (CPU float32 only; undefined
-  // otherwise). LibTorch's bundled oneDNN runs these ~1.8x faster than the BLAS behind
-  // at::linear once a call has >= LoadOptions::onednn_min_rows rows; below that BLAS wins.
-  at::Tensor w_qkv_onednn, w_o_onednn, w_gate_up_onednn, w_down_onednn;
 };
 
 struct LlamaWeights {
@@ -55,9 +51,8 @@ struct LoadOptions {
   // devices[i * devices.size() / n_layers]; the embedding sits on the first, ln_final and the
   // unembedding on the last. Default: one CPU.
   std::vector<at::Device> devices = {at::Device(at::kCPU)};
-  // CPU float32 only: run block projections through oneDNN when a call has at least this many
-  // rows (batch * pos). Costs a second copy of the block weights. 0 disables.
-  int64_t onednn_min_rows = 64;
+  // CPU float32 products through oneDNN's sgemm (engine/cpu_gemm.h); false: LibTorch's BLAS.
+  bool onednn_gemm = true;
 };
 
 // Device that block `layer` runs on under `options`.

@@ -12,6 +12,9 @@ PACKAGES=(
   # Optimised BLAS for LibTorch's CPU matmuls (Debian's default is the netlib reference BLAS,
   # ~8x slower here). It plugs in through update-alternatives for C++ and Python alike.
   libopenblas0-pthread
+  # oneDNN's sgemm for CPU float32 products (engine/cpu_gemm.h): it picks kernels by instruction
+  # set, where this OpenBLAS falls back to SSE3 on CPUs it does not know by model number.
+  libdnnl-dev
   # server
   libssl-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
   # tests and benchmarks

@@ -174,7 +174,7 @@ absl::Status Serve() {
     // Resident weight bytes per device (the model is immutable, so this is set once).
     std::map<std::string, int64_t> bytes;
     auto add = [&](const at::Tensor& t) {
-      if (t.defined() && !t.is_mkldnn()) bytes[t.device().str()] += t.numel() * t.element_size();
+      if (t.defined()) bytes[t.device().str()] += t.numel() * t.element_size();
     };
     const LlamaWeights& w = model->weights();
     add(w.embed);

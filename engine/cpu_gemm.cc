@@ -1,0 +1,128 @@
+#include "engine/cpu_gemm.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#ifdef REMOTELENS_HAVE_DNNL
+#include <dnnl.h>
+#endif
+
+namespace remotelens {
+namespace {
+
+#ifdef REMOTELENS_HAVE_DNNL
+
+// How sgemm reads a [rows, cols] matrix stored with the given strides: row-major as is ('N'), or
+// as the row-major transpose of a [cols, rows] matrix ('T'); ld is the stride between stored rows.
+struct Operand {
+  char trans;
+  int64_t ld;
+};
+
+std::optional<Operand> Describe(int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride) {
+  // A dimension of size one has no meaningful stride.
+  if (col_stride == 1 || cols == 1) {
+    const int64_t ld = rows == 1 ? cols : row_stride;
+    if (ld >= cols) return Operand{'N', ld};
+  }
+  if (row_stride == 1 || rows == 1) {
+    const int64_t ld = cols == 1 ? rows : col_stride;
+    if (ld >= rows) return Operand{'T', ld};
+  }
+  return std::nullopt;
+}
+
+bool Eligible(const at::Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided &&
+         !t.requires_grad();
+}
+
+// out[M, N] (contiguous) = alpha * a @ b for one pair of matrices given by pointer and strides.
+void Gemm(const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t b_rs, int64_t b_cs,
+          float* out, int64_t M, int64_t N, int64_t K, float alpha) {
+  const std::optional<Operand> pa = Describe(M, K, a_rs, a_cs);
+  const std::optional<Operand> pb = Describe(K, N, b_rs, b_cs);
+  TORCH_INTERNAL_ASSERT(pa.has_value() && pb.has_value(), "operands were not made sgemm-readable");
+  const dnnl_status_t status = dnnl_sgemm(pa->trans, pb->trans, M, N, K, alpha, a, pa->ld, b,
+                                          pb->ld, 0.0f, out, N);
+  TORCH_CHECK(status == dnnl_success, "oneDNN sgemm failed with status ", static_cast<int>(status),
+              " for a [", M, ", ", K, "] x [", K, ", ", N, "] product");
+}
+
+// `t` itself when sgemm can read its last two dimensions, else a contiguous copy.
+at::Tensor Readable(const at::Tensor& t) {
+  const int64_t d = t.dim();
+  return Describe(t.size(d - 2), t.size(d - 1), t.stride(d - 2), t.stride(d - 1)).has_value()
+             ? t
+             : t.contiguous();
+}
+
+#endif  // REMOTELENS_HAVE_DNNL
+
+}  // namespace
+
+bool CpuGemmUsesOneDnn() {
+#ifdef REMOTELENS_HAVE_DNNL
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, bool onednn) {
+#ifdef REMOTELENS_HAVE_DNNL
+  if (onednn && Eligible(x) && Eligible(w) && x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1) &&
+      x.numel() > 0 && w.numel() > 0) {
+    const int64_t K = w.size(1), N = w.size(0);
+    const at::Tensor x2 = Readable(x.reshape({-1, K}));
+    const at::Tensor wt = Readable(w.t());  // [K, N]
+    const int64_t M = x2.size(0);
+    at::Tensor out = at::empty({M, N}, x.options());
+    Gemm(x2.data_ptr<float>(), x2.stride(0), x2.stride(1), wt.data_ptr<float>(), wt.stride(0),
+         wt.stride(1), out.data_ptr<float>(), M, N, K, 1.0f);
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = N;
+    return out.view(shape);
+  }
+#endif
+  return at::linear(x, w);
+}
+
+at::Tensor BatchedMatmul(const at::Tensor& a, const at::Tensor& b, double alpha, bool onednn) {
+#ifdef REMOTELENS_HAVE_DNNL
+  const int64_t d = a.dim();
+  if (onednn && Eligible(a) && Eligible(b) && d >= 2 && b.dim() == d &&
+      a.sizes().slice(0, d - 2).equals(b.sizes().slice(0, d - 2)) && a.size(d - 1) == b.size(d - 2) &&
+      a.numel() > 0 && b.numel() > 0) {
+    const at::Tensor ra = Readable(a), rb = Readable(b);
+    const int64_t M = a.size(d - 2), K = a.size(d - 1), N = b.size(d - 1);
+    std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end());
+    shape.back() = N;
+    at::Tensor out = at::empty(shape, a.options());
+    const int64_t batch = out.numel() / (M * N);
+    const float* pa = ra.data_ptr<float>();
+    const float* pb = rb.data_ptr<float>();
+    float* po = out.data_ptr<float>();
+    for (int64_t i = 0; i < batch; ++i) {
+      // Element offsets of matrix i in each operand, walking the leading dimensions.
+      int64_t off_a = 0, off_b = 0, rest = i;
+      for (int64_t dim = d - 3; dim >= 0; --dim) {
+        const int64_t index = rest % a.size(dim);
+        rest /= a.size(dim);
+        off_a += index * ra.stride(dim);
+        off_b += index * rb.stride(dim);
+      }
+      Gemm(pa + off_a, ra.stride(d - 2), ra.stride(d - 1), pb + off_b, rb.stride(d - 2),
+           rb.stride(d - 1), po + i * M * N, M, N, K, static_cast<float>(alpha));
+    }
+    return out;
+  }
+#endif
+  at::Tensor out = at::matmul(a, b);
+  return alpha == 1.0 ? out : out.mul_(alpha);
+}
+
+}  // namespace remotelens

@@ -1,0 +1,125 @@
+#include "engine/cpu_gemm.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
+
+#include "gtest/gtest.h"
+
+namespace remotelens {
+namespace {
+
+// The product in float64 through LibTorch, as the reference.
+at::Tensor ReferenceLinear(const at::Tensor& x, const at::Tensor& w) {
+  return at::linear(x.to(at::kDouble), w.to(at::kDouble));
+}
+
+void ExpectClose(const at::Tensor& got, const at::Tensor& want) {
+  ASSERT_EQ(got.sizes(), want.sizes());
+  EXPECT_EQ(got.scalar_type(), at::kFloat);
+  const double err = (got.to(at::kDouble) - want.to(at::kDouble)).abs().max().item<double>();
+  EXPECT_LT(err, 1e-4) << "max abs error " << err;
+}
+
+class CpuGemmTest : public ::testing::Test {
+ protected:
+  void SetUp() override { at::manual_seed(7); }
+  c10::InferenceMode inference_mode_;
+};
+
+TEST_F(CpuGemmTest, ThisBuildUsesOneDnn) {
+#ifdef REMOTELENS_HAVE_DNNL
+  EXPECT_TRUE(CpuGemmUsesOneDnn());
+#else
+  EXPECT_FALSE(CpuGemmUsesOneDnn());
+#endif
+}
+
+TEST_F(CpuGemmTest, LinearMatchesReferenceForModelShapes) {
+  // Shapes of the demo model's projections at 8 tokens and of a larger model at 128.
+  for (auto [rows, n, k] : {std::tuple<int64_t, int64_t, int64_t>{8, 256, 128},
+                            {8, 128, 384},
+                            {1, 768, 128},
+                            {128, 1280, 768},
+                            {3, 5, 7}}) {
+    const at::Tensor x = at::randn({1, rows, k});
+    const at::Tensor w = at::randn({n, k});
+    SCOPED_TRACE(testing::Message() << rows << "x" << n << "x" << k);
+    ExpectClose(Linear(x, w), ReferenceLinear(x, w));
+  }
+}
+
+TEST_F(CpuGemmTest, LinearKeepsLeadingDimensions) {
+  const at::Tensor w = at::randn({6, 4});
+  EXPECT_EQ(Linear(at::randn({4}), w).sizes(), at::IntArrayRef({6}));
+  EXPECT_EQ(Linear(at::randn({2, 3, 5, 4}), w).sizes(), at::IntArrayRef({2, 3, 5, 6}));
+}
+
+TEST_F(CpuGemmTest, LinearReadsStridedViews) {
+  // Columns narrowed out of a wider activation (how q, k and v come out of the fused QKV).
+  const at::Tensor wide = at::randn({2, 5, 24});
+  const at::Tensor x = wide.narrow(-1, 8, 8);
+  // A transposed activation, whose rows cannot be collapsed without a copy.
+  const at::Tensor xt = at::randn({8, 5, 2}).permute({2, 1, 0});
+  // A column-major weight.
+  const at::Tensor w_col_major = at::randn({8, 6}).t();  // [6, 8], strides (1, 6)
+  const at::Tensor w = at::randn({6, 8});
+  ExpectClose(Linear(x, w), ReferenceLinear(x, w));
+  ExpectClose(Linear(xt, w), ReferenceLinear(xt, w));
+  ExpectClose(Linear(x, w_col_major), ReferenceLinear(x, w_col_major));
+  // Expanded (stride 0) rows.
+  const at::Tensor expanded = at::randn({1, 8}).expand({4, 8});
+  ExpectClose(Linear(expanded, w), ReferenceLinear(expanded, w));
+}
+
+TEST_F(CpuGemmTest, LinearFallsBackForOtherDtypesAndEmptyInputs) {
+  const at::Tensor x = at::randn({3, 4}, at::kDouble), w = at::randn({5, 4}, at::kDouble);
+  const at::Tensor y = Linear(x, w);
+  EXPECT_EQ(y.scalar_type(), at::kDouble);
+  EXPECT_TRUE(at::allclose(y, at::linear(x, w)));
+  const at::Tensor b = Linear(x.to(at::kBFloat16), w.to(at::kBFloat16));
+  EXPECT_EQ(b.scalar_type(), at::kBFloat16);
+  EXPECT_EQ(Linear(at::randn({0, 4}), at::randn({5, 4})).sizes(), at::IntArrayRef({0, 5}));
+}
+
+TEST_F(CpuGemmTest, OneDnnOffIsLibTorchExactly) {
+  const at::Tensor x = at::randn({2, 3, 16}), w = at::randn({8, 16});
+  EXPECT_TRUE(at::equal(Linear(x, w, /*onednn=*/false), at::linear(x, w)));
+  const at::Tensor a = at::randn({2, 3, 4}), b = at::randn({2, 4, 5});
+  EXPECT_TRUE(at::equal(BatchedMatmul(a, b, 0.5, /*onednn=*/false), at::matmul(a, b).mul(0.5)));
+}
+
+TEST_F(CpuGemmTest, BatchedMatmulMatchesReferenceOnAttentionViews) {
+  // Grouped-query attention as the forward runs it: q [b, Hkv, group * pos, dh] against keys
+  // and values that are transposed views of a fused [b, pos, (H + 2 Hkv) dh] projection.
+  const int64_t b = 2, pos = 5, H = 8, Hkv = 2, dh = 4, group = H / Hkv;
+  const at::Tensor qkv = at::randn({b, pos, (H + 2 * Hkv) * dh});
+  const at::Tensor q = qkv.narrow(-1, 0, H * dh).view({b, pos, H, dh}).transpose(1, 2)
+                           .contiguous().view({b, Hkv, group * pos, dh});
+  const at::Tensor keys = qkv.narrow(-1, H * dh, Hkv * dh).view({b, pos, Hkv, dh}).transpose(1, 2);
+  const at::Tensor values = qkv.narrow(-1, (H + Hkv) * dh, Hkv * dh).view({b, pos, Hkv, dh}).transpose(1, 2);
+  const at::Tensor scores = BatchedMatmul(q, keys.transpose(-1, -2), 0.5);
+  ExpectClose(scores, at::matmul(q.to(at::kDouble), keys.transpose(-1, -2).to(at::kDouble)) * 0.5);
+  const at::Tensor pattern = at::softmax(scores, -1);
+  ExpectClose(BatchedMatmul(pattern, values),
+              at::matmul(pattern.to(at::kDouble), values.to(at::kDouble)));
+  EXPECT_TRUE(BatchedMatmul(pattern, values).is_contiguous());
+}
+
+TEST_F(CpuGemmTest, BatchedMatmulPlainAndUnreadableLayouts) {
+  const at::Tensor a = at::randn({3, 4});
+  const at::Tensor b = at::randn({4, 2});
+  ExpectClose(BatchedMatmul(a, b), at::matmul(a.to(at::kDouble), b.to(at::kDouble)));
+  // Neither dimension has unit stride: copied before the product.
+  const at::Tensor sparse_a = at::randn({3, 4, 2}).select(2, 1);  // strides (8, 2)
+  ExpectClose(BatchedMatmul(sparse_a, b), at::matmul(sparse_a.to(at::kDouble), b.to(at::kDouble)));
+}
+
+TEST_F(CpuGemmTest, BatchedMatmulFallsBackToBroadcasting) {
+  // Different leading dimensions are LibTorch's broadcasting matmul.
+  const at::Tensor a = at::randn({2, 3, 4}), b = at::randn({4, 5});
+  ExpectClose(BatchedMatmul(a, b, 2.0), at::matmul(a.to(at::kDouble), b.to(at::kDouble)) * 2.0);
+  EXPECT_THROW(BatchedMatmul(at::randn({2, 3, 4}), at::randn({2, 5, 6})), c10::Error);
+}
+
+}  // namespace
+}  // namespace remotelens
