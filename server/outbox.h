@@ -1,16 +1,21 @@
 // Outbox: the bridge between the scheduler thread, which produces response messages, and a gRPC
 // callback reactor, which may have only one write in flight. Producers Push from any thread and
-// never wait for the network; the reactor writes queued messages one after another and calls
-// Finish exactly once, after the last message of a Close()d outbox has been written.
+// never wait for the network; the reactor writes queued messages one after another and finishes
+// the RPC exactly once, after the last message of a Close()d outbox. When that last message is
+// known to be last as its write starts (and the status is OK), the write carries the status too
+// (gRPC's StartWriteAndFinish): one batch and no OnWriteDone round for the final message.
 //
 // The outbox is shared (shared_ptr) between the reactor and the job, so a job that outlives its
 // RPC (the client vanished) pushes into an outbox that simply drops messages.
 //
 //   auto outbox = std::make_shared<Outbox<v1::RunResponse>>();
-//   outbox->Attach([r](const v1::RunResponse* m, grpc::WriteOptions o) { r->StartWrite(m, o); },
-//                  [r](grpc::Status s) { r->Finish(s); });
-//   outbox->Push(response);          // scheduler thread
-//   outbox->Close(grpc::Status::OK); // after the last Push
+//   outbox->Attach(
+//       [r](const v1::RunResponse* m, grpc::WriteOptions o, std::optional<grpc::Status> last) {
+//         last ? r->StartWriteAndFinish(m, o, *last) : r->StartWrite(m, o);
+//       },
+//       [r](grpc::Status s) { r->Finish(s); });
+//   outbox->Push(response);                            // scheduler thread
+//   outbox->PushLast(summary, grpc::Status::OK);       // or Push(...), then Close(status)
 #ifndef REMOTELENS_SERVER_OUTBOX_H_
 #define REMOTELENS_SERVER_OUTBOX_H_
 
@@ -30,7 +35,9 @@ class Outbox {
  public:
   // `options` carries buffer_hint when more messages are already queued behind this one, so
   // gRPC may coalesce small messages instead of flushing each (many hooks' activations are tiny).
-  using StartWrite = std::function<void(const Message*, grpc::WriteOptions options)>;
+  // `last` is set when this message ends the stream: write it and finish with that status.
+  using StartWrite = std::function<void(const Message*, grpc::WriteOptions options,
+                                        std::optional<grpc::Status> last)>;
   using Finish = std::function<void(grpc::Status)>;
 
   void Attach(StartWrite start_write, Finish finish) {
@@ -39,17 +46,12 @@ class Outbox {
   }
 
   // Queues a message. False once the stream is finished or the client has cancelled.
-  bool Push(Message message) {
-    const Message* to_write = nullptr;
-    grpc::WriteOptions options;
-    {
-      absl::MutexLock lock(&mu_);
-      if (finished_ || closed_ || cancelled_) return false;
-      queue_.push_back(std::move(message));
-      if (!writing_) to_write = BeginNextWrite(&options);
-    }
-    if (to_write != nullptr) start_write_(to_write, options);
-    return true;
+  bool Push(Message message) { return Enqueue(std::move(message), std::nullopt); }
+
+  // Push, then Close(status), in one step: when nothing is being written the message goes out
+  // with the status in a single batch.
+  bool PushLast(Message message, grpc::Status status) {
+    return Enqueue(std::move(message), std::move(status));
   }
 
   // Messages made on demand: after each completed write, when nothing is queued, the outbox
@@ -64,7 +66,7 @@ class Outbox {
       producer_ = std::move(producer);
       if (!writing_ && queue_.empty()) to_write = PullNext();
     }
-    if (to_write != nullptr) start_write_(to_write, options);
+    if (to_write != nullptr) start_write_(to_write, options, std::nullopt);
   }
 
   // No more messages: finishes with `status` once everything queued has been written.
@@ -84,6 +86,7 @@ class Outbox {
   void OnWriteDone(bool ok) {
     const Message* to_write = nullptr;
     grpc::WriteOptions options;
+    std::optional<grpc::Status> last;
     bool finish_now = false;
     {
       absl::MutexLock lock(&mu_);
@@ -94,14 +97,14 @@ class Outbox {
         queue_.clear();
       }
       if (!queue_.empty()) {
-        to_write = BeginNextWrite(&options);
+        to_write = BeginNextWrite(&options, &last);
       } else if (producer_ && !cancelled_ && (to_write = PullNext()) != nullptr) {
         // written below
       } else if (closed_ && !finished_) {
         finish_now = finished_ = true;
       }
     }
-    if (to_write != nullptr) start_write_(to_write, options);
+    if (to_write != nullptr) start_write_(to_write, options, std::move(last));
     if (finish_now) finish_(status_);
   }
 
@@ -130,11 +133,38 @@ class Outbox {
     return &current_;
   }
 
-  const Message* BeginNextWrite(grpc::WriteOptions* options) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  bool Enqueue(Message message, std::optional<grpc::Status> close_with) {
+    const Message* to_write = nullptr;
+    grpc::WriteOptions options;
+    std::optional<grpc::Status> last;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_ || closed_ || cancelled_) return false;
+      queue_.push_back(std::move(message));
+      if (close_with.has_value()) {
+        closed_ = true;
+        status_ = std::move(*close_with);
+      }
+      if (!writing_) to_write = BeginNextWrite(&options, &last);
+    }
+    if (to_write != nullptr) start_write_(to_write, options, std::move(last));
+    return true;
+  }
+
+  // Takes the next queued message as the current write. Sets `last` (and finishes the outbox)
+  // when it is the final message of a stream closed with OK; an error status is always sent
+  // on its own Finish, after the messages.
+  const Message* BeginNextWrite(grpc::WriteOptions* options, std::optional<grpc::Status>* last)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     current_ = std::move(queue_.front());
     queue_.pop_front();
     writing_ = true;
-    if (!queue_.empty()) options->set_buffer_hint();
+    if (!queue_.empty()) {
+      options->set_buffer_hint();
+    } else if (closed_ && !producer_ && status_.ok()) {
+      finished_ = true;
+      *last = status_;
+    }
     return &current_;
   }
 

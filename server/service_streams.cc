@@ -27,14 +27,22 @@ class StreamReactor final : public grpc::ServerWriteReactor<Message> {
     service_->StreamStarted();
     ServerMetrics* metrics = service->deps().metrics;
     const absl::Time start = absl::Now();
-    outbox_->Attach([this](const Message* m, grpc::WriteOptions o) { this->StartWrite(m, o); },
-                    [this, metrics, method, start](grpc::Status status) {
-                      if (metrics != nullptr) {
-                        metrics->RecordRpc(method, static_cast<absl::StatusCode>(status.error_code()),
-                                           absl::ToDoubleSeconds(absl::Now() - start));
-                      }
-                      this->Finish(std::move(status));
-                    });
+    auto record = [metrics, method, start](const grpc::Status& status) {
+      if (metrics != nullptr) {
+        metrics->RecordRpc(method, static_cast<absl::StatusCode>(status.error_code()),
+                           absl::ToDoubleSeconds(absl::Now() - start));
+      }
+    };
+    outbox_->Attach(
+        [this, record](const Message* m, grpc::WriteOptions o, std::optional<grpc::Status> last) {
+          if (!last.has_value()) return this->StartWrite(m, o);
+          record(*last);
+          this->StartWriteAndFinish(m, o, std::move(*last));
+        },
+        [this, record](grpc::Status status) {
+          record(status);
+          this->Finish(std::move(status));
+        });
   }
   const std::shared_ptr<Outbox<Message>>& outbox() const { return outbox_; }
   void OnWriteDone(bool ok) override { outbox_->OnWriteDone(ok); }
@@ -86,8 +94,7 @@ RunSink<Response> MakeRunSink(std::shared_ptr<Outbox<Response>> outbox) {
     }
     Response response;
     *response.mutable_summary() = std::move(*summary);
-    outbox->Push(std::move(response));
-    outbox->Close(grpc::Status::OK);
+    outbox->PushLast(std::move(response), grpc::Status::OK);
   };
   return sink;
 }
@@ -272,14 +279,23 @@ class InteractiveReactor final
     service_->StreamStarted();
     const absl::Time start = absl::Now();
     ServerMetrics* metrics = service->deps().metrics;
-    outbox_->Attach([this](const v1::InteractiveResponse* m, grpc::WriteOptions o) { StartWrite(m, o); },
-                    [this, metrics, start](grpc::Status status) {
-                      if (metrics != nullptr) {
-                        metrics->RecordRpc("RunInteractive", static_cast<absl::StatusCode>(status.error_code()),
-                                           absl::ToDoubleSeconds(absl::Now() - start));
-                      }
-                      Finish(std::move(status));
-                    });
+    auto record = [metrics, start](const grpc::Status& status) {
+      if (metrics != nullptr) {
+        metrics->RecordRpc("RunInteractive", static_cast<absl::StatusCode>(status.error_code()),
+                           absl::ToDoubleSeconds(absl::Now() - start));
+      }
+    };
+    outbox_->Attach(
+        [this, record](const v1::InteractiveResponse* m, grpc::WriteOptions o,
+                       std::optional<grpc::Status> last) {
+          if (!last.has_value()) return StartWrite(m, o);
+          record(*last);
+          StartWriteAndFinish(m, o, std::move(*last));
+        },
+        [this, record](grpc::Status status) {
+          record(status);
+          Finish(std::move(status));
+        });
     StartRead(&request_);
   }
 

@@ -1,0 +1,150 @@
+#include "server/outbox.h"
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace remotelens {
+namespace {
+
+using ::testing::ElementsAre;
+
+// A fake reactor: records what the outbox asked of it, in order.
+struct FakeReactor {
+  std::vector<std::string> events;
+  int writes_in_flight = 0;
+
+  void Attach(Outbox<std::string>& outbox) {
+    outbox.Attach(
+        [this](const std::string* m, grpc::WriteOptions o, std::optional<grpc::Status> last) {
+          std::string event = "write " + *m;
+          if (o.get_buffer_hint()) event += " +hint";
+          if (last.has_value()) event += " +finish(" + std::to_string(last->error_code()) + ")";
+          events.push_back(event);
+          if (!last.has_value()) ++writes_in_flight;  // write-and-finish has no OnWriteDone
+        },
+        [this](grpc::Status s) { events.push_back("finish(" + std::to_string(s.error_code()) + ")"); });
+  }
+  // Completes the write in flight, as gRPC's OnWriteDone would.
+  void Complete(Outbox<std::string>& outbox, bool ok = true) {
+    ASSERT_GT(writes_in_flight, 0) << "no write in flight";
+    --writes_in_flight;
+    outbox.OnWriteDone(ok);
+  }
+};
+
+TEST(OutboxTest, IdlePushLastIsOneWriteThatFinishes) {
+  Outbox<std::string> outbox;
+  FakeReactor r;
+  r.Attach(outbox);
+  EXPECT_TRUE(outbox.PushLast("summary", grpc::Status::OK));
+  EXPECT_THAT(r.events, ElementsAre("write summary +finish(0)"));
+  EXPECT_EQ(r.writes_in_flight, 0);
+  EXPECT_FALSE(outbox.Push("late"));
+}
+
+TEST(OutboxTest, LastQueuedMessageCarriesTheStatus) {
+  // How a small Run streams: logits start writing at once, the summary queues behind them.
+  Outbox<std::string> outbox;
+  FakeReactor r;
+  r.Attach(outbox);
+  EXPECT_TRUE(outbox.Push("logits"));
+  EXPECT_TRUE(outbox.PushLast("summary", grpc::Status::OK));
+  EXPECT_THAT(r.events, ElementsAre("write logits"));
+  r.Complete(outbox);
+  EXPECT_THAT(r.events, ElementsAre("write logits", "write summary +finish(0)"));
+  EXPECT_EQ(r.writes_in_flight, 0);
+}
+
+TEST(OutboxTest, QueuedMessagesAreHintedExceptTheLast) {
+  Outbox<std::string> outbox;
+  FakeReactor r;
+  r.Attach(outbox);
+  outbox.Push("a");
+  outbox.Push("b");
+  outbox.Push("c");
+  outbox.Close(grpc::Status::OK);
+  r.Complete(outbox);
+  r.Complete(outbox);
+  EXPECT_THAT(r.events, ElementsAre("write a", "write b +hint", "write c +finish(0)"));
+}
+
+TEST(OutboxTest, ErrorStatusIsItsOwnFinishAfterTheMessages) {
+  Outbox<std::string> outbox;
+  FakeReactor r;
+  r.Attach(outbox);
+  outbox.Push("a");
+  outbox.Push("b");
+  outbox.Close(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "quota"));
+  r.Complete(outbox);
+  EXPECT_THAT(r.events, ElementsAre("write a", "write b"));
+  r.Complete(outbox);
+  EXPECT_THAT(r.events, ElementsAre("write a", "write b", "finish(8)"));
+}
+
+TEST(OutboxTest, CloseWithNothingQueuedFinishesAtOnce) {
+  Outbox<std::string> outbox;
+  FakeReactor r;
+  r.Attach(outbox);
+  outbox.Close(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "bad"));
+  outbox.Close(grpc::Status::OK);  // a second close is ignored
+  EXPECT_THAT(r.events, ElementsAre("finish(3)"));
+}
+
+TEST(OutboxTest, CloseWhileWritingFinishesAfterTheWrite) {
+  Outbox<std::string> outbox;
+  FakeReactor r;
+  r.Attach(outbox);
+  outbox.Push("a");
+  outbox.Close(grpc::Status::OK);
+  EXPECT_THAT(r.events, ElementsAre("write a"));
+  r.Complete(outbox);
+  EXPECT_THAT(r.events, ElementsAre("write a", "finish(0)"));
+}
+
+TEST(OutboxTest, BrokenStreamDropsTheQueueAndRefusesPushes) {
+  Outbox<std::string> outbox;
+  FakeReactor r;
+  r.Attach(outbox);
+  outbox.Push("a");
+  outbox.Push("b");
+  r.Complete(outbox, /*ok=*/false);  // the client went away
+  EXPECT_TRUE(outbox.cancelled());
+  EXPECT_FALSE(outbox.Push("c"));
+  outbox.Close(grpc::Status::OK);
+  EXPECT_THAT(r.events, ElementsAre("write a", "finish(0)"));
+}
+
+TEST(OutboxTest, CancelStopsPushes) {
+  Outbox<std::string> outbox;
+  FakeReactor r;
+  r.Attach(outbox);
+  outbox.OnCancel();
+  EXPECT_FALSE(outbox.Push("a"));
+  EXPECT_FALSE(outbox.PushLast("b", grpc::Status::OK));
+  EXPECT_TRUE(r.events.empty());
+}
+
+TEST(OutboxTest, ProducerIsPulledOneMessagePerCompletedWrite) {
+  Outbox<std::string> outbox;
+  FakeReactor r;
+  r.Attach(outbox);
+  int pulled = 0;
+  outbox.SetProducer([&pulled]() -> std::optional<std::string> {
+    if (pulled == 3) return std::nullopt;
+    return "chunk" + std::to_string(pulled++);
+  });
+  outbox.Close(grpc::Status::OK);
+  EXPECT_EQ(pulled, 1);  // only the chunk being written is in memory
+  r.Complete(outbox);
+  EXPECT_EQ(pulled, 2);
+  r.Complete(outbox);
+  r.Complete(outbox);
+  EXPECT_THAT(r.events, ElementsAre("write chunk0", "write chunk1", "write chunk2", "finish(0)"));
+}
+
+}  // namespace
+}  // namespace remotelens
