@@ -46,10 +46,7 @@ void Gemm(const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t b_
   const std::optional<Operand> pa = Describe(M, K, a_rs, a_cs);
   const std::optional<Operand> pb = Describe(K, N, b_rs, b_cs);
   TORCH_INTERNAL_ASSERT(pa.has_value() && pb.has_value(), "operands were not made sgemm-readable");
-  const dnnl_status_t status = dnnl_sgemm(pa->trans, pb->trans, M, N, K, alpha, a, pa->ld, b,
-                                          pb->ld, 0.0f, out, N);
-  TORCH_CHECK(status == dnnl_success, "oneDNN sgemm failed with status ", static_cast<int>(status),
-              " for a [", M, ", ", K, "] x [", K, ", ", N, "] product");
+  Sgemm(pa->trans, pb->trans, M, N, K, alpha, a, pa->ld, b, pb->ld, 0.0f, out, N);
 }
 
 // `t` itself when sgemm can read its last two dimensions, else a contiguous copy.
@@ -66,6 +63,19 @@ at::Tensor Readable(const at::Tensor& t) {
 
 bool CpuGemmUsesOneDnn() {
 #ifdef REMOTELENS_HAVE_DNNL
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool Sgemm(char trans_a, char trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* a,
+           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+#ifdef REMOTELENS_HAVE_DNNL
+  const dnnl_status_t status =
+      dnnl_sgemm(trans_a, trans_b, M, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
+  TORCH_CHECK(status == dnnl_success, "oneDNN sgemm failed with status ", static_cast<int>(status),
+              " for a [", M, ", ", K, "] x [", K, ", ", N, "] product");
   return true;
 #else
   return false;

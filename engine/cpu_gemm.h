@@ -30,6 +30,12 @@ at::Tensor BatchedMatmul(const at::Tensor& a, const at::Tensor& b, double alpha 
 // Whether products on CPU float32 tensors use oneDNN in this build.
 bool CpuGemmUsesOneDnn();
 
+// Row-major C[M, N] = alpha * op(A)[M, K] op(B)[K, N] + beta * C on raw float32 buffers, where
+// op is 'N' (as stored, leading dimension lda/ldb >= columns) or 'T' (stored transposed), for
+// fused kernels that own their buffers. False (nothing computed) when this build has no oneDNN.
+bool Sgemm(char trans_a, char trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* a,
+           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
 }  // namespace remotelens
 
 #endif  // REMOTELENS_ENGINE_CPU_GEMM_H_

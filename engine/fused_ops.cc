@@ -2,7 +2,12 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <vector>
+
+#include "engine/cpu_gemm.h"
 
 namespace remotelens {
 namespace {
@@ -85,6 +90,67 @@ at::Tensor Rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   const int64_t half = x.size(-1) / 2;
   const at::Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
   return x * cos + rotated * sin;
+}
+
+at::Tensor FusedAttention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                          const at::Tensor& mask, double scale) {
+  if (!CpuGemmUsesOneDnn() || q.dim() != 4 || keys.dim() != 4 || values.dim() != 4 || mask.dim() != 4) {
+    return {};
+  }
+  if (!CpuFloat(q) || !CpuFloat(keys) || !CpuFloat(values) || !CpuFloat(mask)) return {};
+  const int64_t batch = q.size(0), H = q.size(1), pos = q.size(2), dh = q.size(3);
+  const int64_t Hkv = keys.size(1), n_keys = keys.size(2);
+  if (!q.is_contiguous() || Hkv == 0 || H % Hkv != 0 || keys.sizes() != values.sizes() ||
+      keys.size(0) != batch || keys.size(3) != dh || keys.stride(3) != 1 || values.stride(3) != 1 ||
+      (mask.size(0) != 1 && mask.size(0) != batch) || mask.size(1) != 1 || mask.size(2) != pos ||
+      mask.size(3) != n_keys || q.numel() == 0 || n_keys == 0) {
+    return {};
+  }
+  const int64_t group = H / Hkv, rows = group * pos;  // the query heads of one key/value head
+  const at::Tensor m = mask.contiguous();
+  at::Tensor z = at::empty({batch, pos, H, dh}, q.options());
+  std::vector<float> scores(rows * n_keys), zg(rows * dh);
+  const float* pq = q.data_ptr<float>();
+  const float* pk = keys.data_ptr<float>();
+  const float* pv = values.data_ptr<float>();
+  const float* pm = m.data_ptr<float>();
+  float* pz = z.data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* mask_b = pm + (m.size(0) == 1 ? 0 : b) * pos * n_keys;
+    for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+      // Query heads kvh*group .. +group are consecutive rows of q: [group * pos, dh].
+      const float* qg = pq + (b * H + kvh * group) * pos * dh;
+      const float* k = pk + b * keys.stride(0) + kvh * keys.stride(1);
+      const float* v = pv + b * values.stride(0) + kvh * values.stride(1);
+      Sgemm('N', 'T', rows, n_keys, dh, static_cast<float>(scale), qg, dh, k, keys.stride(2), 0.0f,
+            scores.data(), n_keys);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* row = scores.data() + r * n_keys;
+        const float* mask_row = mask_b + (r % pos) * n_keys;
+        float max = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < n_keys; ++j) {
+          row[j] += mask_row[j];
+          max = std::max(max, row[j]);
+        }
+        float sum = 0;
+        for (int64_t j = 0; j < n_keys; ++j) {
+          row[j] = std::exp(row[j] - max);
+          sum += row[j];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < n_keys; ++j) row[j] *= inv;
+      }
+      Sgemm('N', 'N', rows, dh, n_keys, 1.0f, scores.data(), n_keys, v, values.stride(2), 0.0f,
+            zg.data(), dh);
+      // Row g * pos + p of zg is query head kvh * group + g at position p.
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t p = 0; p < pos; ++p) {
+          std::copy_n(zg.data() + (g * pos + p) * dh, dh, pz + ((b * pos + p) * H + kvh * group + g) * dh);
+        }
+      }
+    }
+  }
+  return z;
 }
 
 }  // namespace remotelens

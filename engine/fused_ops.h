@@ -1,8 +1,8 @@
-// The two elementwise pieces of a Llama block that cost many small LibTorch ops each: RMSNorm and
-// the rotary embedding. On CPU float32 tensors each is one pass of plain C++ (one allocation, no
-// dispatch per step); anything else (other devices and dtypes) runs the same math as LibTorch ops.
-// At the demo model's size (8 tokens, d_model 128) dispatch, not arithmetic, is what a forward
-// costs: these two replace ~90 of ~300 ops per forward.
+// The pieces of a Llama block that cost many small LibTorch ops each: RMSNorm, the rotary
+// embedding and (when nobody hooks the scores or pattern) attention. On CPU float32 tensors each
+// is one pass of plain C++ and oneDNN sgemm calls (one allocation, no dispatch per step); other
+// devices and dtypes run the same math as LibTorch ops. At the demo model's size (8 tokens,
+// d_model 128) dispatch, not arithmetic, is what a forward costs.
 #ifndef REMOTELENS_ENGINE_FUSED_OPS_H_
 #define REMOTELENS_ENGINE_FUSED_OPS_H_
 
@@ -20,6 +20,16 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
 // The result is [batch, pos, heads, d_head] laid out head-major (a transpose of a contiguous
 // [batch, heads, pos, d_head]) on the fused path, which is the layout attention reads.
 at::Tensor Rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// Grouped-query attention, softmax(q k^T * scale + mask) v, without materialising the scores or
+// the pattern as tensors. q [batch, H, pos, d_head] contiguous; keys, values
+// [batch, Hkv, n_keys, d_head] with unit stride along d_head (views of a cache are fine), query
+// head h reading key/value head h / (H / Hkv); mask additive [batch or 1, 1, pos, n_keys].
+// Returns z [batch, pos, H, d_head] contiguous, or an undefined tensor when the inputs are not
+// all CPU float32 of those shapes or the build has no oneDNN: the caller then runs its LibTorch
+// path.
+at::Tensor FusedAttention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                          const at::Tensor& mask, double scale);
 
 }  // namespace remotelens
 

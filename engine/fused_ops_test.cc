@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 
+#include <limits>
+
 #include "gtest/gtest.h"
 
 namespace remotelens {
@@ -108,6 +110,62 @@ TEST_F(FusedOpsTest, RotaryOtherDtypesUseLibTorch) {
   const at::Tensor y = Rotary(x, cos.to(at::kDouble), sin.to(at::kDouble));
   EXPECT_EQ(y.scalar_type(), at::kDouble);
   ExpectClose(y, ReferenceRotary(x, cos, sin), 1e-6);
+}
+
+// softmax(q k^T * scale + mask) v in float64, each query head with its key/value head.
+at::Tensor ReferenceAttention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                              const at::Tensor& mask, double scale) {
+  const int64_t group = q.size(1) / keys.size(1);
+  const at::Tensor k = keys.to(at::kDouble).repeat_interleave(group, 1);
+  const at::Tensor v = values.to(at::kDouble).repeat_interleave(group, 1);
+  const at::Tensor scores = at::matmul(q.to(at::kDouble), k.transpose(-1, -2)) * scale + mask.to(at::kDouble);
+  return at::matmul(at::softmax(scores, -1), v).transpose(1, 2);  // [batch, pos, H, d_head]
+}
+
+at::Tensor CausalMask(int64_t pos, int64_t n_keys) {
+  // Query p sits at key position n_keys - pos + p and sees keys up to it.
+  return at::full({1, 1, pos, n_keys}, -std::numeric_limits<float>::infinity())
+      .triu_(n_keys - pos + 1);
+}
+
+TEST_F(FusedOpsTest, AttentionMatchesReferenceWithGroupedHeads) {
+  const int64_t batch = 2, H = 8, Hkv = 2, pos = 5, dh = 4;
+  const at::Tensor q = at::randn({batch, H, pos, dh});
+  const at::Tensor keys = at::randn({batch, Hkv, pos, dh});
+  const at::Tensor values = at::randn({batch, Hkv, pos, dh});
+  const at::Tensor mask = CausalMask(pos, pos);
+  const at::Tensor z = FusedAttention(q, keys, values, mask, 0.5);
+  ASSERT_TRUE(z.defined()) << "this build has oneDNN; the fused path must run";
+  EXPECT_TRUE(z.is_contiguous());
+  ExpectClose(z, ReferenceAttention(q, keys, values, mask, 0.5));
+  // Position 0 sees only key 0: its output is exactly value 0 of its key/value head.
+  ExpectClose(z.select(1, 0).select(1, 5), values.select(1, 1).select(1, 0), 1e-6);
+}
+
+TEST_F(FusedOpsTest, AttentionReadsCacheViewsAndPerRowPaddingMasks) {
+  // Keys and values narrowed out of a larger cache (capacity 16, 7 filled), 3 new queries, and a
+  // per-row mask hiding row 1's first two (padding) keys.
+  const int64_t batch = 2, H = 4, Hkv = 4, pos = 3, dh = 8, n_keys = 7;
+  const at::Tensor cache_k = at::randn({batch, Hkv, 16, dh});
+  const at::Tensor cache_v = at::randn({batch, Hkv, 16, dh});
+  const at::Tensor keys = cache_k.narrow(2, 0, n_keys), values = cache_v.narrow(2, 0, n_keys);
+  const at::Tensor q = at::randn({batch, H, pos, dh});
+  at::Tensor mask = CausalMask(pos, n_keys).repeat({batch, 1, 1, 1});
+  mask.select(0, 1).narrow(-1, 0, 2).fill_(-std::numeric_limits<float>::infinity());
+  const at::Tensor z = FusedAttention(q, keys, values, mask, 0.35);
+  ASSERT_TRUE(z.defined());
+  ExpectClose(z, ReferenceAttention(q, keys, values, mask, 0.35));
+}
+
+TEST_F(FusedOpsTest, AttentionDeclinesWhatItCannotRun) {
+  const at::Tensor q = at::randn({1, 4, 3, 8});
+  const at::Tensor kv = at::randn({1, 2, 3, 8});
+  const at::Tensor mask = CausalMask(3, 3);
+  EXPECT_FALSE(FusedAttention(q.to(at::kDouble), kv.to(at::kDouble), kv.to(at::kDouble),
+                              mask.to(at::kDouble), 1.0).defined());
+  EXPECT_FALSE(FusedAttention(q.transpose(2, 3), kv, kv, mask, 1.0).defined());  // not contiguous
+  EXPECT_FALSE(FusedAttention(at::randn({1, 3, 3, 8}), kv, kv, mask, 1.0).defined());  // 3 % 2 heads
+  EXPECT_FALSE(FusedAttention(q, kv, kv, CausalMask(3, 4), 1.0).defined());  // mask keys != 3
 }
 
 }  // namespace

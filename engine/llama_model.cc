@@ -321,10 +321,14 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
     const int64_t n_keys = keys.size(2);
 
     at::Tensor z;  // [batch, pos, H, d_head]
-#if TORCH_VERSION_MAJOR >= 2
     const bool want_pattern =
         Hooked(plan, layer, HookSite::kAttnScores) || Hooked(plan, layer, HookSite::kAttnPattern);
-    if (!want_pattern) {
+    if (!want_pattern && onednn && q.device().is_cpu()) {
+      // CPU float32: one fused pass; undefined (fall through) for other dtypes.
+      z = FusedAttention(q.transpose(1, 2).contiguous(), keys, values, mask, inv_sqrt_dh);
+    }
+#if TORCH_VERSION_MAJOR >= 2
+    if (!want_pattern && !z.defined()) {
       // Fused attention: the pattern is never materialised.
       const at::Tensor k_all = keys.unsqueeze(2).expand({batch, Hkv, group, n_keys, dh}).reshape({batch, H, n_keys, dh});
       const at::Tensor v_all = values.unsqueeze(2).expand({batch, Hkv, group, n_keys, dh}).reshape({batch, H, n_keys, dh});
