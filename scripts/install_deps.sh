@@ -15,8 +15,8 @@ PACKAGES=(
   # oneDNN's sgemm for CPU float32 products (engine/cpu_gemm.h): it picks kernels by instruction
   # set, where this OpenBLAS falls back to SSE3 on CPUs it does not know by model number.
   libdnnl-dev
-  # server
-  libssl-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
+  # server (tcmalloc: the serving binaries' allocator)
+  libtcmalloc-minimal4 libssl-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev prometheus openssl
   python3 python3-torch python3-numpy python3-pytest python3-grpcio python3-protobuf
