@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "engine/cpu_gemm.h"
@@ -109,39 +108,38 @@ at::Tensor FusedAttention(const at::Tensor& q, const at::Tensor& keys, const at:
   const int64_t group = H / Hkv, rows = group * pos;  // the query heads of one key/value head
   const at::Tensor m = mask.contiguous();
   at::Tensor z = at::empty({batch, pos, H, dh}, q.options());
-  std::vector<float> scores(rows * n_keys), zg(rows * dh);
+  // Scores of every (row, key/value head) block, then one vectorised softmax over all of them.
+  at::Tensor scores = at::empty({batch * Hkv, rows, n_keys}, q.options());
   const float* pq = q.data_ptr<float>();
   const float* pk = keys.data_ptr<float>();
   const float* pv = values.data_ptr<float>();
   const float* pm = m.data_ptr<float>();
-  float* pz = z.data_ptr<float>();
+  float* ps = scores.data_ptr<float>();
   for (int64_t b = 0; b < batch; ++b) {
     const float* mask_b = pm + (m.size(0) == 1 ? 0 : b) * pos * n_keys;
     for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
       // Query heads kvh*group .. +group are consecutive rows of q: [group * pos, dh].
       const float* qg = pq + (b * H + kvh * group) * pos * dh;
       const float* k = pk + b * keys.stride(0) + kvh * keys.stride(1);
-      const float* v = pv + b * values.stride(0) + kvh * values.stride(1);
+      float* block = ps + (b * Hkv + kvh) * rows * n_keys;
       Sgemm('N', 'T', rows, n_keys, dh, static_cast<float>(scale), qg, dh, k, keys.stride(2), 0.0f,
-            scores.data(), n_keys);
+            block, n_keys);
       for (int64_t r = 0; r < rows; ++r) {
-        float* row = scores.data() + r * n_keys;
+        float* row = block + r * n_keys;
         const float* mask_row = mask_b + (r % pos) * n_keys;
-        float max = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < n_keys; ++j) {
-          row[j] += mask_row[j];
-          max = std::max(max, row[j]);
-        }
-        float sum = 0;
-        for (int64_t j = 0; j < n_keys; ++j) {
-          row[j] = std::exp(row[j] - max);
-          sum += row[j];
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t j = 0; j < n_keys; ++j) row[j] *= inv;
+        for (int64_t j = 0; j < n_keys; ++j) row[j] += mask_row[j];
       }
-      Sgemm('N', 'N', rows, dh, n_keys, 1.0f, scores.data(), n_keys, v, values.stride(2), 0.0f,
-            zg.data(), dh);
+    }
+  }
+  const at::Tensor pattern = at::_softmax(scores, -1, /*half_to_float=*/false);
+  const float* pp = pattern.data_ptr<float>();
+  float* pz = z.data_ptr<float>();
+  std::vector<float> zg(rows * dh);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+      const float* v = pv + b * values.stride(0) + kvh * values.stride(1);
+      Sgemm('N', 'N', rows, dh, n_keys, 1.0f, pp + (b * Hkv + kvh) * rows * n_keys, n_keys, v,
+            values.stride(2), 0.0f, zg.data(), dh);
       // Row g * pos + p of zg is query head kvh * group + g at position p.
       for (int64_t g = 0; g < group; ++g) {
         for (int64_t p = 0; p < pos; ++p) {

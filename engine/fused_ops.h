@@ -21,8 +21,8 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
 // [batch, heads, pos, d_head]) on the fused path, which is the layout attention reads.
 at::Tensor Rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
-// Grouped-query attention, softmax(q k^T * scale + mask) v, without materialising the scores or
-// the pattern as tensors. q [batch, H, pos, d_head] contiguous; keys, values
+// Grouped-query attention, softmax(q k^T * scale + mask) v, in three LibTorch-free steps around
+// one softmax call (no per-head views, transposes or copies). q [batch, H, pos, d_head] contiguous; keys, values
 // [batch, Hkv, n_keys, d_head] with unit stride along d_head (views of a cache are fine), query
 // head h reading key/value head h / (H / Hkv); mask additive [batch or 1, 1, pos, n_keys].
 // Returns z [batch, pos, H, d_head] contiguous, or an undefined tensor when the inputs are not
