@@ -3,8 +3,9 @@
 
 Starts remotelens_server on the demo model with two users (alice, bob) and runs
 bazel-bin/bench/server_bench in three modes:
-  latency  small Run round trip (1 x 8 tokens) vs the forward time inside it, and vs the engine
-           alone in-process (bench/forward_bench, same model and size)
+  latency  small Run round trip (1 x 8 tokens) vs the forward time inside it, vs the engine
+           alone in-process (bench/forward_bench, same model and size), and vs a raw gRPC
+           stream of the same bytes
   stream   FetchCache of a ~64 MiB stored cache vs a raw gRPC bytes stream of the same size
   load     --clients concurrent clients for --seconds, alternating between the two users:
            p50/p99 latency, throughput, errors, and the two users' shares
@@ -58,7 +59,7 @@ def main():
     users = users_file(work, a.clients)
     # Latency and stream without auth (local user), load with two users.
     with server_harness.ServerProcess(model) as server:
-        latency = run([BENCH, "--mode=latency", f"--address={server.address}"])
+        latency = run([BENCH, "--mode=latency", f"--address={server.address}", "--iters=1000"])
         stream = run([BENCH, "--mode=stream", f"--address={server.address}", f"--cache_mb={a.cache_mb}"])
     engine = run_forward_bench(FORWARD_BENCH, model, batch=1, pos=8, iters=300, warmup=20)["none"]
     with server_harness.ServerProcess(model, config=f'users_file: "{users}"\nlimits {{ max_queue: 1024 }}') as server:
@@ -72,6 +73,8 @@ def main():
         f"| small Run round trip p99 | {latency['round_trip_p99_ms']:.3f} ms | | |",
         f"| server overhead p50 (round trip - forward in server) | {latency['overhead_p50_ms']:.3f} ms | "
         f"forward in server {latency['forward_p50_ms']:.3f} ms | |",
+        f"| raw gRPC stream of the same bytes p50 (in-process server) | {latency['raw_grpc_p50_ms']:.3f} ms | | "
+        f"overhead / raw {latency['overhead_p50_ms'] / latency['raw_grpc_p50_ms']:.2f}x |",
         f"| FetchCache {stream['mib']:.0f} MiB | {stream['fetch_mib_per_s']:.0f} MiB/s | "
         f"raw gRPC bytes stream {stream['raw_mib_per_s']:.0f} MiB/s | {stream['throughput_ratio']:.2f}x |",
         f"| load: {load['clients']} clients x {load['seconds']:.0f} s | {load['throughput_rps']:.0f} req/s, "
