@@ -181,7 +181,6 @@ int Stream(rl::RemoteLens::Stub& stub, const rl::ModelInfo& info) {
   request.set_return_type(rl::RETURN_TYPE_NONE);
   const int pos = 64;
   int64_t bytes = 0;
-  double fwd = 0;
   auto store = [&](int batch, std::string* handle) {
     *request.mutable_tokens() = Tokens(batch, pos, info.d_vocab(), 2);
     grpc::ClientContext ctx;

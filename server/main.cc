@@ -209,6 +209,7 @@ absl::Status Serve() {
   session_limits.max_ttl = absl::Seconds(limits.max_session_ttl_seconds());
   session_limits.max_sessions_per_user = limits.max_sessions_per_user();
   session_limits.max_hooks_per_session = limits.max_hooks_per_session();
+  session_limits.max_total_stored_bytes = limits.max_stored_cache_bytes();
   SessionStore sessions(session_limits);
 
   ServiceDeps deps;

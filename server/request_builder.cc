@@ -69,6 +69,7 @@ v1::Limits LimitsWithDefaults(const v1::Limits& in) {
   l.set_max_hooks_per_session(Or(l.max_hooks_per_session(), 1024));
   l.set_hook_timeout_ms(Or<int64_t>(l.hook_timeout_ms(), 30000));
   l.set_max_text_bytes(Or(l.max_text_bytes(), 1 << 20));
+  l.set_max_stored_cache_bytes(Or<int64_t>(l.max_stored_cache_bytes(), int64_t{16} << 30));
   return l;
 }
 

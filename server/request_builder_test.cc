@@ -37,6 +37,10 @@ TEST_F(RequestBuilderTest, LimitsDefaultsFillOnlyUnsetFields) {
   EXPECT_EQ(limits_->chunk_bytes(), 1 << 20);
   EXPECT_EQ(limits_->max_queue(), 256);
   EXPECT_EQ(limits_->hook_timeout_ms(), 30000);
+  EXPECT_EQ(limits_->max_stored_cache_bytes(), int64_t{16} << 30);
+  v1::Limits set;
+  set.set_max_stored_cache_bytes(1234);
+  EXPECT_EQ(LimitsWithDefaults(set).max_stored_cache_bytes(), 1234);
 }
 
 TEST_F(RequestBuilderTest, CacheSelectionExpandsStarInForwardOrderOnce) {

@@ -266,6 +266,20 @@ absl::StatusOr<std::string> SessionStore::StoreCache(const std::string& owner,
         "''s stored cache quota of ", FormatBytes(max_user_bytes), " (",
         FormatBytes(in_use), " in use)"));
   }
+  if (cache.bytes > limits_.max_total_stored_bytes - stored_bytes_) {
+    // Caches nobody can reach any more never block: free every expired session, then recheck.
+    std::vector<std::string> stale;
+    for (const auto& [other, other_session] : sessions_) {
+      if (other != id && Expired(*other_session, now)) stale.push_back(other);
+    }
+    for (const std::string& other : stale) expired.push_back(Remove(other));
+    if (cache.bytes > limits_.max_total_stored_bytes - stored_bytes_) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "storing ", FormatBytes(cache.bytes), " would exceed the server's stored cache capacity of ",
+          FormatBytes(limits_.max_total_stored_bytes),
+          " (all users together); delete caches you no longer need (DeleteCache) or retry later"));
+    }
+  }
   std::string handle = absl::StrCat("c", session->next_cache++);
   const int64_t bytes = cache.bytes;
   session->caches.emplace(handle, std::make_shared<const StoredCache>(std::move(cache)));

@@ -43,6 +43,8 @@ struct SessionLimits {
   absl::Duration max_ttl = absl::Hours(24);     // longer requests are clamped to this
   int max_sessions_per_user = 64;               // live sessions per owner
   int max_hooks_per_session = 1024;             // persistent hooks per session
+  // Every user's stored caches together: per-user quotas alone let many users fill the host.
+  int64_t max_total_stored_bytes = int64_t{16} << 30;
 };
 
 // Activations kept on the server for later patching or fetching. Immutable once stored: readers
@@ -109,7 +111,9 @@ class SessionStore {
 
   // Keeps `cache` under a new handle ("c1", "c2", ... per session). `max_user_bytes` is the
   // owner's quota over all their sessions; RESOURCE_EXHAUSTED "storing 3.0 MiB would exceed user
-  // 'bob''s stored cache quota of 2.0 MiB (1.5 MiB in use)".
+  // 'bob''s stored cache quota of 2.0 MiB (1.5 MiB in use)", or, past
+  // SessionLimits::max_total_stored_bytes, a message naming the server's capacity (never other
+  // users' usage). Expired sessions' caches are freed first, whoever owns them.
   absl::StatusOr<std::string> StoreCache(const std::string& owner, const std::string& id,
                                          StoredCache cache, int64_t max_user_bytes);
   // NOT_FOUND "cache 'c3' not found in session 'x'".

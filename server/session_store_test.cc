@@ -374,6 +374,29 @@ TEST(SessionStore, ExpiredSessionsGiveTheirQuotaBack) {
   EXPECT_EQ(store.NumSessions(), 1);
 }
 
+TEST(SessionStore, ServerWideCapCoversEveryUser) {
+  FakeClock clock;
+  SessionLimits limits;
+  limits.max_total_stored_bytes = 3 * kMiB;
+  SessionStore store(limits, clock.Fn());
+  const std::string alices = MustCreate(store, "alice", absl::Minutes(1));
+  const std::string bobs = MustCreate(store, "bob", absl::Hours(1));
+  ASSERT_TRUE(store.StoreCache("alice", alices, CacheOf(2 * kMiB), kNoQuota).ok());
+  // Within bob's own quota, past the server's capacity: refused without naming alice's usage.
+  absl::StatusOr<std::string> over = store.StoreCache("bob", bobs, CacheOf(2 * kMiB), kNoQuota);
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(over.status().message(),
+            "storing 2.0 MiB would exceed the server's stored cache capacity of 3.0 MiB (all users "
+            "together); delete caches you no longer need (DeleteCache) or retry later");
+  EXPECT_TRUE(store.StoreCache("bob", bobs, CacheOf(kMiB), kNoQuota).ok());  // exactly full
+  EXPECT_EQ(store.StoredBytes(), 3 * kMiB);
+  // Alice's session expires: its bytes are freed on the spot for bob, no janitor pass needed.
+  clock.now += absl::Minutes(1);
+  EXPECT_TRUE(store.StoreCache("bob", bobs, CacheOf(2 * kMiB), kNoQuota).ok());
+  EXPECT_EQ(store.StoredBytes(), 3 * kMiB);
+  EXPECT_EQ(store.NumSessions(), 1);
+}
+
 TEST(SessionStore, IdsAreLongRandomHexAndDistinct) {
   SessionLimits limits;
   limits.max_sessions_per_user = 2000;

@@ -13,9 +13,10 @@ import grpc
 import numpy as np
 import pytest
 
+import server_harness
 import wire
 from server_helpers import (KEYS, Client, Interactive, assert_close, metric, random_rows, ref_forward, rpc_error,
-                     run, wait_until)
+                     run, wait_until, write_users_file)
 from remotelens.v1 import hooks_pb2
 from remotelens.v1 import remotelens_pb2 as pb
 from remotelens.v1 import tensor_pb2
@@ -582,6 +583,36 @@ def test_streamed_bytes_quota_exceeded(auth):
     code, details = rpc_error(lambda: list(auth.stub.Run(pb.RunRequest(
         tokens=wire.tokens([[1, 2]]), cache=pb.CacheSelection(names=["*"], stream=True)), metadata=md)))
     assert code == C.RESOURCE_EXHAUSTED and "quota" in details, (code, details)
+
+
+def test_server_wide_stored_cache_capacity(demo_model_dir, users_dir):
+    # Two users each within their own quota; together past the server's capacity.
+    users = write_users_file(users_dir)
+    config = f'users_file: "{users}"\nlimits {{ max_stored_cache_bytes: 20000 }}'
+    with server_harness.ServerProcess(demo_model_dir, config=config) as server:
+        c = Client(server)
+        try:
+            def store(user):
+                md = wire.bearer(KEYS[user])
+                sid = c.stub.CreateSession(pb.CreateSessionRequest(), metadata=md).session_id
+                # 2 * 4 * 384 * 4 = 12288 bytes
+                responses = list(c.stub.Run(pb.RunRequest(
+                    session_id=sid, tokens=wire.tokens([[1, 2, 3, 4]] * 2),
+                    return_type=pb.RETURN_TYPE_NONE,
+                    cache=pb.CacheSelection(names=["blocks.0.mlp.hook_post"], store=True)), metadata=md))
+                return md, sid, responses[-1].summary.cache_handle
+
+            md_a, sid_a, handle = store("alice")
+            assert handle
+            code, details = rpc_error(lambda: store("bob"))
+            assert code == C.RESOURCE_EXHAUSTED, (code, details)
+            assert "server's stored cache capacity" in details and "alice" not in details, details
+            # Alice frees hers; bob's store now fits.
+            c.stub.DeleteCache(pb.DeleteCacheRequest(session_id=sid_a, cache_handle=handle), metadata=md_a)
+            assert store("bob")[2]
+        finally:
+            c.close()
+        assert server.stop() == 0, "".join(server.stderr_lines)
 
 
 def test_stored_cache_quota_exceeded(auth):
