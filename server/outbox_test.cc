@@ -36,102 +36,84 @@ struct FakeReactor {
   }
 };
 
-TEST(OutboxTest, IdlePushLastIsOneWriteThatFinishes) {
+class OutboxTest : public ::testing::Test {
+ protected:
+  void SetUp() override { r.Attach(outbox); }
+  void Complete(bool ok = true) { r.Complete(outbox, ok); }
+
   Outbox<std::string> outbox;
   FakeReactor r;
-  r.Attach(outbox);
+};
+
+TEST_F(OutboxTest, IdlePushLastIsOneWriteThatFinishes) {
   EXPECT_TRUE(outbox.PushLast("summary", grpc::Status::OK));
   EXPECT_THAT(r.events, ElementsAre("write summary +finish(0)"));
   EXPECT_EQ(r.writes_in_flight, 0);
   EXPECT_FALSE(outbox.Push("late"));
 }
 
-TEST(OutboxTest, LastQueuedMessageCarriesTheStatus) {
+TEST_F(OutboxTest, LastQueuedMessageCarriesTheStatus) {
   // How a small Run streams: logits start writing at once, the summary queues behind them.
-  Outbox<std::string> outbox;
-  FakeReactor r;
-  r.Attach(outbox);
   EXPECT_TRUE(outbox.Push("logits"));
   EXPECT_TRUE(outbox.PushLast("summary", grpc::Status::OK));
   EXPECT_THAT(r.events, ElementsAre("write logits"));
-  r.Complete(outbox);
+  Complete();
   EXPECT_THAT(r.events, ElementsAre("write logits", "write summary +finish(0)"));
   EXPECT_EQ(r.writes_in_flight, 0);
 }
 
-TEST(OutboxTest, QueuedMessagesAreHintedExceptTheLast) {
-  Outbox<std::string> outbox;
-  FakeReactor r;
-  r.Attach(outbox);
+TEST_F(OutboxTest, QueuedMessagesAreHintedExceptTheLast) {
   outbox.Push("a");
   outbox.Push("b");
   outbox.Push("c");
   outbox.Close(grpc::Status::OK);
-  r.Complete(outbox);
-  r.Complete(outbox);
+  Complete();
+  Complete();
   EXPECT_THAT(r.events, ElementsAre("write a", "write b +hint", "write c +finish(0)"));
 }
 
-TEST(OutboxTest, ErrorStatusIsItsOwnFinishAfterTheMessages) {
-  Outbox<std::string> outbox;
-  FakeReactor r;
-  r.Attach(outbox);
+TEST_F(OutboxTest, ErrorStatusIsItsOwnFinishAfterTheMessages) {
   outbox.Push("a");
   outbox.Push("b");
   outbox.Close(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "quota"));
-  r.Complete(outbox);
+  Complete();
   EXPECT_THAT(r.events, ElementsAre("write a", "write b"));
-  r.Complete(outbox);
+  Complete();
   EXPECT_THAT(r.events, ElementsAre("write a", "write b", "finish(8)"));
 }
 
-TEST(OutboxTest, CloseWithNothingQueuedFinishesAtOnce) {
-  Outbox<std::string> outbox;
-  FakeReactor r;
-  r.Attach(outbox);
+TEST_F(OutboxTest, CloseWithNothingQueuedFinishesAtOnce) {
   outbox.Close(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "bad"));
   outbox.Close(grpc::Status::OK);  // a second close is ignored
   EXPECT_THAT(r.events, ElementsAre("finish(3)"));
 }
 
-TEST(OutboxTest, CloseWhileWritingFinishesAfterTheWrite) {
-  Outbox<std::string> outbox;
-  FakeReactor r;
-  r.Attach(outbox);
+TEST_F(OutboxTest, CloseWhileWritingFinishesAfterTheWrite) {
   outbox.Push("a");
   outbox.Close(grpc::Status::OK);
   EXPECT_THAT(r.events, ElementsAre("write a"));
-  r.Complete(outbox);
+  Complete();
   EXPECT_THAT(r.events, ElementsAre("write a", "finish(0)"));
 }
 
-TEST(OutboxTest, BrokenStreamDropsTheQueueAndRefusesPushes) {
-  Outbox<std::string> outbox;
-  FakeReactor r;
-  r.Attach(outbox);
+TEST_F(OutboxTest, BrokenStreamDropsTheQueueAndRefusesPushes) {
   outbox.Push("a");
   outbox.Push("b");
-  r.Complete(outbox, /*ok=*/false);  // the client went away
+  Complete(/*ok=*/false);  // the client went away
   EXPECT_TRUE(outbox.cancelled());
   EXPECT_FALSE(outbox.Push("c"));
   outbox.Close(grpc::Status::OK);
   EXPECT_THAT(r.events, ElementsAre("write a", "finish(0)"));
 }
 
-TEST(OutboxTest, CancelStopsPushes) {
-  Outbox<std::string> outbox;
-  FakeReactor r;
-  r.Attach(outbox);
+TEST_F(OutboxTest, CancelStopsPushes) {
   outbox.OnCancel();
   EXPECT_FALSE(outbox.Push("a"));
   EXPECT_FALSE(outbox.PushLast("b", grpc::Status::OK));
   EXPECT_TRUE(r.events.empty());
 }
 
-TEST(OutboxTest, ProducerIsPulledOneMessagePerCompletedWrite) {
-  Outbox<std::string> outbox;
-  FakeReactor r;
-  r.Attach(outbox);
+TEST_F(OutboxTest, ProducerIsPulledOneMessagePerCompletedWrite) {
   int pulled = 0;
   outbox.SetProducer([&pulled]() -> std::optional<std::string> {
     if (pulled == 3) return std::nullopt;
@@ -139,10 +121,10 @@ TEST(OutboxTest, ProducerIsPulledOneMessagePerCompletedWrite) {
   });
   outbox.Close(grpc::Status::OK);
   EXPECT_EQ(pulled, 1);  // only the chunk being written is in memory
-  r.Complete(outbox);
+  Complete();
   EXPECT_EQ(pulled, 2);
-  r.Complete(outbox);
-  r.Complete(outbox);
+  Complete();
+  Complete();
   EXPECT_THAT(r.events, ElementsAre("write chunk0", "write chunk1", "write chunk2", "finish(0)"));
 }
 
