@@ -282,7 +282,7 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
 
     // ---- attention ----
     ASSIGN_OR_RETURN(at::Tensor h, HookedRmsNorm(x, w.ln1, c.rms_norm_eps, plan, layer,
-                                           HookSite::kLn1Scale, HookSite::kLn1Normalized));
+                                                 HookSite::kLn1Scale, HookSite::kLn1Normalized));
     const at::Tensor qkv = Linear(h, w.w_qkv, onednn);  // [batch, pos, (H + 2 Hkv) d_head]
     at::Tensor q = qkv.narrow(-1, 0, H * dh).view({batch, pos, H, dh});
     at::Tensor k = qkv.narrow(-1, H * dh, Hkv * dh).view({batch, pos, Hkv, dh});
@@ -324,7 +324,7 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
     const bool want_pattern =
         Hooked(plan, layer, HookSite::kAttnScores) || Hooked(plan, layer, HookSite::kAttnPattern);
     if (!want_pattern && onednn && q.device().is_cpu()) {
-      // CPU float32: one fused pass; undefined (fall through) for other dtypes.
+      // CPU float32: one fused pass; undefined for other dtypes, which take the paths below.
       z = FusedAttention(q.transpose(1, 2).contiguous(), keys, values, mask, inv_sqrt_dh);
     }
 #if TORCH_VERSION_MAJOR >= 2
@@ -367,7 +367,7 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
 
     // ---- MLP (SwiGLU) ----
     ASSIGN_OR_RETURN(at::Tensor h2, HookedRmsNorm(resid_mid, w.ln2, c.rms_norm_eps, plan, layer,
-                                            HookSite::kLn2Scale, HookSite::kLn2Normalized));
+                                                  HookSite::kLn2Scale, HookSite::kLn2Normalized));
     const at::Tensor gate_up = Linear(h2, w.w_gate_up, onednn);  // [batch, pos, 2 d_mlp]
     at::Tensor pre = gate_up.narrow(-1, 0, c.d_mlp);
     at::Tensor pre_linear = gate_up.narrow(-1, c.d_mlp, c.d_mlp);
@@ -391,7 +391,7 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
   if (x.device() != weights_.unembed.device()) x = x.to(weights_.unembed.device());
   ASSIGN_OR_RETURN(at::Tensor final_normed,
                    HookedRmsNorm(x, weights_.ln_final, c.rms_norm_eps, plan, -1,
-                           HookSite::kLnFinalScale, HookSite::kLnFinalNormalized));
+                                 HookSite::kLnFinalScale, HookSite::kLnFinalNormalized));
   return Linear(final_normed, weights_.unembed, options_.onednn_gemm);  // [batch, pos, d_vocab]
 }
 
