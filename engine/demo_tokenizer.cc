@@ -9,6 +9,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "engine/byte_level.h"
 #include "engine/status_macros.h"
 #include "engine/tokenizer.h"
 

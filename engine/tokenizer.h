@@ -34,11 +34,6 @@
 
 namespace remotelens {
 
-// The GPT-2 byte-to-unicode symbol for `byte`, as byte-level BPE vocabularies spell it: printable
-// Latin-1 bytes stand for themselves, the rest are shifted above U+00FF (' ' -> "Ġ",
-// '\n' -> "Ċ"), so every token is printable text in tokenizer.json. Returned as UTF-8.
-std::string ByteLevelSymbol(uint8_t byte);
-
 // Llama 3's pre-tokenizer split pattern, used when tokenizer.json names none.
 inline constexpr absl::string_view kLlama3SplitPattern =
     R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
