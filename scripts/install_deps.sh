@@ -23,6 +23,10 @@ PACKAGES=(
   python3-grpc-tools python3-tqdm
 )
 
+# Node.js runs Hugging Face's tokenizers.js, the tokenizer tests' reference; machines that already
+# have a node (not from Debian) keep theirs.
+command -v node >/dev/null && command -v npm >/dev/null || PACKAGES+=(nodejs npm)
+
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -22,6 +22,10 @@ cc_failed=$(grep -cE "^//.*(FAILED|TIMEOUT|NO STATUS|FAILED TO BUILD)" /tmp/remo
 cc_total=${cc_total:-0}
 cc_passed=$((cc_total - cc_failed))
 
+echo "== npm ci tests/tokenizer_js (Hugging Face tokenizers.js, the tokenizer's reference)"
+npm ci --prefix tests/tokenizer_js --no-audit --no-fund --loglevel=error \
+  || echo "npm ci failed: tests/test_tokenizer_reference.py will fail"
+
 echo "== pytest tests/"
 export REMOTELENS_BIN_DIR="$PWD/bazel-bin/tools" REMOTELENS_REQUIRE_BINARIES=1
 /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/ 2>&1 | tee /tmp/remotelens_pytest.log
