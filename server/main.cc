@@ -7,6 +7,7 @@
 // Without a users file the server only listens on loopback. On SIGTERM or SIGINT it stops
 // accepting calls, lets in-flight work finish for shutdown_grace_seconds, and exits 0.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -202,6 +203,9 @@ absl::Status Serve() {
   scheduler_options.max_queue = limits.max_queue();
   scheduler_options.on_depth = [&metrics](int64_t depth) { metrics.SetQueueDepth(depth); };
   scheduler_options.on_start = [&metrics](absl::Duration wait) { metrics.ObserveQueueWait(absl::ToDoubleSeconds(wait)); };
+  // OpenMP's thread count is per thread: without this the model thread (not main) would run
+  // oneDNN with every core while ATen uses LibTorch's choice. See docs/decisions.md.
+  scheduler_options.on_thread_start = [] { at::init_num_threads(); };
   Scheduler scheduler(scheduler_options);
 
   SessionLimits session_limits;

@@ -51,6 +51,7 @@ bool Scheduler::TakeNext(Job* job, absl::Time* enqueued) {
 }
 
 void Scheduler::Loop() {
+  if (options_.on_thread_start) options_.on_thread_start();
   while (true) {
     Job job;
     absl::Time enqueued;

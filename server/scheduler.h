@@ -37,6 +37,9 @@ class Scheduler {
     // Observers (may be empty): queue depth after each change; wait time of each started job.
     std::function<void(int64_t depth)> on_depth;
     std::function<void(absl::Duration wait)> on_start;
+    // Once, on the scheduler thread, before its first job: per-thread setup of what the jobs use
+    // (the server initialises LibTorch's intra-op thread count there).
+    std::function<void()> on_thread_start;
   };
 
   struct Job {

@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/synchronization/notification.h"
@@ -54,6 +55,33 @@ TEST_F(SchedulerTest, RoundRobinBetweenUsersNotFifoBetweenRequests) {
   scheduler.Shutdown(absl::Seconds(10));
   absl::MutexLock lock(&mu_);
   EXPECT_EQ(order_, (std::vector<std::string>{"a0", "b0", "a1", "b1", "a2", "a3"}));
+}
+
+TEST_F(SchedulerTest, ThreadStartRunsOnceOnTheSchedulerThreadBeforeAnyJob) {
+  std::vector<std::string> events;
+  std::thread::id setup_thread, job_thread;
+  absl::Notification done;
+  Scheduler::Options options;
+  options.on_thread_start = [&] {
+    setup_thread = std::this_thread::get_id();
+    events.push_back("setup");
+  };
+  Scheduler scheduler(options);
+  for (int i = 0; i < 2; ++i) {
+    Scheduler::Job job;
+    job.user = "alice";
+    job.run = [&, i] {
+      job_thread = std::this_thread::get_id();
+      events.push_back("job");
+      if (i == 1) done.Notify();
+    };
+    ASSERT_TRUE(scheduler.Submit(std::move(job)).ok());
+  }
+  done.WaitForNotification();
+  scheduler.Shutdown(absl::Seconds(1));
+  EXPECT_EQ(events, (std::vector<std::string>{"setup", "job", "job"}));
+  EXPECT_EQ(setup_thread, job_thread);
+  EXPECT_NE(setup_thread, std::this_thread::get_id());
 }
 
 TEST_F(SchedulerTest, FullQueueIsResourceExhausted) {
