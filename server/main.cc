@@ -49,6 +49,7 @@ ABSL_FLAG(int, metrics_port, -1, "Prometheus /metrics port (overrides the config
 ABSL_FLAG(std::string, device, "", "device(s): cpu, cuda:0, cuda:0,cuda:1 (overrides the config)");
 ABSL_FLAG(std::string, dtype, "", "float32, bfloat16 or float16 (overrides the config)");
 ABSL_FLAG(std::string, users_file, "", "UsersFile textproto with API key hashes (overrides)");
+ABSL_FLAG(int, intra_op_threads, -1, "CPU threads per forward (overrides the config; 0: LibTorch's choice)");
 
 namespace remotelens {
 namespace {
@@ -83,6 +84,9 @@ absl::StatusOr<v1::ServerConfig> LoadConfig() {
   }
   if (!absl::GetFlag(FLAGS_model_dir).empty()) config.set_model_dir(absl::GetFlag(FLAGS_model_dir));
   if (!absl::GetFlag(FLAGS_dtype).empty()) config.set_dtype(absl::GetFlag(FLAGS_dtype));
+  if (absl::GetFlag(FLAGS_intra_op_threads) >= 0) {
+    config.set_intra_op_threads(absl::GetFlag(FLAGS_intra_op_threads));
+  }
   if (!absl::GetFlag(FLAGS_device).empty()) {
     config.clear_devices();
     for (absl::string_view d : absl::StrSplit(absl::GetFlag(FLAGS_device), ',', absl::SkipEmpty())) {
@@ -105,6 +109,10 @@ absl::StatusOr<v1::ServerConfig> LoadConfig() {
   if (config.dtype().empty()) config.set_dtype("float32");
   if (config.devices().empty()) config.add_devices("cpu");
   if (config.shutdown_grace_seconds() <= 0) config.set_shutdown_grace_seconds(10);
+  if (config.intra_op_threads() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "intra_op_threads must be >= 0 (0: LibTorch's choice), got ", config.intra_op_threads()));
+  }
   *config.mutable_limits() = LimitsWithDefaults(config.limits());
   return config;
 }
@@ -205,7 +213,15 @@ absl::Status Serve() {
   scheduler_options.on_start = [&metrics](absl::Duration wait) { metrics.ObserveQueueWait(absl::ToDoubleSeconds(wait)); };
   // OpenMP's thread count is per thread: without this the model thread (not main) would run
   // oneDNN with every core while ATen uses LibTorch's choice. See docs/decisions.md.
-  scheduler_options.on_thread_start = [] { at::init_num_threads(); };
+  scheduler_options.on_thread_start = [threads = config.intra_op_threads()] {
+    if (threads > 0) {
+      at::set_num_threads(threads);
+    } else {
+      at::init_num_threads();
+    }
+    std::fprintf(stderr, "remotelens_server: model thread uses %d intra-op thread(s)\n",
+                 at::get_num_threads());
+  };
   Scheduler scheduler(scheduler_options);
 
   SessionLimits session_limits;

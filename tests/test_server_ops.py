@@ -1,6 +1,8 @@
 """Operational surface: grpc.health.v1, server reflection, TLS, and refusing insecure exposure."""
 import os
+import struct
 import subprocess
+import time
 import urllib.request
 
 import grpc
@@ -62,6 +64,26 @@ def test_bad_config_is_a_clear_startup_error(tmp_path):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert "not a valid ServerConfig textproto" in out.stderr
+
+
+def test_intra_op_threads_from_config_and_flag(demo_model_dir, tmp_path):
+    for config, args, expected in [("intra_op_threads: 2", [], 2),
+                                   ("intra_op_threads: 2", ["--intra_op_threads", "1"], 1)]:
+        with server_harness.ServerProcess(demo_model_dir, config=config, args=args) as server:
+            line = f"model thread uses {expected} intra-op thread(s)"
+            deadline = time.time() + 10
+            while time.time() < deadline and not any(line in l for l in server.stderr_lines):
+                time.sleep(0.05)
+            assert any(line in l for l in server.stderr_lines), server.stderr_lines
+            tokens = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT64, shape=[1, 3],
+                                       data=struct.pack("<3q", 1, 2, 3))
+            responses = list(server.stub().Run(pb.RunRequest(tokens=tokens), timeout=10))
+            assert responses[-1].summary.tokens_processed == 3
+        assert server.returncode == 0
+    bad = server_harness.ServerProcess(demo_model_dir, config="intra_op_threads: -3")
+    with pytest.raises(RuntimeError) as error:
+        bad.start()
+    assert "intra_op_threads must be >= 0" in str(error.value) and "-3" in str(error.value)
 
 
 def test_flags_override_the_config(demo_model_dir, tmp_path):
