@@ -2,6 +2,7 @@
 //
 //   remotelens_server --config configs/demo.textproto [--port 50051] [--model_dir DIR]
 //       [--metrics_port 9464] [--device cpu|cuda:0,...] [--dtype float32] [--users_file F]
+//       [--host 127.0.0.1] [--intra_op_threads N]
 //
 // The config (a ServerConfig textproto) is read here and nowhere else; flags override it.
 // Without a users file the server only listens on loopback. On SIGTERM or SIGINT it stops
