@@ -23,17 +23,6 @@
 namespace remotelens {
 namespace {
 
-using safetensors_internal::DtypeByName;
-using safetensors_internal::DtypeInfo;
-using safetensors_internal::Escaped;
-using safetensors_internal::kIndexFileName;
-using safetensors_internal::kLengthFieldBytes;
-using safetensors_internal::kMaxHeaderBytes;
-using safetensors_internal::kMetadataKey;
-using safetensors_internal::kSingleFileName;
-using safetensors_internal::PathExists;
-using safetensors_internal::Quote;
-using safetensors_internal::ScopedFd;
 using nlohmann::json;
 
 // A file whose bytes do not form a valid safetensors file.

@@ -6,7 +6,6 @@
 #include "absl/strings/str_cat.h"
 
 namespace remotelens {
-namespace safetensors_internal {
 namespace {
 
 constexpr DtypeInfo kDtypes[] = {
@@ -45,5 +44,4 @@ bool PathExists(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0;
 }
 
-}  // namespace safetensors_internal
 }  // namespace remotelens

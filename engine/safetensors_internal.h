@@ -1,6 +1,7 @@
 // Internals shared by the safetensors reader (safetensors.cc) and writers
 // (safetensors_writer.cc): format constants, dtype names, quoting of untrusted names, and small
-// POSIX helpers. Not part of the engine's API; include engine/safetensors.h instead.
+// POSIX helpers. Private to the safetensors target (a header in its srcs): include
+// engine/safetensors.h instead.
 #ifndef REMOTELENS_ENGINE_SAFETENSORS_INTERNAL_H_
 #define REMOTELENS_ENGINE_SAFETENSORS_INTERNAL_H_
 
@@ -13,7 +14,6 @@
 #include "absl/strings/string_view.h"
 
 namespace remotelens {
-namespace safetensors_internal {
 
 inline constexpr uint64_t kLengthFieldBytes = 8;
 // Bounds what a hostile or corrupt length field can make us parse; real headers are kilobytes.
@@ -57,7 +57,6 @@ class ScopedFd {
   int fd_;
 };
 
-}  // namespace safetensors_internal
 }  // namespace remotelens
 
 #endif  // REMOTELENS_ENGINE_SAFETENSORS_INTERNAL_H_

@@ -19,15 +19,6 @@
 namespace remotelens {
 namespace {
 
-using safetensors_internal::DtypeByType;
-using safetensors_internal::kIndexFileName;
-using safetensors_internal::kLengthFieldBytes;
-using safetensors_internal::kMaxHeaderBytes;
-using safetensors_internal::kMetadataKey;
-using safetensors_internal::kSingleFileName;
-using safetensors_internal::PathExists;
-using safetensors_internal::Quote;
-using safetensors_internal::ScopedFd;
 using nlohmann::json;
 
 absl::Status WriteAll(int fd, const void* data, size_t size, const std::string& path) {
