@@ -96,6 +96,14 @@ def run_forward_bench(binary: str, model_dir: str, batch: int, pos: int, iters: 
     return results
 
 
+def emit_report(text: str, out_path: str = None) -> None:
+    """Prints a benchmark's markdown report and, with a path, writes it there too."""
+    print(text)
+    if out_path:
+        with open(out_path, "w") as f:
+            f.write(text)
+
+
 def run_cpp_bench(model_dir: str, args: argparse.Namespace, extra_flags: List[str] = ()) -> Dict[str, dict]:
     return run_forward_bench(args.bench_bin, model_dir, args.batch, args.pos, args.iters, args.warmup,
                              extra_flags)
@@ -163,10 +171,7 @@ def main() -> None:
          "| model | params | batch x pos | threads | reference | engine none | engine resid_post | engine all "
          "| none/ref | resid_post/none | all/none | engine none, LibTorch BLAS products | none/BLAS |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"] + rows + ["", "Machine:"] + machine_info(threads)) + "\n"
-    print(report)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(report)
+    emit_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import server_harness  # noqa: E402
-from forward_bench import run_forward_bench  # noqa: E402  (bench/ is on sys.path)
+from forward_bench import emit_report, run_forward_bench  # noqa: E402  (bench/ is on sys.path)
 
 BENCH = os.path.join(REPO, "bazel-bin", "bench", "server_bench")
 FORWARD_BENCH = os.path.join(REPO, "bazel-bin", "bench", "forward_bench")
@@ -84,10 +84,7 @@ def main():
     ]
     text = "\n".join(lines) + (f"\n\nMachine: {platform.processor() or platform.machine()}, "
                                f"{os.cpu_count()} cores\n")
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+    emit_report(text, a.out)
 
 
 if __name__ == "__main__":

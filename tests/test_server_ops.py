@@ -1,14 +1,15 @@
 """Operational surface: grpc.health.v1, server reflection, TLS, and refusing insecure exposure."""
 import os
-import struct
 import subprocess
 import time
 import urllib.request
 
 import grpc
 import pytest
+import torch
 
 import server_harness
+from remotelens._wire import tensor_to_proto
 from remotelens.v1 import remotelens_pb2 as pb
 from remotelens.v1 import tensor_pb2
 
@@ -75,9 +76,8 @@ def test_intra_op_threads_from_config_and_flag(demo_model_dir, tmp_path):
             while time.time() < deadline and not any(line in l for l in server.stderr_lines):
                 time.sleep(0.05)
             assert any(line in l for l in server.stderr_lines), server.stderr_lines
-            tokens = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT64, shape=[1, 3],
-                                       data=struct.pack("<3q", 1, 2, 3))
-            responses = list(server.stub().Run(pb.RunRequest(tokens=tokens), timeout=10))
+            responses = list(server.stub().Run(
+                pb.RunRequest(tokens=tensor_to_proto(torch.tensor([[1, 2, 3]]))), timeout=10))
             assert responses[-1].summary.tokens_processed == 3
         assert server.returncode == 0
     bad = server_harness.ServerProcess(demo_model_dir, config="intra_op_threads: -3")

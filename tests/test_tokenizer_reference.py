@@ -18,6 +18,7 @@ import subprocess
 import pytest
 
 import server_harness
+from remotelens._wire import tensor_from_proto
 from remotelens.v1 import remotelens_pb2 as pb
 
 JS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer_js")
@@ -87,9 +88,7 @@ def _engine_ids(stub, texts):
     rows = []
     for text in texts:
         r = stub.Tokenize(pb.TokenizeRequest(texts=[text], prepend_bos=False))
-        n = r.lengths[0]
-        ids = list(memoryview(r.tokens.data).cast("q"))
-        rows.append(ids[len(ids) - n:] if r.tokens.shape[1] else [])
+        rows.append(tensor_from_proto(r.tokens)[0].tolist())
     return rows
 
 

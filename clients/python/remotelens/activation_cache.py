@@ -243,10 +243,7 @@ class ActivationCache:
             if (incl_mid and l < layer) or (mlp_input and l == layer):
                 components.append(self[("resid_mid", l)])
                 labels.append(f"{l}_mid")
-        stack = torch.stack([pos_slice.apply(c, dim=-2) for c in components], dim=0)
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
-        return (stack, labels) if return_labels else stack
+        return self._stacked(components, labels, layer, apply_ln, pos_slice, mlp_input, return_labels)
 
     def decompose_resid(self, layer: Optional[int] = None, mlp_input: bool = False,
                         mode: str = "all", apply_ln: bool = False,
@@ -289,10 +286,7 @@ class ActivationCache:
         if mlp_input and incl_attn:
             components.append(self[("attn_out", layer)])
             labels.append(f"{layer}_attn_out")
-        stack = torch.stack([pos_slice.apply(c, dim=-2) for c in components], dim=0)
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
-        return (stack, labels) if return_labels else stack
+        return self._stacked(components, labels, layer, apply_ln, pos_slice, mlp_input, return_labels)
 
     # ------------------------------------------------------------------ heads and neurons
 
@@ -406,6 +400,13 @@ class ActivationCache:
         if batch_slice is not None and self.has_batch_dim:
             scale = batch_slice.apply(scale, dim=0)
         return scale
+
+    def _stacked(self, components, labels, layer, apply_ln, pos_slice, mlp_input, return_labels):
+        """The tail of accumulated_resid and decompose_resid: slice, stack, optionally apply ln."""
+        stack = torch.stack([pos_slice.apply(c, dim=-2) for c in components], dim=0)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
 
     def apply_ln_to_stack(self, residual_stack: torch.Tensor, layer: Optional[int] = None,
                           mlp_input: bool = False, pos_slice: Union[Slice, SliceInput] = None,
