@@ -10,8 +10,14 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/host_memory.h"
 #include "engine/safetensors.h"
 #include "engine/status_macros.h"
+
+#ifdef REMOTELENS_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
+#endif
 
 namespace remotelens {
 namespace {
@@ -30,7 +36,130 @@ std::string NameList(const std::vector<std::string>& names, size_t limit = 8) {
   return text;
 }
 
+// Free bytes on a device as its runtime reports them; nullopt where it cannot tell (a build
+// without CUDA headers never has CUDA devices, so that is only a device the check skips).
+std::optional<std::pair<int64_t, std::string>> DeviceFreeBytes(const at::Device& device,
+                                                                const LoadOptions& options) {
+  if (device.is_cpu()) {
+    auto host = AvailableHostMemory();
+    if (!host.ok()) return std::nullopt;
+    if (options.host_memory_limit_bytes > 0 && options.host_memory_limit_bytes < host->bytes) {
+      return std::make_pair(options.host_memory_limit_bytes,
+                            std::string("the configured host memory limit"));
+    }
+    return std::make_pair(host->bytes, host->limited_by);
+  }
+#ifdef REMOTELENS_WITH_CUDA
+  if (device.is_cuda()) {
+    c10::cuda::CUDAGuard guard(device);
+    size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
+      cudaGetLastError();  // clear the sticky error so later calls are not blamed for it
+      return std::nullopt;
+    }
+    return std::make_pair(static_cast<int64_t>(free_bytes), std::string("cudaMemGetInfo"));
+  }
+#endif
+  return std::nullopt;
+}
+
+std::string DtypeName(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "float32";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    default: return c10::toString(dtype);
+  }
+}
+
 }  // namespace
+
+absl::StatusOr<std::vector<DeviceMemoryNeed>> PlanLoadMemory(const LlamaConfig& config,
+                                                             const LoadOptions& options) {
+  const std::vector<at::Device> devices =
+      options.devices.empty() ? std::vector<at::Device>{at::Device(at::kCPU)} : options.devices;
+  std::vector<DeviceMemoryNeed> plan;
+  auto entry = [&](const at::Device& device) -> DeviceMemoryNeed& {
+    for (DeviceMemoryNeed& need : plan) {
+      if (need.device == device.str()) return need;
+    }
+    plan.emplace_back();
+    plan.back().device = device.str();
+    plan.back().reserve_bytes = options.reserve_bytes;
+    if (auto free = DeviceFreeBytes(device, options)) {
+      plan.back().available_bytes = free->first;
+      plan.back().available_source = free->second;
+    }
+    return plan.back();
+  };
+  const int64_t element = static_cast<int64_t>(c10::elementSize(options.dtype));
+  auto numel = [](const std::vector<int64_t>& shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  };
+  for (const auto& [name, shape] : ExpectedCheckpointTensors(config)) {
+    at::Device device = devices.front();
+    if (absl::StartsWith(name, "model.layers.")) {
+      const int64_t layer = std::stoll(name.substr(13, name.find('.', 13) - 13));
+      device = LayerDevice(options, layer, config.n_layers);
+    } else if (name == "model.norm.weight" || name == "lm_head.weight") {
+      device = devices.back();
+    }
+    entry(device).weight_bytes += numel(shape) * element;
+  }
+  if (config.tie_word_embeddings && devices.back() != devices.front()) {
+    entry(devices.back()).weight_bytes += config.d_vocab * config.d_model * element;
+  }
+  std::set<std::string> rotary_devices;
+  for (int64_t layer = 0; layer < config.n_layers; ++layer) {
+    const at::Device device = LayerDevice(options, layer, config.n_layers);
+    if (rotary_devices.insert(device.str()).second) {
+      entry(device).rotary_bytes = 2 * config.n_ctx * config.d_head * int64_t{4};
+    }
+  }
+  return plan;
+}
+
+absl::Status CheckLoadFits(const std::string& model_dir, const LlamaConfig& config,
+                           const LoadOptions& options) {
+  ASSIGN_OR_RETURN(std::vector<DeviceMemoryNeed> plan, PlanLoadMemory(config, options));
+  for (const DeviceMemoryNeed& need : plan) {
+    if (!need.available_bytes || need.needed() <= *need.available_bytes) continue;
+    std::string message = absl::StrCat(
+        "loading ", model_dir, " as ", DtypeName(options.dtype), " needs ",
+        HumanBytes(need.needed()), " on ", need.device, " (weights ", HumanBytes(need.weight_bytes),
+        " + rotary tables ", HumanBytes(need.rotary_bytes), " + reserved working memory ",
+        HumanBytes(need.reserve_bytes), "), but only ", HumanBytes(*need.available_bytes),
+        " is available there (", need.available_source, ")");
+    // What would fit instead: a narrower dtype on the same devices, or more devices like this one.
+    std::vector<std::string> alternatives;
+    for (at::ScalarType other : {at::kBFloat16, at::kHalf}) {
+      if (c10::elementSize(other) >= c10::elementSize(options.dtype)) continue;
+      const int64_t weights = need.weight_bytes * static_cast<int64_t>(c10::elementSize(other)) /
+                              static_cast<int64_t>(c10::elementSize(options.dtype));
+      const int64_t total = weights + need.rotary_bytes + need.reserve_bytes;
+      if (total <= *need.available_bytes) {
+        alternatives.push_back(absl::StrCat(DtypeName(other), " would need ", HumanBytes(total),
+                                            " and fit (--dtype ", DtypeName(other), ")"));
+        break;
+      }
+    }
+    const int64_t room = *need.available_bytes - need.rotary_bytes - need.reserve_bytes;
+    if (need.device != "cpu" && room > 0) {
+      const int64_t devices = (need.weight_bytes + room - 1) / room;
+      alternatives.push_back(absl::StrCat("split across ", devices, " devices with ",
+                                          HumanBytes(*need.available_bytes),
+                                          " free each it would fit (--device cuda:0,...)"));
+    }
+    if (alternatives.empty()) {
+      alternatives.push_back("free memory, lower load.reserve_bytes, or use a larger machine");
+    }
+    absl::StrAppend(&message, "; ", absl::StrJoin(alternatives, "; "));
+    return absl::ResourceExhaustedError(message);
+  }
+  return absl::OkStatus();
+}
 
 at::Device LayerDevice(const LoadOptions& options, int64_t layer, int64_t n_layers) {
   if (options.devices.empty()) return at::Device(at::kCPU);
@@ -120,45 +249,84 @@ absl::StatusOr<LlamaWeights> LoadLlamaWeights(const std::string& model_dir,
         absl::StrJoin(problems, "; ")));
   }
 
-  auto load = [&](const std::string& name, at::Device device) -> absl::StatusOr<at::Tensor> {
-    ASSIGN_OR_RETURN(at::Tensor t, checkpoint->Tensor(name));
-    // to() returns the mmapped view itself when nothing changes: the weights then stay
-    // zero-copy, backed by the page cache.
-    return t.to(device, dtype).contiguous();
+  RETURN_IF_ERROR(CheckLoadFits(model_dir, config, options));
+
+  // Allocate every weight in its final layout, then read all of them in one parallel pass.
+  std::vector<ReadPiece> pieces;
+  auto allocate = [&](at::IntArrayRef shape, at::Device device) {
+    return device.is_cpu() ? EmptyHostTensor(shape, dtype)
+                           : at::empty(shape, at::TensorOptions().dtype(dtype).device(device));
   };
-  auto load_cat = [&](std::initializer_list<std::string> names,
-                      at::Device device) -> absl::StatusOr<at::Tensor> {
-    std::vector<at::Tensor> parts;
+  // `names` are stacked along dim 0 into one tensor (fused projections), in order.
+  auto plan = [&](std::initializer_list<std::string> names,
+                  at::Device device) -> absl::StatusOr<at::Tensor> {
+    std::vector<CheckpointTensors::Location> parts;
+    int64_t rows = 0;
     for (const std::string& name : names) {
-      ASSIGN_OR_RETURN(at::Tensor t, checkpoint->Tensor(name));
-      parts.push_back(t.to(dtype));
+      ASSIGN_OR_RETURN(CheckpointTensors::Location where, checkpoint->Locate(name));
+      rows += where.shape.empty() ? 1 : where.shape[0];
+      parts.push_back(std::move(where));
     }
-    return at::cat(parts, 0).to(device);
+    std::vector<int64_t> shape = parts.front().shape;
+    if (!shape.empty()) shape[0] = rows;
+    at::Tensor destination = allocate(shape, device);
+    int64_t offset = 0;
+    for (size_t i = 0; i < parts.size(); ++i) {
+      ReadPiece piece;
+      piece.name = *(names.begin() + i);
+      piece.path = *parts[i].path;
+      piece.file_offset = parts[i].offset;
+      piece.source_dtype = parts[i].dtype;
+      piece.numel = static_cast<int64_t>(parts[i].nbytes / c10::elementSize(parts[i].dtype));
+      piece.destination = destination;
+      piece.destination_offset = offset;
+      offset += piece.numel;
+      pieces.push_back(std::move(piece));
+    }
+    return destination;
   };
 
   LlamaWeights weights;
   const at::Device first = options.devices.empty() ? at::Device(at::kCPU) : options.devices.front();
   const at::Device last = options.devices.empty() ? at::Device(at::kCPU) : options.devices.back();
-  ASSIGN_OR_RETURN(weights.embed, load("model.embed_tokens.weight", first));
-  for (int64_t layer = 0; layer < config.n_layers; ++layer) {
-    const std::string p = LayerPrefix(layer);
-    const at::Device device = LayerDevice(options, layer, config.n_layers);
-    LayerWeights lw;
-    ASSIGN_OR_RETURN(lw.ln1, load(p + "input_layernorm.weight", device));
-    ASSIGN_OR_RETURN(lw.w_qkv, load_cat({p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
-                                         p + "self_attn.v_proj.weight"},
-                                        device));
-    ASSIGN_OR_RETURN(lw.w_o, load(p + "self_attn.o_proj.weight", device));
-    ASSIGN_OR_RETURN(lw.ln2, load(p + "post_attention_layernorm.weight", device));
-    ASSIGN_OR_RETURN(lw.w_gate_up, load_cat({p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"}, device));
-    ASSIGN_OR_RETURN(lw.w_down, load(p + "mlp.down_proj.weight", device));
-    weights.layers.push_back(std::move(lw));
-  }
-  ASSIGN_OR_RETURN(weights.ln_final, load("model.norm.weight", last));
-  if (config.tie_word_embeddings) {
-    weights.unembed = weights.embed.device() == last ? weights.embed : weights.embed.to(last);
-  } else {
-    ASSIGN_OR_RETURN(weights.unembed, load("lm_head.weight", last));
+  try {
+    ASSIGN_OR_RETURN(weights.embed, plan({"model.embed_tokens.weight"}, first));
+    for (int64_t layer = 0; layer < config.n_layers; ++layer) {
+      const std::string p = LayerPrefix(layer);
+      const at::Device device = LayerDevice(options, layer, config.n_layers);
+      LayerWeights lw;
+      ASSIGN_OR_RETURN(lw.ln1, plan({p + "input_layernorm.weight"}, device));
+      ASSIGN_OR_RETURN(lw.w_qkv, plan({p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
+                                       p + "self_attn.v_proj.weight"},
+                                      device));
+      ASSIGN_OR_RETURN(lw.w_o, plan({p + "self_attn.o_proj.weight"}, device));
+      ASSIGN_OR_RETURN(lw.ln2, plan({p + "post_attention_layernorm.weight"}, device));
+      ASSIGN_OR_RETURN(lw.w_gate_up,
+                       plan({p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"}, device));
+      ASSIGN_OR_RETURN(lw.w_down, plan({p + "mlp.down_proj.weight"}, device));
+      weights.layers.push_back(std::move(lw));
+    }
+    ASSIGN_OR_RETURN(weights.ln_final, plan({"model.norm.weight"}, last));
+    if (!config.tie_word_embeddings) {
+      ASSIGN_OR_RETURN(weights.unembed, plan({"lm_head.weight"}, last));
+    }
+
+    ReadOptions read;
+    read.threads = options.load_threads;
+    read.on_progress = options.on_progress;
+    RETURN_IF_ERROR(ReadPieces(pieces, read));
+    pieces.clear();  // drops the readers' references to the destinations
+
+    if (config.tie_word_embeddings) {
+      weights.unembed = weights.embed.device() == last ? weights.embed : weights.embed.to(last);
+    }
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    if (absl::StrContains(what, "out of memory") || absl::StrContains(what, "can't allocate")) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("out of memory while loading ", model_dir, ": ", what));
+    }
+    return absl::InternalError(absl::StrCat("loading ", model_dir, ": ", what));
   }
   return weights;
 }

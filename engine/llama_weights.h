@@ -19,10 +19,13 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/checkpoint_reader.h"
 #include "engine/llama_config.h"
 
 namespace remotelens {
@@ -53,13 +56,46 @@ struct LoadOptions {
   std::vector<at::Device> devices = {at::Device(at::kCPU)};
   // CPU float32 products through oneDNN's sgemm (engine/cpu_gemm.h); false: LibTorch's BLAS.
   bool onednn_gemm = true;
+
+  // Loading. Threads that read the checkpoint (0: one per core).
+  int load_threads = 0;
+  // Memory each device must keep free beyond the weights and rotary tables, for activations of
+  // the requests the server will run. A load that would leave less is refused before reading.
+  int64_t reserve_bytes = int64_t{1} << 30;
+  // Upper bound on the host memory a CPU load may use, on top of what the kernel reports
+  // (MemAvailable, cgroup and rlimits; see host_memory.h). 0: no extra bound.
+  int64_t host_memory_limit_bytes = 0;
+  // Progress of the read (bytes and files done), at most once a second and at the end.
+  std::function<void(const ReadProgress&)> on_progress;
 };
+
+// What a load needs on one device, and what that device has.
+struct DeviceMemoryNeed {
+  std::string device;             // "cpu", "cuda:0", ...
+  int64_t weight_bytes = 0;       // weights in the load dtype placed on this device
+  int64_t rotary_bytes = 0;       // cos/sin tables, [n_ctx, d_head] float32 each
+  int64_t reserve_bytes = 0;      // LoadOptions::reserve_bytes
+  std::optional<int64_t> available_bytes;  // unknown where the runtime cannot tell
+  std::string available_source;   // "MemAvailable", "cgroup memory.max", "cudaMemGetInfo", ...
+  int64_t needed() const { return weight_bytes + rotary_bytes + reserve_bytes; }
+};
+
+// Per device the load of `config` under `options` would use, with what each device has free.
+absl::StatusOr<std::vector<DeviceMemoryNeed>> PlanLoadMemory(const LlamaConfig& config,
+                                                             const LoadOptions& options);
+
+// RESOURCE_EXHAUSTED when some device in the plan lacks room, naming the need, what is available
+// and what would fit instead (another dtype, more devices); OK otherwise.
+absl::Status CheckLoadFits(const std::string& model_dir, const LlamaConfig& config,
+                           const LoadOptions& options);
 
 // Device that block `layer` runs on under `options`.
 at::Device LayerDevice(const LoadOptions& options, int64_t layer, int64_t n_layers);
 
 // Loads and validates every tensor. Missing, unexpected and mis-shaped tensors are all listed by
-// name in one InvalidArgument error.
+// name in one InvalidArgument error. Memory is checked first (CheckLoadFits); then every weight is
+// read once, in parallel, straight into its final tensor (engine/checkpoint_reader.h): nothing of
+// the checkpoint stays mapped, so the process holds the weights exactly once.
 absl::StatusOr<LlamaWeights> LoadLlamaWeights(const std::string& model_dir,
                                               const LlamaConfig& config,
                                               const LoadOptions& options);

@@ -86,6 +86,8 @@ SafetensorsFile::SafetensorsFile(std::string path, std::shared_ptr<const Mapping
 
 SafetensorsFile::~SafetensorsFile() = default;
 
+uint64_t SafetensorsFile::mapped_size() const { return mapping_->size; }
+
 namespace {
 
 // Parses and validates one header entry against the data buffer's size.
@@ -393,6 +395,24 @@ absl::StatusOr<at::Tensor> CheckpointTensors::Tensor(const std::string& name) co
     return absl::NotFoundError(absl::StrCat("checkpoint has no tensor ", Quote(name)));
   }
   return it->second->Tensor(name);
+}
+
+absl::StatusOr<CheckpointTensors::Location> CheckpointTensors::Locate(
+    const std::string& name) const {
+  auto it = file_of_.find(name);
+  if (it == file_of_.end()) {
+    return absl::NotFoundError(absl::StrCat("checkpoint has no tensor ", Quote(name)));
+  }
+  const SafetensorsFile& file = *it->second;
+  const SafetensorsFile::Entry& entry = file.entries().at(name);
+  return Location{&file.path(), file.data_offset() + entry.begin, entry.end - entry.begin,
+                  entry.dtype, entry.shape};
+}
+
+std::vector<std::pair<std::string, uint64_t>> CheckpointTensors::FileSizes() const {
+  std::vector<std::pair<std::string, uint64_t>> sizes;
+  for (const auto& file : files_) sizes.emplace_back(file->path(), file->mapped_size());
+  return sizes;
 }
 
 }  // namespace remotelens

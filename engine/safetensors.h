@@ -68,6 +68,11 @@ class SafetensorsFile {
   const std::map<std::string, Entry>& entries() const { return entries_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::string& path() const { return path_; }
+  // File offset of the data buffer (8 + header length): entry bytes lie at
+  // data_offset() + begin .. data_offset() + end. For readers that copy with pread() instead of
+  // touching the mapping (see checkpoint_reader.h).
+  uint64_t data_offset() const { return data_start_; }
+  uint64_t mapped_size() const;  // the whole file's size in bytes
 
   // A CPU tensor viewing the mapped bytes without a copy. The tensor shares ownership of the
   // mapping, so it stays valid after this SafetensorsFile is destroyed. Two exceptions copy,
@@ -103,6 +108,18 @@ class CheckpointTensors {
   absl::StatusOr<std::vector<int64_t>> Shape(const std::string& name) const;
   // Same view semantics as SafetensorsFile::Tensor(); NOT_FOUND naming an unknown tensor.
   absl::StatusOr<at::Tensor> Tensor(const std::string& name) const;
+
+  // Where a tensor's bytes lie on disk, for copying them without the mapping.
+  struct Location {
+    const std::string* path;  // the shard; owned by this object
+    uint64_t offset;          // absolute file offset of the first byte
+    uint64_t nbytes;
+    at::ScalarType dtype;
+    std::vector<int64_t> shape;
+  };
+  absl::StatusOr<Location> Locate(const std::string& name) const;
+  // Total bytes of the files that hold the named tensors (headers included), in open order.
+  std::vector<std::pair<std::string, uint64_t>> FileSizes() const;
 
  private:
   CheckpointTensors(std::vector<std::unique_ptr<SafetensorsFile>> files,

@@ -2,7 +2,8 @@
 //
 //   remotelens_server --config configs/demo.textproto [--port 50051] [--model_dir DIR]
 //       [--metrics_port 9464] [--device cpu|cuda:0,...] [--dtype float32] [--users_file F]
-//       [--host 127.0.0.1] [--intra_op_threads N]
+//       [--host 127.0.0.1] [--intra_op_threads N] [--load_threads N] [--load_reserve_bytes B]
+//       [--host_memory_limit_bytes B]
 //
 // The config (a ServerConfig textproto) is read here and nowhere else; flags override it.
 // Without a users file the server only listens on loopback. On SIGTERM or SIGINT it stops
@@ -29,6 +30,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/notification.h"
 #include "engine/demo_model.h"
+#include "engine/host_memory.h"
 #include "engine/model_dir.h"
 #include "engine/status_macros.h"
 #include "engine/tokenizer.h"
@@ -51,6 +53,11 @@ ABSL_FLAG(std::string, device, "", "device(s): cpu, cuda:0, cuda:0,cuda:1 (overr
 ABSL_FLAG(std::string, dtype, "", "float32, bfloat16 or float16 (overrides the config)");
 ABSL_FLAG(std::string, users_file, "", "UsersFile textproto with API key hashes (overrides)");
 ABSL_FLAG(int, intra_op_threads, -1, "CPU threads per forward (overrides the config; 0: LibTorch's choice)");
+ABSL_FLAG(int, load_threads, -1, "threads reading the checkpoint (overrides load.threads; 0: one per core)");
+ABSL_FLAG(int64_t, load_reserve_bytes, -1,
+          "working memory each device keeps free beyond the weights (overrides load.reserve_bytes)");
+ABSL_FLAG(int64_t, host_memory_limit_bytes, -1,
+          "cap on host memory a CPU load may use (overrides load.host_memory_limit_bytes; 0: none)");
 
 namespace remotelens {
 namespace {
@@ -95,6 +102,21 @@ absl::StatusOr<v1::ServerConfig> LoadConfig() {
     }
   }
   if (!absl::GetFlag(FLAGS_users_file).empty()) config.set_users_file(absl::GetFlag(FLAGS_users_file));
+  v1::LoadSettings& load = *config.mutable_load();
+  if (absl::GetFlag(FLAGS_load_threads) >= 0) load.set_threads(absl::GetFlag(FLAGS_load_threads));
+  if (absl::GetFlag(FLAGS_load_reserve_bytes) >= 0) {
+    load.set_reserve_bytes(absl::GetFlag(FLAGS_load_reserve_bytes));
+  } else if (load.reserve_bytes() == 0) {
+    load.set_reserve_bytes(int64_t{1} << 30);
+  }
+  if (absl::GetFlag(FLAGS_host_memory_limit_bytes) >= 0) {
+    load.set_host_memory_limit_bytes(absl::GetFlag(FLAGS_host_memory_limit_bytes));
+  }
+  if (load.threads() < 0 || load.reserve_bytes() < 0 || load.host_memory_limit_bytes() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "load settings must be >= 0; got threads ", load.threads(), ", reserve_bytes ",
+        load.reserve_bytes(), ", host_memory_limit_bytes ", load.host_memory_limit_bytes()));
+  }
   if (config.listen_address().empty()) config.set_listen_address("127.0.0.1:50051");
   if (!absl::GetFlag(FLAGS_host).empty()) {
     config.set_listen_address(WithHost(config.listen_address(), absl::GetFlag(FLAGS_host)));
@@ -164,6 +186,16 @@ absl::Status Serve() {
   LoadOptions load;
   ASSIGN_OR_RETURN(load.dtype, ParseDtype(config.dtype()));
   ASSIGN_OR_RETURN(load.devices, ParseDevices(absl::StrJoin(config.devices(), ",")));
+  load.load_threads = config.load().threads();
+  load.reserve_bytes = config.load().reserve_bytes();
+  load.host_memory_limit_bytes = config.load().host_memory_limit_bytes();
+  // An operator watching a slow disk sees that the load is alive and how fast it goes.
+  load.on_progress = [](const ReadProgress& p) {
+    const double seconds = absl::ToDoubleSeconds(p.elapsed);
+    std::fprintf(stderr, "remotelens_server: loading weights %s of %s, %d of %d files, %.1f s, %.2f GB/s\n",
+                 HumanBytes(p.bytes_done).c_str(), HumanBytes(p.bytes_total).c_str(), p.files_done,
+                 p.files_total, seconds, seconds > 0 ? p.bytes_done / seconds / 1e9 : 0.0);
+  };
   std::fprintf(stderr, "remotelens_server: loading %s (%s on %s)\n", model_dir.c_str(),
                config.dtype().c_str(), absl::StrJoin(config.devices(), ",").c_str());
   ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model, LoadModelDir(model_dir, load));
