@@ -72,7 +72,7 @@ class Reader {
     for (std::thread& t : workers) t.join();
     for (auto& [path, fd] : fds_) ::close(fd);
     if (!error_.ok()) return error_;
-    Report(/*force=*/true);
+    if (reported_bytes_ != bytes_done_) Report(/*force=*/true);  // the last file's report may be it
     return absl::OkStatus();
   }
 
@@ -187,7 +187,12 @@ class Reader {
       if (staging.size() < source_bytes) staging.resize(source_bytes);
       read_into = staging.data();
     }
-    RETURN_IF_ERROR(PreadAll(fds_.at(p.path), read_into, source_bytes, Offset(c), p));
+    const int fd = fds_.at(p.path);
+    RETURN_IF_ERROR(PreadAll(fd, read_into, source_bytes, Offset(c), p));
+    if (options_.drop_page_cache) {
+      ::posix_fadvise(fd, static_cast<off_t>(Offset(c)), static_cast<off_t>(source_bytes),
+                      POSIX_FADV_DONTNEED);
+    }
     if (p.source_dtype != to) ConvertElements(read_into, p.source_dtype, converted, to, c.numel);
     if (!on_cpu) {
       const at::Tensor host = at::from_blob(converted, {c.numel}, at::TensorOptions().dtype(to));
@@ -224,6 +229,7 @@ class Reader {
     const absl::Time now = absl::Now();
     if (!force && now - last_report_ < options_.progress_interval) return;
     last_report_ = now;
+    reported_bytes_ = bytes_done_;
     ReadProgress progress;
     progress.bytes_done = bytes_done_;
     progress.bytes_total = bytes_total_;
@@ -245,6 +251,7 @@ class Reader {
   absl::Status error_;
   std::vector<int64_t> file_remaining_;  // source bytes still to read, per file
   int64_t bytes_done_ = 0;
+  int64_t reported_bytes_ = -1;
   int64_t bytes_total_ = 0;
   int files_done_ = 0;
   int files_total_ = 0;

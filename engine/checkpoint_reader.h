@@ -54,6 +54,11 @@ struct ReadOptions {
   int threads = 0;                        // 0: one per core
   int64_t chunk_bytes = int64_t{32} << 20;  // unit of work handed to a thread
   absl::Duration progress_interval = absl::Seconds(1);
+  // Drop each range from the page cache once it is read (POSIX_FADV_DONTNEED). For loads whose
+  // weights and checkpoint do not both fit in memory: reading marks consumed pages as recently
+  // used, so without this the kernel evicts the pages still to be read, and the load re-reads
+  // them from disk (5x the file-read time for an 8B checkpoint on a 24 GiB machine).
+  bool drop_page_cache = false;
   // Called from reader threads (one at a time) at most once per progress_interval, whenever a
   // file completes, and once at the end.
   std::function<void(const ReadProgress&)> on_progress;

@@ -81,21 +81,35 @@ absl::Status WriteDemoModel(const std::string& dir, const DemoModelSpec& spec) {
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", dir, ": ", ec.message()));
 
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(spec.seed);
-  std::vector<std::pair<std::string, at::Tensor>> tensors;
-  for (const auto& [name, shape] : ExpectedCheckpointTensors(config)) {
-    at::Tensor t;
+  const auto expected = ExpectedCheckpointTensors(config);
+  std::vector<std::string> names;
+  for (const auto& entry : expected) names.push_back(entry.first);
+  constexpr int64_t kTileElements = int64_t{1} << 22;
+  at::Tensor tile;  // [kTileElements] float32, drawn once when spec.tile_random
+  auto make = [&](size_t i) -> absl::StatusOr<at::Tensor> {
+    const auto& [name, shape] = expected[i];
+    int64_t numel = 1;
+    for (int64_t d : shape) numel *= d;
     if (shape.size() == 1) {
       // Norm weights near 1, so the random model is not degenerate.
-      t = 1.0 + 0.1 * at::randn(shape, gen, at::kFloat);
-    } else if (name == "model.embed_tokens.weight") {
-      t = at::randn(shape, gen, at::kFloat);
-    } else {
-      // Variance-preserving projections keep activations of order one through the blocks.
-      t = at::randn(shape, gen, at::kFloat) / std::sqrt(static_cast<double>(shape[1]));
+      return (1.0 + 0.1 * at::randn(shape, gen, at::kFloat)).to(dtype);
     }
-    tensors.emplace_back(name, t.to(dtype));
-  }
-  RETURN_IF_ERROR(WriteCheckpoint(dir, tensors, spec.num_shards));
+    // Variance-preserving projections keep activations of order one through the blocks.
+    const double scale =
+        name == "model.embed_tokens.weight" ? 1.0 : 1.0 / std::sqrt(static_cast<double>(shape[1]));
+    if (spec.tile_random && numel > kTileElements) {
+      if (!tile.defined()) tile = at::randn({kTileElements}, gen, at::kFloat);
+      // Each tensor starts at its own place in the tile, so no two are equal.
+      const at::Tensor block =
+          (at::roll(tile, {static_cast<int64_t>(i) * 7919}, {0}) * scale).to(dtype);
+      return block.repeat({(numel + kTileElements - 1) / kTileElements})
+          .narrow(0, 0, numel)
+          .reshape(shape);
+    }
+    if (name == "model.embed_tokens.weight") return at::randn(shape, gen, at::kFloat).to(dtype);
+    return (at::randn(shape, gen, at::kFloat) / std::sqrt(static_cast<double>(shape[1]))).to(dtype);
+  };
+  RETURN_IF_ERROR(WriteCheckpointLazily(dir, names, make, spec.num_shards));
   RETURN_IF_ERROR(WriteText(dir + "/config.json", LlamaConfigToJson(config)));
   RETURN_IF_ERROR(WriteText(dir + "/tokenizer.json", tokenizer_json));
   return absl::OkStatus();

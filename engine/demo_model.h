@@ -31,13 +31,17 @@ struct DemoModelSpec {
   int num_shards = 1;           // > 1 writes model.safetensors.index.json and shards
   std::string dtype = "float32";  // on-disk dtype: float32, bfloat16 or float16
   uint64_t seed = 0;
+  // Matrices tile one random block instead of drawing every element: writes a multi-gigabyte
+  // checkpoint (load benchmarks) in seconds. Fine for timing and memory, not for numerics.
+  bool tile_random = false;
 };
 
 // The config a spec describes (name "remotelens-demo"); WriteDemoModel adds the special token
 // ids, which come from the generated tokenizer.
 LlamaConfig DemoModelConfig(const DemoModelSpec& spec);
 
-// Creates `dir` if needed and writes config.json, the weights and tokenizer.json.
+// Creates `dir` if needed and writes config.json, the weights and tokenizer.json. One shard's
+// tensors are in memory at a time.
 absl::Status WriteDemoModel(const std::string& dir, const DemoModelSpec& spec);
 
 }  // namespace remotelens

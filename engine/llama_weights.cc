@@ -314,6 +314,17 @@ absl::StatusOr<LlamaWeights> LoadLlamaWeights(const std::string& model_dir,
     ReadOptions read;
     read.threads = options.load_threads;
     read.on_progress = options.on_progress;
+    // Where the host cannot hold both the weights and the checkpoint's pages, drop what has been
+    // read from the page cache so the kernel does not evict what is still to be read.
+    ASSIGN_OR_RETURN(std::vector<DeviceMemoryNeed> plan, PlanLoadMemory(config, options));
+    int64_t file_bytes = 0;
+    for (const auto& file : checkpoint->FileSizes()) file_bytes += static_cast<int64_t>(file.second);
+    for (const DeviceMemoryNeed& need : plan) {
+      if (need.device == "cpu" && need.available_bytes &&
+          need.needed() + file_bytes > *need.available_bytes) {
+        read.drop_page_cache = true;
+      }
+    }
     RETURN_IF_ERROR(ReadPieces(pieces, read));
     pieces.clear();  // drops the readers' references to the destinations
 

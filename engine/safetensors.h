@@ -27,6 +27,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -150,6 +151,13 @@ absl::Status WriteSafetensors(const std::string& path,
 absl::Status WriteCheckpoint(const std::string& model_dir,
                              const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                              int num_shards);
+
+// WriteCheckpoint with each tensor made on demand by `make(i)` for names[i], one shard's tensors
+// at a time: writes checkpoints larger than memory (tools/make_checkpoint's 8B-shaped one). An
+// error from `make` stops the write and is returned.
+absl::Status WriteCheckpointLazily(
+    const std::string& model_dir, const std::vector<std::string>& names,
+    const std::function<absl::StatusOr<at::Tensor>(size_t index)>& make, int num_shards);
 
 }  // namespace remotelens
 

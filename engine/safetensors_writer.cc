@@ -150,35 +150,61 @@ absl::Status WriteSafetensors(const std::string& path,
 absl::Status WriteCheckpoint(const std::string& model_dir,
                              const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                              int num_shards) {
+  // Validate across all shards up front: a name repeated in two shards would pass each shard's
+  // own check, and a failure after some shards are written would leave a partial directory.
+  RETURN_IF_ERROR(ValidateTensorsToWrite(tensors));
+  std::vector<std::string> names;
+  for (const auto& entry : tensors) names.push_back(entry.first);
+  return WriteCheckpointLazily(
+      model_dir, names,
+      [&tensors](size_t i) -> absl::StatusOr<at::Tensor> { return tensors[i].second; },
+      num_shards);
+}
+
+absl::Status WriteCheckpointLazily(
+    const std::string& model_dir, const std::vector<std::string>& names,
+    const std::function<absl::StatusOr<at::Tensor>(size_t index)>& make, int num_shards) {
   if (num_shards < 1 || num_shards > 99999) {
     return absl::InvalidArgumentError(
         absl::StrCat("num_shards must be in [1, 99999], got ", num_shards));
   }
-  // Validate across all shards up front: a name repeated in two shards would pass each shard's
-  // own check, and a failure after some shards are written would leave a partial directory.
-  RETURN_IF_ERROR(ValidateTensorsToWrite(tensors));
+  if (std::set<std::string>(names.begin(), names.end()).size() != names.size()) {
+    return absl::InvalidArgumentError("checkpoint tensor names must be unique");
+  }
   if (::mkdir(model_dir.c_str(), 0755) != 0 && errno != EEXIST) {
     return absl::ErrnoToStatus(errno, absl::StrCat("creating checkpoint directory ", model_dir));
   }
   // Hugging Face's loaders check that shards declare themselves PyTorch-format.
   const std::map<std::string, std::string> shard_metadata = {{"format", "pt"}};
   const std::string single_path = absl::StrCat(model_dir, "/", kSingleFileName);
-  if (num_shards == 1) return WriteSafetensors(single_path, tensors, shard_metadata);
+  auto make_range = [&](size_t first, size_t last)
+      -> absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> {
+    std::vector<std::pair<std::string, at::Tensor>> made;
+    for (size_t i = first; i < last; ++i) {
+      ASSIGN_OR_RETURN(at::Tensor t, make(i));
+      made.emplace_back(names[i], std::move(t));
+    }
+    return made;
+  };
+  if (num_shards == 1) {
+    ASSIGN_OR_RETURN(auto all, make_range(0, names.size()));
+    return WriteSafetensors(single_path, all, shard_metadata);
+  }
   if (PathExists(single_path)) {
     return absl::FailedPreconditionError(
         absl::StrCat(single_path, " exists and readers would load it instead of the ",
                      num_shards, " shards; remove it first"));
   }
 
+  // One shard's tensors exist at a time, so a checkpoint larger than memory can be written.
   json weight_map = json::object();
   uint64_t total_size = 0;
-  const size_t n = tensors.size();
+  const size_t n = names.size();
   for (int s = 0; s < num_shards; ++s) {
     const size_t first = n * s / num_shards;
     const size_t last = n * (s + 1) / num_shards;
     const std::string shard = absl::StrFormat("model-%05d-of-%05d.safetensors", s + 1, num_shards);
-    std::vector<std::pair<std::string, at::Tensor>> shard_tensors(tensors.begin() + first,
-                                                                  tensors.begin() + last);
+    ASSIGN_OR_RETURN(auto shard_tensors, make_range(first, last));
     RETURN_IF_ERROR(
         WriteSafetensors(absl::StrCat(model_dir, "/", shard), shard_tensors, shard_metadata));
     for (const auto& [name, tensor] : shard_tensors) {
