@@ -134,7 +134,18 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const v1::T
   return grpc::SslServerCredentials(options);
 }
 
+// SIGTERM and SIGINT, blocked in main before any thread exists (threads inherit the mask), so
+// they only ever reach sigwait: a second signal during the drain is absorbed, not fatal.
+sigset_t ShutdownSignals() {
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  return signals;
+}
+
 absl::Status Serve() {
+  const sigset_t signals = ShutdownSignals();
   ASSIGN_OR_RETURN(v1::ServerConfig config, LoadConfig());
   const v1::Limits& limits = config.limits();
 
@@ -201,13 +212,6 @@ absl::Status Serve() {
     ASSIGN_OR_RETURN(metrics_port, metrics_http.Start(config.metrics_address()));
   }
 
-  // Signals go to one waiting thread, never to a gRPC or scheduler thread.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-
   Scheduler::Options scheduler_options;
   scheduler_options.max_queue = limits.max_queue();
   scheduler_options.on_depth = [&metrics](int64_t depth) { metrics.SetQueueDepth(depth); };
@@ -250,11 +254,15 @@ absl::Status Serve() {
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials, Credentials(config.tls()));
   int selected_port = 0;
   builder.AddListeningPort(config.listen_address(), credentials, &selected_port);
+  // gRPC sets SO_REUSEPORT by default, so a second server on a busy port would start and take a
+  // share of its connections. Refuse instead.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.SetMaxReceiveMessageSize(static_cast<int>(std::min<int64_t>(limits.max_request_bytes(), INT32_MAX)));
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || selected_port == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", config.listen_address()));
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", config.listen_address(),
+                                               ": the port is in use or the address is not local"));
   }
   // Tests and scripts read this line to find the port.
   std::printf("remotelens_server listening on %s (model %s, %s, auth %s, tls %s, metrics %s)\n",
@@ -295,6 +303,9 @@ absl::Status Serve() {
 }  // namespace remotelens
 
 int main(int argc, char** argv) {
+  // First thing, before LibTorch, gRPC or OpenMP start threads that would inherit an open mask.
+  const sigset_t signals = remotelens::ShutdownSignals();
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   absl::SetProgramUsageMessage("remotelens_server --config configs/demo.textproto [flags]");
   absl::ParseCommandLine(argc, argv);
   absl::Status status = remotelens::Serve();

@@ -7,13 +7,22 @@
 #include "absl/strings/str_cat.h"
 #include "engine/hook_names.h"
 #include "engine/status_macros.h"
+#include "server/echo.h"
 #include "server/request_builder.h"
 #include "server/tensor_codec.h"
 
 namespace remotelens {
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+  // Messages echo caller input through Echo(); this cap is the backstop that keeps any status
+  // inside gRPC's trailer limits, so the code the caller sees is the real one.
+  constexpr size_t kMaxMessageBytes = 1024;
+  absl::string_view message = status.message();
+  if (message.size() <= kMaxMessageBytes) {
+    return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(message));
+  }
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
+                      absl::StrCat(Echo(message.substr(0, kMaxMessageBytes - 32)), " [truncated]"));
 }
 
 RemoteLensService::RemoteLensService(ServiceDeps deps) : deps_(std::move(deps)) {}
@@ -56,6 +65,7 @@ v1::Session SessionToProto(const SessionSummary& s) {
   out.set_num_hooks(s.num_hooks);
   out.set_num_caches(s.num_caches);
   out.set_stored_cache_bytes(s.stored_bytes);
+  out.set_owner(s.owner);
   return out;
 }
 
@@ -96,6 +106,7 @@ grpc::ServerUnaryReactor* RemoteLensService::Tokenize(grpc::CallbackServerContex
                                                       const v1::TokenizeRequest* request,
                                                       v1::TokenizeResponse* out) {
   return Unary(ctx, "Tokenize", [&](const AuthUser& user) -> absl::Status {
+    RETURN_IF_ERROR(ValidateEnums(*request));
     ModelContext mc{deps_.model, deps_.tokenizer, &deps_.limits};
     ASSIGN_OR_RETURN(EncodedBatch batch, EncodeTexts(mc, request->texts(), request->prepend_bos(),
                                                      request->padding_side()));
@@ -178,7 +189,10 @@ grpc::ServerUnaryReactor* RemoteLensService::ListSessions(grpc::CallbackServerCo
                                                           const v1::ListSessionsRequest*,
                                                           v1::ListSessionsResponse* out) {
   return Unary(ctx, "ListSessions", [&](const AuthUser& user) -> absl::Status {
-    for (const SessionSummary& s : deps_.sessions->List(user.name)) *out->add_sessions() = SessionToProto(s);
+    // config.proto's role "admin": every user's sessions; anyone else: their own.
+    const std::vector<SessionSummary> sessions =
+        user.admin ? deps_.sessions->ListAll() : deps_.sessions->List(user.name);
+    for (const SessionSummary& s : sessions) *out->add_sessions() = SessionToProto(s);
     return absl::OkStatus();
   });
 }
@@ -187,9 +201,11 @@ grpc::ServerUnaryReactor* RemoteLensService::AddHook(grpc::CallbackServerContext
                                                      const v1::AddHookRequest* request,
                                                      v1::AddHookResponse* out) {
   return Unary(ctx, "AddHook", [&](const AuthUser& user) -> absl::Status {
+    RETURN_IF_ERROR(ValidateEnums(*request));
     RETURN_IF_ERROR(ValidateHookOp(request->op(), deps_.model->config(), /*allow_callback=*/false, "op"));
     ASSIGN_OR_RETURN(int64_t id, deps_.sessions->AddHook(user.name, request->session_id(), request->op(),
-                                                         request->prepend()));
+                                                         request->prepend(),
+                                                         user.quota.max_stored_cache_bytes()));
     out->set_hook_id(id);
     UpdateSessionMetrics();
     return absl::OkStatus();

@@ -7,7 +7,9 @@
 #include <deque>
 
 #include "absl/strings/str_cat.h"
+#include "engine/sampler.h"
 #include "engine/status_macros.h"
+#include "server/echo.h"
 #include "server/outbox.h"
 #include "server/request_builder.h"
 #include "server/run_job.h"
@@ -105,12 +107,27 @@ int64_t MaxTokensFor(const AuthUser& user, const v1::Limits& limits) {
 }
 
 // HookReplies from an interactive client, handed from the reactor's reads to the scheduler
-// thread that waits for them.
+// thread that waits for them. At most one reply is held: the one answering the hook call in
+// flight. A reply nobody asked for is refused, so a client cannot make the server buffer
+// replies without bound.
 class ReplyChannel {
  public:
-  void Push(v1::HookReply reply) {
+  // The job is about to send HookCall `call_id`; its reply may arrive from now on.
+  void Expect(int64_t call_id) {
     absl::MutexLock lock(&mu_);
+    expected_ = call_id;
+  }
+  // FAILED_PRECONDITION when no hook call is waiting for a reply (or its reply already came).
+  absl::Status Push(v1::HookReply reply) {
+    absl::MutexLock lock(&mu_);
+    if (expected_ == 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "HookReply (call_id ", reply.call_id(), ") arrived while no hook call was waiting for "
+          "one; send exactly one HookReply per HookCall, after receiving it"));
+    }
+    expected_ = 0;
     replies_.push_back(std::move(reply));
+    return absl::OkStatus();
   }
   void Close(absl::Status why) {
     absl::MutexLock lock(&mu_);
@@ -137,6 +154,7 @@ class ReplyChannel {
  private:
   absl::Mutex mu_;
   std::deque<v1::HookReply> replies_ ABSL_GUARDED_BY(mu_);
+  int64_t expected_ ABSL_GUARDED_BY(mu_) = 0;  // the call awaiting a reply; 0: none
   absl::Status closed_ ABSL_GUARDED_BY(mu_);  // OK while open
 };
 
@@ -185,6 +203,7 @@ absl::Status SubmitRun(RemoteLensService& service, grpc::CallbackServerContext* 
                        std::function<bool()> cancelled,
                        std::function<void(absl::StatusOr<v1::RunResponse::Summary>)> done) {
   const ServiceDeps& deps = service.deps();
+  RETURN_IF_ERROR(ValidateEnums(request));
   ASSIGN_OR_RETURN(ConcurrencyLimiter::Lease lease, service.limiter().Acquire(user));
   const v1::Quota& quota = user.quota;
   ModelContext mc{deps.model, deps.tokenizer, &deps.limits};
@@ -318,7 +337,13 @@ class InteractiveReactor final
       replies_->Close(absl::InvalidArgumentError("after the RunRequest, only HookReply messages are valid"));
       return;
     }
-    replies_->Push(request_.reply());
+    absl::Status pushed = replies_->Push(request_.reply());
+    if (!pushed.ok()) {
+      // Ends the call: the job's next push fails and a waiting job wakes with this status.
+      replies_->Close(pushed);
+      outbox_->Close(ToGrpcStatus(pushed));
+      return;
+    }
     StartRead(&request_);
   }
   void OnWriteDone(bool ok) override { outbox_->OnWriteDone(ok); }
@@ -342,10 +367,21 @@ class InteractiveReactor final
     const int64_t chunk_bytes = service_->deps().limits.chunk_bytes();
     const absl::Duration timeout = absl::Milliseconds(service_->deps().limits.hook_timeout_ms());
     auto call_ids = std::make_shared<std::atomic<int64_t>>(0);
+    // Hook-call activations and the run's own tensors share the streamed-bytes quota.
+    auto streamed = std::make_shared<std::atomic<int64_t>>(0);
+    const int64_t max_streamed = user->quota.max_streamed_bytes_per_request();
     CallbackFactory callbacks = [=](int64_t callback_id) -> HookCallback {
       return [=](HookId id, const at::Tensor& activation) -> absl::StatusOr<std::optional<at::Tensor>> {
         const int64_t call_id = ++*call_ids;
         const std::string name = HookName(id);
+        const int64_t size = activation.numel() * activation.element_size();
+        if (*streamed + size > max_streamed) {
+          return absl::ResourceExhaustedError(absl::StrCat(
+              "hook call at ", name, " would stream ", size, " bytes, past your quota of ",
+              max_streamed, " streamed bytes per request (", streamed->load(), " sent)"));
+        }
+        *streamed += size;
+        replies->Expect(call_id);
         v1::InteractiveResponse call;
         call.mutable_hook_call()->set_call_id(call_id);
         call.mutable_hook_call()->set_callback_id(callback_id);
@@ -365,6 +401,14 @@ class InteractiveReactor final
       };
     };
     RunSink<v1::InteractiveResponse> sink = MakeRunSink(outbox);
+    sink.emit = [emit = std::move(sink.emit), streamed, max_streamed](v1::TensorChunk&& chunk) {
+      if ((*streamed += static_cast<int64_t>(chunk.data().size())) > max_streamed) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "streaming \"", chunk.name(), "\" would exceed your quota of ", max_streamed,
+            " streamed bytes per request, hook calls included"));
+      }
+      return emit(std::move(chunk));
+    };
     return SubmitRun(*service_, ctx_, *user, request_.run(), callbacks, sink.emit, sink.cancelled,
                      sink.done);
   }
@@ -390,6 +434,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* RemoteLensService::Generate(
   auto outbox = reactor->outbox();
   absl::Status status = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
+    RETURN_IF_ERROR(ValidateEnums(*request));
     ASSIGN_OR_RETURN(ConcurrencyLimiter::Lease lease, limiter().Acquire(*user));
     const LlamaConfig& config = deps_.model->config();
     ModelContext mc{deps_.model, deps_.tokenizer, &deps_.limits};
@@ -404,6 +449,15 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* RemoteLensService::Generate(
                                                      deps_.limits.max_new_tokens(), ", got ",
                                                      request->max_new_tokens()));
     }
+    // The token quota covers what the request makes the server hold: prompt plus new tokens.
+    const int64_t rows = batch.tokens.size(0), prompt = batch.tokens.size(1);
+    const int64_t max_tokens = MaxTokensFor(*user, deps_.limits);
+    if (rows * (prompt + request->max_new_tokens()) > max_tokens) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "request has ", rows * (prompt + request->max_new_tokens()), " tokens (batch ", rows,
+          " x (prompt ", prompt, " + max_new_tokens ", request->max_new_tokens(),
+          ")); your limit is max_tokens_per_request = ", max_tokens));
+    }
     GenerateOptions& o = job->options;
     o.max_new_tokens = request->max_new_tokens();
     const v1::SamplingParams& s = request->sampling();
@@ -412,6 +466,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* RemoteLensService::Generate(
     o.sampling.top_k = s.top_k();
     o.sampling.top_p = s.top_p() == 0 ? 1.0 : s.top_p();
     o.seed = s.seed();
+    RETURN_IF_ERROR(ValidateSamplingOptions(o.sampling));
     o.stop_at_eos = request->stop_at_eos();
     o.eos_token_ids.assign(request->eos_token_ids().begin(), request->eos_token_ids().end());
     o.use_past_kv_cache = !request->disable_kv_cache();
@@ -471,7 +526,7 @@ grpc::ServerWriteReactor<v1::TensorChunk>* RemoteLensService::FetchCache(
       for (const std::string& name : request->names()) {
         const at::Tensor* t = cache->Find(name);
         if (t == nullptr) {
-          return absl::NotFoundError(absl::StrCat("cache '", request->cache_handle(), "' holds no \"", name, "\""));
+          return absl::NotFoundError(absl::StrCat("cache '", Echo(request->cache_handle()), "' holds no \"", Echo(name), "\""));
         }
         selected.emplace_back(name, t);
       }
@@ -533,7 +588,7 @@ absl::StatusOr<at::Tensor> TransformerLensWeight(const LlamaModel& model, const 
   if (name == "ln1_w") return l.ln1;
   if (name == "ln2_w") return l.ln2;
   return absl::InvalidArgumentError(absl::StrCat(
-      "unknown weight \"", name, "\"; valid: W_E, W_U, W_Q, W_K, W_V, W_O, W_in, W_gate, W_out, ",
+      "unknown weight \"", Echo(name), "\"; valid: W_E, W_U, W_Q, W_K, W_V, W_O, W_in, W_gate, W_out, ",
       "ln1_w, ln2_w, ln_final_w"));
 }
 
@@ -545,7 +600,7 @@ grpc::ServerWriteReactor<v1::TensorChunk>* RemoteLensService::GetWeights(
   auto outbox = reactor->outbox();
   absl::Status status = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
-    (void)user;
+    RETURN_IF_ERROR(ValidateEnums(*request));
     ASSIGN_OR_RETURN(at::Tensor weight, TransformerLensWeight(*deps_.model, request->name(), request->layer()));
     if (request->dtype() != v1::DTYPE_UNSPECIFIED) {
       ASSIGN_OR_RETURN(at::ScalarType dtype, ScalarTypeFromProto(request->dtype()));
@@ -553,6 +608,12 @@ grpc::ServerWriteReactor<v1::TensorChunk>* RemoteLensService::GetWeights(
         return absl::InvalidArgumentError("dtype: weights are floating point; use DTYPE_FLOAT32, DTYPE_BFLOAT16 or DTYPE_FLOAT16");
       }
       weight = weight.to(dtype);
+    }
+    const int64_t bytes = weight.numel() * weight.element_size();
+    if (bytes > user->quota.max_streamed_bytes_per_request()) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "weight ", request->name(), " is ", bytes, " bytes, more than your quota of ",
+          user->quota.max_streamed_bytes_per_request(), " streamed bytes per request"));
     }
     RETURN_IF_ERROR(StreamToOutbox(outbox, request->name(), weight.to(at::kCPU), deps_.limits.chunk_bytes()));
     outbox->Close(grpc::Status::OK);

@@ -134,7 +134,7 @@ class RemoteLensServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """The caller's own sessions only.
+        """The caller's own sessions; every user's for callers with role "admin" (config.proto).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
