@@ -284,7 +284,7 @@ absl::Status SessionStore::Charge(Session& session, int64_t bytes, int64_t max_u
   if (bytes > max_user_bytes - in_use) {
     return absl::ResourceExhaustedError(absl::StrCat(
         what, " ", FormatBytes(bytes), " would exceed user '", owner,
-        "''s stored bytes quota (max_stored_cache_bytes: caches and session hook values) of ",
+        "''s stored cache quota (max_stored_cache_bytes: caches and session hook values) of ",
         FormatBytes(max_user_bytes), " (", FormatBytes(in_use), " in use)"));
   }
   if (bytes > limits_.max_total_stored_bytes - stored_bytes_) {

@@ -344,7 +344,7 @@ TEST(SessionStore, HookValuesCountAgainstTheStoredBytesQuota) {
   big.mutable_add()->mutable_value()->set_data(std::string(kMiB, '\0'));
   absl::StatusOr<int64_t> refused = store.AddHook("dave", id, big, false, quota);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_THAT(refused.status().message(), HasSubstr("stored bytes quota"));
+  EXPECT_THAT(refused.status().message(), HasSubstr("session hook values"));
   EXPECT_EQ(store.StoredBytesOf("dave"), 0);
 
   // A small hook fits and is counted; removing it gives the bytes back.
@@ -375,7 +375,7 @@ TEST(SessionStore, QuotaCoversAllOfAUsersSessions) {
   absl::StatusOr<std::string> over = store.StoreCache("bob", two, CacheOf(3 * kMiB), quota);
   EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(over.status().message(),
-            "storing 3.0 MiB would exceed user 'bob''s stored bytes quota "
+            "storing 3.0 MiB would exceed user 'bob''s stored cache quota "
             "(max_stored_cache_bytes: caches and session hook values) of 2.0 MiB (1.5 MiB in use)");
   // One byte past the quota fails; exactly up to it succeeds.
   EXPECT_FALSE(store.StoreCache("bob", one, CacheOf(kMiB / 2 + 4), quota).ok());
