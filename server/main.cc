@@ -13,8 +13,12 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <prometheus/registry.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -134,18 +138,48 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const v1::T
   return grpc::SslServerCredentials(options);
 }
 
-// SIGTERM and SIGINT, blocked in main before any thread exists (threads inherit the mask), so
-// they only ever reach sigwait: a second signal during the drain is absorbed, not fatal.
-sigset_t ShutdownSignals() {
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  return signals;
+// SIGTERM and SIGINT. Blocking them cannot cover every thread: OpenBLAS starts its pool while
+// the libraries load, before main, and a signal delivered to one of those threads used the
+// default action (a second SIGTERM during the drain killed the process). So main installs a
+// handler first thing, which every thread shares: it only writes the signal number to a pipe,
+// which Serve reads once; later signals are absorbed. The pipe is the one piece of global state
+// here, because a signal handler can reach nothing else.
+int shutdown_pipe[2] = {-1, -1};
+
+void OnShutdownSignal(int signal_number) {
+  const int saved_errno = errno;
+  const char byte = static_cast<char>(signal_number);
+  (void)!::write(shutdown_pipe[1], &byte, 1);  // async-signal-safe; a full pipe drops it
+  errno = saved_errno;
+}
+
+absl::Status InstallShutdownHandler() {
+  if (::pipe2(shutdown_pipe, O_CLOEXEC | O_NONBLOCK) != 0) {
+    return absl::ErrnoToStatus(errno, "cannot create the shutdown signal pipe");
+  }
+  struct sigaction action {};
+  action.sa_handler = OnShutdownSignal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  for (int signal_number : {SIGTERM, SIGINT}) {
+    if (::sigaction(signal_number, &action, nullptr) != 0) {
+      return absl::ErrnoToStatus(errno, "cannot install the shutdown signal handler");
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Blocks until the first SIGTERM or SIGINT; returns its number.
+int WaitForShutdownSignal() {
+  for (;;) {
+    pollfd p{shutdown_pipe[0], POLLIN, 0};
+    if (::poll(&p, 1, -1) <= 0) continue;  // EINTR
+    char byte = 0;
+    if (::read(shutdown_pipe[0], &byte, 1) == 1) return byte;
+  }
 }
 
 absl::Status Serve() {
-  const sigset_t signals = ShutdownSignals();
   ASSIGN_OR_RETURN(v1::ServerConfig config, LoadConfig());
   const v1::Limits& limits = config.limits();
 
@@ -279,8 +313,7 @@ absl::Status Serve() {
     }
   });
 
-  int signal_number = 0;
-  sigwait(&signals, &signal_number);
+  const int signal_number = WaitForShutdownSignal();
   std::fprintf(stderr, "remotelens_server: signal %d, shutting down (grace %ds)\n", signal_number,
                config.shutdown_grace_seconds());
   server->GetHealthCheckService()->SetServingStatus(false);
@@ -303,9 +336,11 @@ absl::Status Serve() {
 }  // namespace remotelens
 
 int main(int argc, char** argv) {
-  // First thing, before LibTorch, gRPC or OpenMP start threads that would inherit an open mask.
-  const sigset_t signals = remotelens::ShutdownSignals();
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // First thing: from here on no signal of the two can end the process by default action.
+  if (absl::Status installed = remotelens::InstallShutdownHandler(); !installed.ok()) {
+    std::fprintf(stderr, "remotelens_server: %s\n", installed.ToString().c_str());
+    return 1;
+  }
   absl::SetProgramUsageMessage("remotelens_server --config configs/demo.textproto [flags]");
   absl::ParseCommandLine(argc, argv);
   absl::Status status = remotelens::Serve();

@@ -218,12 +218,18 @@ def test_second_sigterm_during_drain_is_absorbed(demo_model_dir):
     server = server_harness.ServerProcess(demo_model_dir).start()
     c = Client(server)
     try:
-        # A long generation keeps the drain going for the grace period.
-        call = c.stub.Generate(pb.GenerateRequest(tokens=wire.tokens([[5, 17, 300, 42]]), max_new_tokens=60,
-                                                  disable_kv_cache=True), timeout=60)
-        next(iter(call))
+        # An interactive run whose hook call is never answered keeps the drain going for the
+        # whole grace period (5 s).
+        called = threading.Event()
+        request = pb.RunRequest(tokens=T3, hooks=[H(hook_name="hook_embed", client_callback=hooks_pb2.ClientCallbackOp(
+            callback_id=1))])
+        session = Interactive(c.stub, request, lambda call, a: (called.set(), "hang")[1], timeout=60)
+        th = threading.Thread(target=lambda: rpc_error(session.run), daemon=True)
+        th.start()
+        assert called.wait(20)
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        time.sleep(0.5)
+        assert server.proc.poll() is None, "the drain should still be waiting for the run"
         server.proc.send_signal(signal.SIGTERM)
         server.proc.send_signal(signal.SIGINT)
         assert server.proc.wait(30) == 0, "".join(server.stderr_lines)
