@@ -116,6 +116,7 @@ v1::Limits LimitsWithDefaults(const v1::Limits& in) {
   l.set_hook_timeout_ms(Or<int64_t>(l.hook_timeout_ms(), 30000));
   l.set_max_text_bytes(Or(l.max_text_bytes(), 1 << 20));
   l.set_max_stored_cache_bytes(Or<int64_t>(l.max_stored_cache_bytes(), int64_t{16} << 30));
+  l.set_max_queued_bytes_per_call(Or<int64_t>(l.max_queued_bytes_per_call(), int64_t{1} << 30));
   return l;
 }
 

@@ -38,6 +38,7 @@ TEST_F(RequestBuilderTest, LimitsDefaultsFillOnlyUnsetFields) {
   EXPECT_EQ(limits_->max_queue(), 256);
   EXPECT_EQ(limits_->hook_timeout_ms(), 30000);
   EXPECT_EQ(limits_->max_stored_cache_bytes(), int64_t{16} << 30);
+  EXPECT_EQ(limits_->max_queued_bytes_per_call(), int64_t{1} << 30);
   v1::Limits set;
   set.set_max_stored_cache_bytes(1234);
   EXPECT_EQ(LimitsWithDefaults(set).max_stored_cache_bytes(), 1234);

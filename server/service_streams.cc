@@ -27,6 +27,8 @@ class StreamReactor final : public grpc::ServerWriteReactor<Message> {
   StreamReactor(RemoteLensService* service, const char* method)
       : service_(service), outbox_(std::make_shared<Outbox<Message>>()) {
     service_->StreamStarted();
+    outbox_->SetMaxQueuedBytes(service->deps().limits.max_queued_bytes_per_call(),
+                               "max_queued_bytes_per_call");
     ServerMetrics* metrics = service->deps().metrics;
     const absl::Time start = absl::Now();
     auto record = [metrics, method, start](const grpc::Status& status) {
@@ -296,6 +298,8 @@ class InteractiveReactor final
       : service_(service), ctx_(ctx), outbox_(std::make_shared<Outbox<v1::InteractiveResponse>>()),
         replies_(std::make_shared<ReplyChannel>()) {
     service_->StreamStarted();
+    outbox_->SetMaxQueuedBytes(service->deps().limits.max_queued_bytes_per_call(),
+                               "max_queued_bytes_per_call");
     const absl::Time start = absl::Now();
     ServerMetrics* metrics = service->deps().metrics;
     auto record = [metrics, start](const grpc::Status& status) {

@@ -236,3 +236,34 @@ def test_second_sigterm_during_drain_is_absorbed(demo_model_dir):
     finally:
         c.close()
         server.stop()
+
+
+# ------------------------------------------------------------------ slow readers
+
+
+def test_a_client_that_stops_reading_fails_at_the_queue_cap(demo_model_dir):
+    """Before the cap, a Run whose client stopped reading grew server memory up to the 4 GiB
+    streamed-bytes quota; now the call ends at max_queued_bytes_per_call."""
+    cap = 4 << 20
+    config = f"limits {{ max_queued_bytes_per_call: {cap} }}"
+    with server_harness.ServerProcess(demo_model_dir, config=config) as server:
+        c = Client(server)
+        try:
+            # Every hook of 4 x 256 positions: ~100 MiB streamed, patterns 8 MiB a layer.
+            rows = np.ones((4, 256), np.int64)
+            rss_before = server.rss_bytes()
+            call = c.stub.Run(pb.RunRequest(tokens=wire.tokens(rows), cache=pb.CacheSelection(
+                names=["*"], stream=True)), timeout=60)
+            next(call)
+            time.sleep(3)  # not reading: the forward finishes meanwhile
+            grown = server.rss_bytes() - rss_before
+            code, details = rpc_error(lambda: list(call))
+            assert code == C.RESOURCE_EXHAUSTED, (code, details)
+            assert "max_queued_bytes_per_call" in details and str(cap) in details, details
+            assert grown < 64 << 20, f"server grew {grown >> 20} MiB for one stalled call"
+            # A call whose messages never pile up past the cap still runs.
+            t, _, _ = run(c.stub, tokens=wire.tokens(rows))
+            assert t["logits"].shape == (4, 256, 512)
+        finally:
+            c.close()
+        assert server.stop() == 0, "".join(server.stderr_lines)
