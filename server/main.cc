@@ -39,6 +39,7 @@
 #include "google/protobuf/text_format.h"
 #include "remotelens/v1/config.pb.h"
 #include "server/auth.h"
+#include "server/memory_release.h"
 #include "server/metrics.h"
 #include "server/metrics_http.h"
 #include "server/request_builder.h"
@@ -179,6 +180,9 @@ int WaitForShutdownSignal() {
   }
 }
 
+// Free allocator memory beyond this is returned to the system by the janitor.
+constexpr int64_t kReleaseFreeBytesAbove = int64_t{64} << 20;
+
 absl::Status Serve() {
   ASSIGN_OR_RETURN(v1::ServerConfig config, LoadConfig());
   const v1::Limits& limits = config.limits();
@@ -307,9 +311,12 @@ absl::Status Serve() {
   std::fflush(stdout);
 
   absl::Notification stop_janitor;
+  // Every second: free expired sessions, and give memory that large requests left free back to
+  // the system (tcmalloc keeps it otherwise; see memory_release.h).
   std::thread janitor([&] {
-    while (!stop_janitor.WaitForNotificationWithTimeout(absl::Seconds(5))) {
+    while (!stop_janitor.WaitForNotificationWithTimeout(absl::Seconds(1))) {
       if (sessions.ExpireIdle() > 0) service.UpdateSessionMetrics();
+      ReleaseFreeMemory(kReleaseFreeBytesAbove);
     }
   });
 

@@ -267,3 +267,22 @@ def test_a_client_that_stops_reading_fails_at_the_queue_cap(demo_model_dir):
         finally:
             c.close()
         assert server.stop() == 0, "".join(server.stderr_lines)
+
+
+def test_memory_of_a_large_request_goes_back_to_the_system(demo_model_dir):
+    """One legal 64 x 512 Run used to leave the server at 1.8 GiB with nothing live."""
+    with server_harness.ServerProcess(demo_model_dir) as server:
+        c = Client(server)
+        try:
+            run(c.stub, tokens=T3)  # warm up: threads, arenas, first-use allocations
+            baseline = server.rss_bytes()
+            t, _, _ = run(c.stub, tokens=wire.tokens(np.ones((64, 512), np.int64)), timeout=120)
+            assert t["logits"].shape == (64, 512, 512)
+            del t
+            bound = baseline + (256 << 20)
+            assert wait_until(lambda: server.rss_bytes() < bound, timeout=15), (
+                f"RSS {server.rss_bytes() >> 20} MiB stays above {bound >> 20} MiB "
+                f"(baseline {baseline >> 20} MiB)")
+        finally:
+            c.close()
+        assert server.stop() == 0, "".join(server.stderr_lines)
