@@ -286,3 +286,27 @@ def test_memory_of_a_large_request_goes_back_to_the_system(demo_model_dir):
         finally:
             c.close()
         assert server.stop() == 0, "".join(server.stderr_lines)
+
+
+def test_idle_metrics_connections_do_not_delay_a_scrape(demo_server):
+    """/metrics used to serve one connection at a time, each allowed 2 s of silence."""
+    import urllib.request
+    host, port = demo_server.metrics_address.rsplit(":", 1)
+    idle = []
+    try:
+        for i in range(6):
+            s = socket.create_connection((host, int(port)), timeout=5)
+            if i % 2:
+                s.sendall(b"GET /metr")  # trickling: a request that never completes
+            idle.append(s)
+        time.sleep(0.2)
+        start = time.time()
+        with urllib.request.urlopen(f"http://{demo_server.metrics_address}/metrics", timeout=30) as r:
+            body = r.read().decode()
+        elapsed = time.time() - start
+        assert "remotelens" in body
+        # Six connections at 2 s each took 12 s before; concurrently it is one round trip.
+        assert elapsed < 3, f"scrape took {elapsed:.1f} s behind idle connections"
+    finally:
+        for s in idle:
+            s.close()
