@@ -19,10 +19,11 @@
 namespace remotelens {
 namespace {
 
-// A server-streaming reactor whose writes come from an Outbox. Records the RPC's metrics when
+// A server-streaming reactor whose writes come from an Outbox of `Message`s, each serialized as
+// its write starts (the RPCs are registered raw; see service.h). Records the RPC's metrics when
 // it finishes.
 template <typename Message>
-class StreamReactor final : public grpc::ServerWriteReactor<Message> {
+class StreamReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   StreamReactor(RemoteLensService* service, const char* method)
       : service_(service), outbox_(std::make_shared<Outbox<Message>>()) {
@@ -39,9 +40,15 @@ class StreamReactor final : public grpc::ServerWriteReactor<Message> {
     };
     outbox_->Attach(
         [this, record](const Message* m, grpc::WriteOptions o, std::optional<grpc::Status> last) {
-          if (!last.has_value()) return this->StartWrite(m, o);
+          // One write is in flight at a time (the outbox's rule), so one buffer serves them all.
+          buffer_.Clear();
+          if (absl::Status s = SerializeResponse(*m, &buffer_); !s.ok()) {
+            record(ToGrpcStatus(s));
+            return this->Finish(ToGrpcStatus(s));
+          }
+          if (!last.has_value()) return this->StartWrite(&buffer_, o);
           record(*last);
-          this->StartWriteAndFinish(m, o, std::move(*last));
+          this->StartWriteAndFinish(&buffer_, o, std::move(*last));
         },
         [this, record](grpc::Status status) {
           record(status);
@@ -59,6 +66,7 @@ class StreamReactor final : public grpc::ServerWriteReactor<Message> {
  private:
   RemoteLensService* service_;
   std::shared_ptr<Outbox<Message>> outbox_;
+  grpc::ByteBuffer buffer_;  // the write in flight
 };
 
 absl::Time DeadlineOf(grpc::CallbackServerContext* ctx) {
@@ -205,7 +213,6 @@ absl::Status SubmitRun(RemoteLensService& service, grpc::CallbackServerContext* 
                        std::function<bool()> cancelled,
                        std::function<void(absl::StatusOr<v1::RunResponse::Summary>)> done) {
   const ServiceDeps& deps = service.deps();
-  RETURN_IF_ERROR(ValidateEnums(request));
   ASSIGN_OR_RETURN(ConcurrencyLimiter::Lease lease, service.limiter().Acquire(user));
   const v1::Quota& quota = user.quota;
   ModelContext mc{deps.model, deps.tokenizer, &deps.limits};
@@ -276,14 +283,16 @@ absl::Status StreamToOutbox(const std::shared_ptr<Outbox<v1::TensorChunk>>& outb
 
 }  // namespace
 
-grpc::ServerWriteReactor<v1::RunResponse>* RemoteLensService::Run(grpc::CallbackServerContext* ctx,
-                                                                  const v1::RunRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* RemoteLensService::Run(grpc::CallbackServerContext* ctx,
+                                                                   const grpc::ByteBuffer* raw_request) {
   auto* reactor = new StreamReactor<v1::RunResponse>(this, "Run");
   auto outbox = reactor->outbox();
   absl::Status status = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
+    v1::RunRequest request;
+    RETURN_IF_ERROR(ParseRequest(*raw_request, "Run", &request));
     RunSink<v1::RunResponse> sink = MakeRunSink(outbox);
-    return SubmitRun(*this, ctx, *user, *request, nullptr, sink.emit, sink.cancelled, sink.done);
+    return SubmitRun(*this, ctx, *user, request, nullptr, sink.emit, sink.cancelled, sink.done);
   }();
   if (!status.ok()) outbox->Close(ToGrpcStatus(status));
   return reactor;
@@ -291,8 +300,7 @@ grpc::ServerWriteReactor<v1::RunResponse>* RemoteLensService::Run(grpc::Callback
 
 namespace {
 
-class InteractiveReactor final
-    : public grpc::ServerBidiReactor<v1::InteractiveRequest, v1::InteractiveResponse> {
+class InteractiveReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   InteractiveReactor(RemoteLensService* service, grpc::CallbackServerContext* ctx)
       : service_(service), ctx_(ctx), outbox_(std::make_shared<Outbox<v1::InteractiveResponse>>()),
@@ -311,30 +319,44 @@ class InteractiveReactor final
     outbox_->Attach(
         [this, record](const v1::InteractiveResponse* m, grpc::WriteOptions o,
                        std::optional<grpc::Status> last) {
-          if (!last.has_value()) return StartWrite(m, o);
+          write_buffer_.Clear();
+          if (absl::Status s = SerializeResponse(*m, &write_buffer_); !s.ok()) {
+            record(ToGrpcStatus(s));
+            return Finish(ToGrpcStatus(s));
+          }
+          if (!last.has_value()) return StartWrite(&write_buffer_, o);
           record(*last);
-          StartWriteAndFinish(m, o, std::move(*last));
+          StartWriteAndFinish(&write_buffer_, o, std::move(*last));
         },
         [this, record](grpc::Status status) {
           record(status);
           Finish(std::move(status));
         });
-    StartRead(&request_);
+    StartRead(&read_buffer_);
   }
 
   void OnReadDone(bool ok) override {
+    // Bytes that do not parse end the call with INVALID_ARGUMENT, first message or later.
+    request_.Clear();
+    const absl::Status parsed =
+        ok ? ParseRequest(read_buffer_, "RunInteractive", &request_) : absl::OkStatus();
     if (!started_) {
       started_ = true;
-      absl::Status status = Start(ok);
+      absl::Status status = parsed.ok() ? Start(ok) : parsed;
       if (!status.ok()) {
         outbox_->Close(ToGrpcStatus(status));
         return;
       }
-      StartRead(&request_);
+      StartRead(&read_buffer_);
       return;
     }
     if (!ok) {
       replies_->Close(absl::CancelledError("client closed the stream while a hook call was pending"));
+      return;
+    }
+    if (!parsed.ok()) {
+      replies_->Close(parsed);
+      outbox_->Close(ToGrpcStatus(parsed));
       return;
     }
     if (request_.item_case() != v1::InteractiveRequest::kReply) {
@@ -348,7 +370,7 @@ class InteractiveReactor final
       outbox_->Close(ToGrpcStatus(pushed));
       return;
     }
-    StartRead(&request_);
+    StartRead(&read_buffer_);
   }
   void OnWriteDone(bool ok) override { outbox_->OnWriteDone(ok); }
   void OnCancel() override {
@@ -421,65 +443,68 @@ class InteractiveReactor final
   grpc::CallbackServerContext* ctx_;
   std::shared_ptr<Outbox<v1::InteractiveResponse>> outbox_;
   std::shared_ptr<ReplyChannel> replies_;
-  v1::InteractiveRequest request_;
+  grpc::ByteBuffer read_buffer_;   // the message being read
+  grpc::ByteBuffer write_buffer_;  // the write in flight
+  v1::InteractiveRequest request_;  // the last message read, parsed
   bool started_ = false;
 };
 
 }  // namespace
 
-grpc::ServerBidiReactor<v1::InteractiveRequest, v1::InteractiveResponse>*
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>*
 RemoteLensService::RunInteractive(grpc::CallbackServerContext* ctx) {
   return new InteractiveReactor(this, ctx);
 }
 
-grpc::ServerWriteReactor<v1::GenerateResponse>* RemoteLensService::Generate(
-    grpc::CallbackServerContext* ctx, const v1::GenerateRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* RemoteLensService::Generate(
+    grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw_request) {
   auto* reactor = new StreamReactor<v1::GenerateResponse>(this, "Generate");
   auto outbox = reactor->outbox();
   absl::Status status = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
-    RETURN_IF_ERROR(ValidateEnums(*request));
+    v1::GenerateRequest request;
+    RETURN_IF_ERROR(ParseRequest(*raw_request, "Generate", &request));
     ASSIGN_OR_RETURN(ConcurrencyLimiter::Lease lease, limiter().Acquire(*user));
     const LlamaConfig& config = deps_.model->config();
     ModelContext mc{deps_.model, deps_.tokenizer, &deps_.limits};
     auto job = std::make_shared<PreparedGenerate>();
     ASSIGN_OR_RETURN(EncodedBatch batch,
-                     BuildTokenInput(request->tokens(), request->texts(), request->prepend_bos(),
-                                     request->attention_mask(), mc, MaxTokensFor(*user, deps_.limits)));
+                     BuildTokenInput(request.tokens(), request.texts(), request.prepend_bos(),
+                                     request.attention_mask(), mc, MaxTokensFor(*user, deps_.limits)));
     job->tokens = batch.tokens;
     job->attention_mask = batch.attention_mask;
-    if (request->max_new_tokens() < 1 || request->max_new_tokens() > deps_.limits.max_new_tokens()) {
+    if (request.max_new_tokens() < 1 || request.max_new_tokens() > deps_.limits.max_new_tokens()) {
       return absl::InvalidArgumentError(absl::StrCat("max_new_tokens must be in 1..",
                                                      deps_.limits.max_new_tokens(), ", got ",
-                                                     request->max_new_tokens()));
+                                                     request.max_new_tokens()));
     }
     // The token quota covers what the request makes the server hold: prompt plus new tokens.
     const int64_t rows = batch.tokens.size(0), prompt = batch.tokens.size(1);
     const int64_t max_tokens = MaxTokensFor(*user, deps_.limits);
-    if (rows * (prompt + request->max_new_tokens()) > max_tokens) {
+    if (rows * (prompt + request.max_new_tokens()) > max_tokens) {
       return absl::ResourceExhaustedError(absl::StrCat(
-          "request has ", rows * (prompt + request->max_new_tokens()), " tokens (batch ", rows,
-          " x (prompt ", prompt, " + max_new_tokens ", request->max_new_tokens(),
+          "request has ", rows * (prompt + request.max_new_tokens()), " tokens (batch ", rows,
+          " x (prompt ", prompt, " + max_new_tokens ", request.max_new_tokens(),
           ")); your limit is max_tokens_per_request = ", max_tokens));
     }
     GenerateOptions& o = job->options;
-    o.max_new_tokens = request->max_new_tokens();
-    const v1::SamplingParams& s = request->sampling();
+    o.max_new_tokens = request.max_new_tokens();
+    const v1::SamplingParams& s = request.sampling();
     o.sampling.do_sample = s.do_sample();
     o.sampling.temperature = s.temperature() == 0 ? 1.0 : s.temperature();
     o.sampling.top_k = s.top_k();
     o.sampling.top_p = s.top_p() == 0 ? 1.0 : s.top_p();
     o.seed = s.seed();
     RETURN_IF_ERROR(ValidateSamplingOptions(o.sampling));
-    o.stop_at_eos = request->stop_at_eos();
-    o.eos_token_ids.assign(request->eos_token_ids().begin(), request->eos_token_ids().end());
-    o.use_past_kv_cache = !request->disable_kv_cache();
-    ASSIGN_OR_RETURN(job->ops, BuildOps(deps_, *user, request->session_id(), request->hooks(), nullptr));
-    if (request->step_cache().names_size() > 0) {
-      if (!request->step_cache().stream()) {
+    o.stop_at_eos = request.stop_at_eos();
+    o.eos_token_ids.assign(request.eos_token_ids().begin(), request.eos_token_ids().end());
+    o.use_past_kv_cache = !request.disable_kv_cache();
+    ASSIGN_OR_RETURN(job->ops, BuildOps(deps_, *user, request.session_id(), request.hooks(), nullptr));
+    if (request.step_cache().names_size() > 0) {
+      if (!request.step_cache().stream()) {
         return absl::InvalidArgumentError("step_cache: activations per step can only be streamed (set stream)");
       }
-      ASSIGN_OR_RETURN(job->step_cache, BuildCacheRequests(request->step_cache(), config));
+      ASSIGN_OR_RETURN(job->step_cache, BuildCacheRequests(request.step_cache(), config));
     }
     job->chunk_bytes = deps_.limits.chunk_bytes();
     job->max_streamed_bytes = user->quota.max_streamed_bytes_per_request();
@@ -515,22 +540,24 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* RemoteLensService::Generate(
   return reactor;
 }
 
-grpc::ServerWriteReactor<v1::TensorChunk>* RemoteLensService::FetchCache(
-    grpc::CallbackServerContext* ctx, const v1::FetchCacheRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* RemoteLensService::FetchCache(
+    grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw_request) {
   auto* reactor = new StreamReactor<v1::TensorChunk>(this, "FetchCache");
   auto outbox = reactor->outbox();
   absl::Status status = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
+    v1::FetchCacheRequest request;
+    RETURN_IF_ERROR(ParseRequest(*raw_request, "FetchCache", &request));
     ASSIGN_OR_RETURN(std::shared_ptr<const StoredCache> cache,
-                     deps_.sessions->GetCache(user->name, request->session_id(), request->cache_handle()));
+                     deps_.sessions->GetCache(user->name, request.session_id(), request.cache_handle()));
     std::vector<std::pair<std::string, const at::Tensor*>> selected;
-    if (request->names().empty()) {
+    if (request.names().empty()) {
       for (const auto& [name, t] : cache->tensors) selected.emplace_back(name, &t);
     } else {
-      for (const std::string& name : request->names()) {
+      for (const std::string& name : request.names()) {
         const at::Tensor* t = cache->Find(name);
         if (t == nullptr) {
-          return absl::NotFoundError(absl::StrCat("cache '", Echo(request->cache_handle()), "' holds no \"", Echo(name), "\""));
+          return absl::NotFoundError(absl::StrCat("cache '", Echo(request.cache_handle()), "' holds no \"", Echo(name), "\""));
         }
         selected.emplace_back(name, t);
       }
@@ -598,16 +625,17 @@ absl::StatusOr<at::Tensor> TransformerLensWeight(const LlamaModel& model, const 
 
 }  // namespace
 
-grpc::ServerWriteReactor<v1::TensorChunk>* RemoteLensService::GetWeights(
-    grpc::CallbackServerContext* ctx, const v1::GetWeightsRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* RemoteLensService::GetWeights(
+    grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw_request) {
   auto* reactor = new StreamReactor<v1::TensorChunk>(this, "GetWeights");
   auto outbox = reactor->outbox();
   absl::Status status = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
-    RETURN_IF_ERROR(ValidateEnums(*request));
-    ASSIGN_OR_RETURN(at::Tensor weight, TransformerLensWeight(*deps_.model, request->name(), request->layer()));
-    if (request->dtype() != v1::DTYPE_UNSPECIFIED) {
-      ASSIGN_OR_RETURN(at::ScalarType dtype, ScalarTypeFromProto(request->dtype()));
+    v1::GetWeightsRequest request;
+    RETURN_IF_ERROR(ParseRequest(*raw_request, "GetWeights", &request));
+    ASSIGN_OR_RETURN(at::Tensor weight, TransformerLensWeight(*deps_.model, request.name(), request.layer()));
+    if (request.dtype() != v1::DTYPE_UNSPECIFIED) {
+      ASSIGN_OR_RETURN(at::ScalarType dtype, ScalarTypeFromProto(request.dtype()));
       if (!at::isFloatingType(dtype)) {
         return absl::InvalidArgumentError("dtype: weights are floating point; use DTYPE_FLOAT32, DTYPE_BFLOAT16 or DTYPE_FLOAT16");
       }
@@ -616,10 +644,10 @@ grpc::ServerWriteReactor<v1::TensorChunk>* RemoteLensService::GetWeights(
     const int64_t bytes = weight.numel() * weight.element_size();
     if (bytes > user->quota.max_streamed_bytes_per_request()) {
       return absl::ResourceExhaustedError(absl::StrCat(
-          "weight ", request->name(), " is ", bytes, " bytes, more than your quota of ",
+          "weight ", request.name(), " is ", bytes, " bytes, more than your quota of ",
           user->quota.max_streamed_bytes_per_request(), " streamed bytes per request"));
     }
-    RETURN_IF_ERROR(StreamToOutbox(outbox, request->name(), weight.to(at::kCPU), deps_.limits.chunk_bytes()));
+    RETURN_IF_ERROR(StreamToOutbox(outbox, request.name(), weight.to(at::kCPU), deps_.limits.chunk_bytes()));
     outbox->Close(grpc::Status::OK);
     return absl::OkStatus();
   }();

@@ -27,6 +27,74 @@ H = hooks_pb2.HookOp
 T3 = wire.tokens([[1, 2, 3]])
 
 
+# ------------------------------------------------------------------ bytes that do not decode
+
+_NESTED = b"\xa3\x06" * 200 + b"\xa4\x06" * 200  # unknown group field 100, 200 deep
+_BAD_UTF8 = b"\xc3\x28"
+# Per RPC: (method, its request type, invalid UTF-8 in one of its string fields).
+RPCS = [
+    ("Tokenize", "TokenizeRequest", b"\x0a\x02" + _BAD_UTF8),              # texts
+    ("Run", "RunRequest", b"\x1a\x02" + _BAD_UTF8),                        # texts
+    ("RunInteractive", "InteractiveRequest", b"\x0a\x04\x1a\x02" + _BAD_UTF8),  # run.texts
+]
+UNDECODABLE = ["garbage", "truncated", "invalid-utf8", "nested-groups"]
+
+
+def _undecodable(kind, request_type, bad_utf8):
+    if kind == "garbage":
+        return b"\xff" * 11  # a varint that never ends
+    if kind == "truncated":
+        whole = getattr(pb, request_type)(**({"run": pb.RunRequest(texts=["hello there"])}
+                                              if request_type == "InteractiveRequest"
+                                              else {"texts": ["hello there"]})).SerializeToString()
+        return whole[:-3]
+    if kind == "invalid-utf8":
+        return bad_utf8
+    return _NESTED
+
+
+@pytest.mark.parametrize("kind", UNDECODABLE)
+@pytest.mark.parametrize("method, request_type, bad_utf8", RPCS, ids=[r[0] for r in RPCS])
+def test_undecodable_requests_are_invalid_argument_naming_the_rpc(client, kind, method, request_type,
+                                                                 bad_utf8):
+    data = _undecodable(kind, request_type, bad_utf8)
+    path = f"/remotelens.v1.RemoteLens/{method}"
+    if method == "Tokenize":
+        fn = lambda: client.channel.unary_unary(path)(data, timeout=10)  # noqa: E731
+    elif method == "Run":
+        fn = lambda: list(client.channel.unary_stream(path)(data, timeout=10))  # noqa: E731
+    else:
+        fn = lambda: list(client.channel.stream_stream(path)(iter([data]), timeout=10))  # noqa: E731
+    code, details = rpc_error(fn)
+    assert code == C.INVALID_ARGUMENT, (code, details)
+    assert f"{method}: the request is not a valid remotelens.v1.{request_type}" in details, details
+
+
+def test_undecodable_hook_reply_ends_the_interactive_call(client):
+    request = pb.RunRequest(tokens=T3, hooks=[H(hook_name="hook_embed",
+                                                client_callback=hooks_pb2.ClientCallbackOp(callback_id=1))])
+    called = threading.Event()
+
+    def requests():
+        yield pb.InteractiveRequest(run=request).SerializeToString()
+        called.wait(20)
+        yield b"\xff" * 11
+
+    bidi = client.channel.stream_stream("/remotelens.v1.RemoteLens/RunInteractive")
+    kinds = []
+
+    def consume():
+        for raw in bidi(requests(), timeout=30):
+            kinds.append(pb.InteractiveResponse.FromString(raw).WhichOneof("item"))
+            if kinds[-1] == "hook_call":
+                called.set()
+
+    code, details = rpc_error(consume)
+    assert code == C.INVALID_ARGUMENT, (code, details)
+    assert "RunInteractive: the request is not a valid remotelens.v1.InteractiveRequest" in details, details
+    assert kinds[0] == "hook_call"
+
+
 # ------------------------------------------------------------------ values the enums do not define
 
 
