@@ -200,7 +200,7 @@ absl::StatusOr<EncodedBatch> BuildTokenInput(const v1::Tensor& tokens,
     // below so that an oversized request is RESOURCE_EXHAUSTED, not a malformed tensor.
     ASSIGN_OR_RETURN(at::Tensor t, TensorFromProto(tokens, "tokens"));
     if (t.scalar_type() != at::kLong && t.scalar_type() != at::kInt) {
-      return Invalid("tokens", absl::StrCat("dtype must be DTYPE_INT64 or DTYPE_INT32 (token ids), got ",
+      return Invalid("tokens", absl::StrCat("dtype must be int64 or int32 (DTYPE_INT64, DTYPE_INT32: token ids), got ",
                                             v1::DType_Name(tokens.dtype())));
     }
     if (t.dim() != 2) {

@@ -256,8 +256,11 @@ def test_admin_lists_every_users_sessions(auth):
 
 def test_reply_before_any_hook_call_is_refused(stub):
     """A flood of HookReplies with no hook call pending used to be buffered whole."""
-    request = pb.RunRequest(tokens=T3, hooks=[H(hook_name="blocks.3.hook_resid_post",
-                                                client_callback=hooks_pb2.ClientCallbackOp(callback_id=1))])
+    # The only hook call comes at the end of a long forward: the replies arrive long before it.
+    request = pb.RunRequest(tokens=wire.tokens(np.ones((16, 512), np.int64)),
+                            return_type=pb.RETURN_TYPE_NONE,
+                            hooks=[H(hook_name="ln_final.hook_normalized",
+                                     client_callback=hooks_pb2.ClientCallbackOp(callback_id=1))])
 
     def requests():
         yield pb.InteractiveRequest(run=request)
