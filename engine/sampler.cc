@@ -10,18 +10,20 @@
 namespace remotelens {
 
 absl::Status ValidateSamplingOptions(const SamplingOptions& options) {
-  if (!std::isfinite(options.temperature) || options.temperature <= 0) {
+  // Checked as float32 values (kMinTemperature): 1e-300 is positive as a double but zero where
+  // the logits are divided. Written so that NaN fails too.
+  if (!(options.temperature >= kMinTemperature && options.temperature <= kMaxTemperature)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "temperature must be finite and > 0, got ", options.temperature));
+        "temperature must be in [", kMinTemperature, ", ", kMaxTemperature, "], got ",
+        options.temperature, " (for greedy decoding set do_sample = false)"));
   }
   if (options.top_k < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("top_k must be >= 0 (0 disables it), got ", options.top_k));
   }
-  // Written so that NaN fails too.
-  if (!(options.top_p > 0 && options.top_p <= 1)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("top_p must be in (0, 1] (1 disables it), got ", options.top_p));
+  if (!(options.top_p >= kMinTopP && options.top_p <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "top_p must be in [", kMinTopP, ", 1] (1 disables it), got ", options.top_p));
   }
   return absl::OkStatus();
 }

@@ -17,6 +17,7 @@
 #define REMOTELENS_ENGINE_SAMPLER_H_
 
 #include <cstdint>
+#include <limits>
 
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
@@ -26,11 +27,17 @@
 
 namespace remotelens {
 
+// Bounds of the sampling options. The math runs in float32, where a double like 1e-300 rounds to
+// zero (a division by zero, an empty nucleus): both must stay a positive normal float32.
+inline constexpr double kMinTemperature = std::numeric_limits<float>::min();  // ~1.18e-38
+inline constexpr double kMaxTemperature = std::numeric_limits<float>::max();
+inline constexpr double kMinTopP = std::numeric_limits<float>::min();
+
 struct SamplingOptions {
   bool do_sample = true;     // false: greedy argmax; the other fields are then unused
-  double temperature = 1.0;  // divides the logits; finite and > 0
+  double temperature = 1.0;  // divides the logits; [kMinTemperature, kMaxTemperature]
   int64_t top_k = 0;         // keep the k most likely tokens; 0: off; >= 0
-  double top_p = 1.0;        // keep the fewest tokens whose probability reaches top_p; (0, 1]
+  double top_p = 1.0;        // keep the fewest tokens whose probability reaches top_p; [kMinTopP, 1]
                              // 1: off
 };
 

@@ -175,6 +175,16 @@ TEST(Sampler, InvalidOptionsNameTheField) {
   options = {};
   options.top_k = -1;
   cases.push_back({options, "top_k"});
+  // Positive doubles that are zero in float32, where the sampler computes.
+  options = {};
+  options.temperature = 1e-300;
+  cases.push_back({options, "temperature"});
+  options = {};
+  options.top_p = 5e-324;
+  cases.push_back({options, "top_p"});
+  options = {};
+  options.temperature = 1e300;
+  cases.push_back({options, "temperature"});
 
   const at::Tensor logits = at::zeros({1, 4});
   at::Generator generator = Seeded(1);

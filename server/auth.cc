@@ -42,8 +42,14 @@ class FirstErrorCollector : public google::protobuf::io::ErrorCollector {
   void AddError(int line, google::protobuf::io::ColumnNumber column,
                 const std::string& message) override {
     if (!first_error_.empty()) return;
-    // protobuf counts lines and columns from 0; editors count from 1.
-    first_error_ = absl::StrCat("line ", line + 1, ", column ", column + 1, ": ", message);
+    // protobuf counts lines and columns from 0; editors count from 1. Its message is dropped:
+    // it quotes the text it choked on ("Expected identifier, got: sk-..."), and a key pasted
+    // unquoted where a hash or name belongs would then reach the log.
+    (void)message;
+    first_error_ = absl::StrCat("line ", line + 1, ", column ", column + 1,
+                                ": syntax error (the text there is not shown, in case it is a "
+                                "key; check quoting and field names against UsersFile in "
+                                "config.proto)");
   }
   const std::string& first_error() const { return first_error_; }
 

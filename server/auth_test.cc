@@ -98,6 +98,18 @@ TEST(Authenticator, UnparsableFileNamesFileAndLine) {
   EXPECT_NE(auth.status().message().find("line 2"), std::string::npos) << auth.status();
 }
 
+TEST(Authenticator, ParseErrorNeverQuotesTheFile) {
+  // A key pasted unquoted where the hash belongs: protobuf's own message quotes that token.
+  const std::string key = "sklive7f3a9c0d1e2b";
+  const std::string path = WriteTempFile(
+      "pasted_key.textproto", "users { name: \"alice\" api_key_sha256: " + key + " }\n");
+  auto auth = Authenticator::FromUsersFile(path);
+  ASSERT_EQ(auth.status().code(), absl::StatusCode::kInvalidArgument) << auth.status();
+  EXPECT_EQ(auth.status().message().find("sklive"), std::string::npos) << auth.status();
+  EXPECT_EQ(auth.status().message().find("7f3a9c0d1e2b"), std::string::npos) << auth.status();
+  EXPECT_NE(auth.status().message().find("line 1, column"), std::string::npos) << auth.status();
+}
+
 TEST(Authenticator, AcceptsBearerCaseInsensitivelyWithExtraSpaces) {
   auto auth = Authenticator::FromUsersProto(ParseUsers(TwoUsersText()), "users.textproto");
   ASSERT_TRUE(auth.ok()) << auth.status();

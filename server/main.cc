@@ -14,8 +14,12 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <prometheus/registry.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -37,6 +41,7 @@
 #include "google/protobuf/text_format.h"
 #include "remotelens/v1/config.pb.h"
 #include "server/auth.h"
+#include "server/memory_release.h"
 #include "server/metrics.h"
 #include "server/metrics_http.h"
 #include "server/request_builder.h"
@@ -156,6 +161,50 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const v1::T
   return grpc::SslServerCredentials(options);
 }
 
+// SIGTERM and SIGINT. Blocking them cannot cover every thread: OpenBLAS starts its pool while
+// the libraries load, before main, and a signal delivered to one of those threads used the
+// default action (a second SIGTERM during the drain killed the process). So main installs a
+// handler first thing, which every thread shares: it only writes the signal number to a pipe,
+// which Serve reads once; later signals are absorbed. The pipe is the one piece of global state
+// here, because a signal handler can reach nothing else.
+int shutdown_pipe[2] = {-1, -1};
+
+void OnShutdownSignal(int signal_number) {
+  const int saved_errno = errno;
+  const char byte = static_cast<char>(signal_number);
+  (void)!::write(shutdown_pipe[1], &byte, 1);  // async-signal-safe; a full pipe drops it
+  errno = saved_errno;
+}
+
+absl::Status InstallShutdownHandler() {
+  if (::pipe2(shutdown_pipe, O_CLOEXEC | O_NONBLOCK) != 0) {
+    return absl::ErrnoToStatus(errno, "cannot create the shutdown signal pipe");
+  }
+  struct sigaction action {};
+  action.sa_handler = OnShutdownSignal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  for (int signal_number : {SIGTERM, SIGINT}) {
+    if (::sigaction(signal_number, &action, nullptr) != 0) {
+      return absl::ErrnoToStatus(errno, "cannot install the shutdown signal handler");
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Blocks until the first SIGTERM or SIGINT; returns its number.
+int WaitForShutdownSignal() {
+  for (;;) {
+    pollfd p{shutdown_pipe[0], POLLIN, 0};
+    if (::poll(&p, 1, -1) <= 0) continue;  // EINTR
+    char byte = 0;
+    if (::read(shutdown_pipe[0], &byte, 1) == 1) return byte;
+  }
+}
+
+// Free allocator memory beyond this is returned to the system by the janitor.
+constexpr int64_t kReleaseFreeBytesAbove = int64_t{64} << 20;
+
 absl::Status Serve() {
   ASSIGN_OR_RETURN(v1::ServerConfig config, LoadConfig());
   const v1::Limits& limits = config.limits();
@@ -233,13 +282,6 @@ absl::Status Serve() {
     ASSIGN_OR_RETURN(metrics_port, metrics_http.Start(config.metrics_address()));
   }
 
-  // Signals go to one waiting thread, never to a gRPC or scheduler thread.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-
   Scheduler::Options scheduler_options;
   scheduler_options.max_queue = limits.max_queue();
   scheduler_options.on_depth = [&metrics](int64_t depth) { metrics.SetQueueDepth(depth); };
@@ -282,11 +324,15 @@ absl::Status Serve() {
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials, Credentials(config.tls()));
   int selected_port = 0;
   builder.AddListeningPort(config.listen_address(), credentials, &selected_port);
+  // gRPC sets SO_REUSEPORT by default, so a second server on a busy port would start and take a
+  // share of its connections. Refuse instead.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.SetMaxReceiveMessageSize(static_cast<int>(std::min<int64_t>(limits.max_request_bytes(), INT32_MAX)));
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || selected_port == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", config.listen_address()));
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", config.listen_address(),
+                                               ": the port is in use or the address is not local"));
   }
   // Tests and scripts read this line to find the port.
   std::printf("remotelens_server listening on %s (model %s, %s, auth %s, tls %s, metrics %s)\n",
@@ -297,14 +343,16 @@ absl::Status Serve() {
   std::fflush(stdout);
 
   absl::Notification stop_janitor;
+  // Every second: free expired sessions, and give memory that large requests left free back to
+  // the system (tcmalloc keeps it otherwise; see memory_release.h).
   std::thread janitor([&] {
-    while (!stop_janitor.WaitForNotificationWithTimeout(absl::Seconds(5))) {
+    while (!stop_janitor.WaitForNotificationWithTimeout(absl::Seconds(1))) {
       if (sessions.ExpireIdle() > 0) service.UpdateSessionMetrics();
+      ReleaseFreeMemory(kReleaseFreeBytesAbove);
     }
   });
 
-  int signal_number = 0;
-  sigwait(&signals, &signal_number);
+  const int signal_number = WaitForShutdownSignal();
   std::fprintf(stderr, "remotelens_server: signal %d, shutting down (grace %ds)\n", signal_number,
                config.shutdown_grace_seconds());
   server->GetHealthCheckService()->SetServingStatus(false);
@@ -327,6 +375,11 @@ absl::Status Serve() {
 }  // namespace remotelens
 
 int main(int argc, char** argv) {
+  // First thing: from here on no signal of the two can end the process by default action.
+  if (absl::Status installed = remotelens::InstallShutdownHandler(); !installed.ok()) {
+    std::fprintf(stderr, "remotelens_server: %s\n", installed.ToString().c_str());
+    return 1;
+  }
   absl::SetProgramUsageMessage("remotelens_server --config configs/demo.textproto [flags]");
   absl::ParseCommandLine(argc, argv);
   absl::Status status = remotelens::Serve();

@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
 
 #include "absl/strings/match.h"
@@ -18,15 +19,6 @@ namespace remotelens {
 namespace {
 
 constexpr size_t kMaxRequestBytes = 8192;
-
-void WriteAll(int fd, const std::string& data) {
-  size_t sent = 0;
-  while (sent < data.size()) {
-    const ssize_t n = ::send(fd, data.data() + sent, data.size() - sent, MSG_NOSIGNAL);
-    if (n <= 0) return;
-    sent += static_cast<size_t>(n);
-  }
-}
 
 std::string Response(const char* status, const char* content_type, const std::string& body) {
   return absl::StrCat("HTTP/1.1 ", status, "\r\nContent-Type: ", content_type,
@@ -93,35 +85,83 @@ void MetricsHttpServer::Stop() {
 }
 
 void MetricsHttpServer::Loop() {
+  std::vector<Connection> connections;
+  std::vector<pollfd> polled;
   while (!stop_) {
-    pollfd p{listen_fd_, POLLIN, 0};
-    if (::poll(&p, 1, 200) <= 0) continue;  // wakes up regularly to notice Stop()
-    const int client = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (client < 0) continue;
-    timeval timeout{2, 0};
-    ::setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
-    ::setsockopt(client, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
-    Handle(client);
-    ::close(client);
+    polled.clear();
+    polled.push_back({listen_fd_, POLLIN, 0});
+    for (const Connection& c : connections) {
+      polled.push_back({c.fd, static_cast<short>(c.response.empty() ? POLLIN : POLLOUT), 0});
+    }
+    // Wakes up regularly to notice Stop() and deadlines.
+    if (::poll(polled.data(), polled.size(), 200) < 0 && errno != EINTR) continue;
+    const auto now = std::chrono::steady_clock::now();
+    std::vector<Connection> open;
+    open.reserve(connections.size() + 1);
+    for (size_t i = 0; i < connections.size(); ++i) {
+      Connection& c = connections[i];
+      const short events = polled[i + 1].revents;
+      bool keep = now < c.deadline;
+      if (keep && (events & (POLLERR | POLLHUP | POLLNVAL)) && !(events & POLLIN)) keep = false;
+      if (keep && (events & POLLIN)) keep = OnReadable(c);
+      if (keep && (events & POLLOUT)) keep = OnWritable(c);
+      if (keep) {
+        open.push_back(std::move(c));
+      } else {
+        ::close(c.fd);
+      }
+    }
+    connections = std::move(open);
+    if (polled[0].revents & POLLIN) {
+      const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (fd >= 0) {
+        // Full: the oldest connection makes room, so idle clients cannot lock a scraper out.
+        if (connections.size() >= kMaxConnections) {
+          ::close(connections.front().fd);
+          connections.erase(connections.begin());
+        }
+        Connection c;
+        c.fd = fd;
+        c.deadline = now + kConnectionDeadline;
+        connections.push_back(std::move(c));
+      }
+    }
   }
+  for (const Connection& c : connections) ::close(c.fd);
 }
 
-void MetricsHttpServer::Handle(int fd) {
-  std::string request;
+bool MetricsHttpServer::OnReadable(Connection& c) {
   char buffer[1024];
-  while (request.find("\r\n\r\n") == std::string::npos && request.size() < kMaxRequestBytes) {
-    const ssize_t n = ::recv(fd, buffer, sizeof(buffer), 0);
-    if (n <= 0) return;
-    request.append(buffer, static_cast<size_t>(n));
+  const ssize_t n = ::recv(c.fd, buffer, sizeof(buffer), 0);
+  if (n == 0) return false;
+  if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
+  c.request.append(buffer, static_cast<size_t>(n));
+  if (c.request.find("\r\n\r\n") != std::string::npos || c.request.size() >= kMaxRequestBytes) {
+    c.response = Respond(c.request);
+    return OnWritable(c);  // usually all of it fits the socket buffer at once
   }
+  return true;
+}
+
+bool MetricsHttpServer::OnWritable(Connection& c) {
+  while (c.sent < c.response.size()) {
+    const ssize_t n = ::send(c.fd, c.response.data() + c.sent, c.response.size() - c.sent,
+                             MSG_NOSIGNAL);
+    if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
+    c.sent += static_cast<size_t>(n);
+  }
+  return false;  // everything sent: close
+}
+
+std::string MetricsHttpServer::Respond(const std::string& request) const {
   if (absl::StartsWith(request, "GET /metrics ") || absl::StartsWith(request, "GET /metrics?")) {
     const std::string body = prometheus::TextSerializer().Serialize(registry_->Collect());
-    WriteAll(fd, Response("200 OK", "text/plain; version=0.0.4; charset=utf-8", body));
-  } else if (absl::StartsWith(request, "GET ")) {
-    WriteAll(fd, Response("404 Not Found", "text/plain", "only /metrics is served here\n"));
-  } else {
-    WriteAll(fd, Response("405 Method Not Allowed", "text/plain", "GET /metrics\n"));
+    return Response("200 OK", "text/plain; version=0.0.4; charset=utf-8", body);
   }
+  if (absl::StartsWith(request, "GET ")) {
+    return Response("404 Not Found", "text/plain", "only /metrics is served here\n");
+  }
+  return Response("405 Method Not Allowed", "text/plain", "GET /metrics\n");
 }
 
 }  // namespace remotelens

@@ -8,6 +8,11 @@
 // The outbox is shared (shared_ptr) between the reactor and the job, so a job that outlives its
 // RPC (the client vanished) pushes into an outbox that simply drops messages.
 //
+// What one call may hold is capped (SetMaxQueuedBytes): a client that stops reading would
+// otherwise make the queue grow for as long as the job produces. Past the cap the queue is
+// dropped, the job's next Push fails (cancelled() turns true) and the call finishes with
+// RESOURCE_EXHAUSTED naming the limit. The model thread never waits for a slow client.
+//
 //   auto outbox = std::make_shared<Outbox<v1::RunResponse>>();
 //   outbox->Attach(
 //       [r](const v1::RunResponse* m, grpc::WriteOptions o, std::optional<grpc::Status> last) {
@@ -24,11 +29,22 @@
 #include <functional>
 #include <utility>
 
+#include <google/protobuf/message_lite.h>
 #include <grpcpp/grpcpp.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
 
 #include "absl/synchronization/mutex.h"
 
 namespace remotelens {
+
+// Bytes a queued message holds, for the outbox's cap.
+inline int64_t QueuedBytes(const google::protobuf::MessageLite& m) {
+  return static_cast<int64_t>(m.ByteSizeLong());
+}
+inline int64_t QueuedBytes(const std::string& m) { return static_cast<int64_t>(m.size()); }
 
 template <typename Message>
 class Outbox {
@@ -43,6 +59,14 @@ class Outbox {
   void Attach(StartWrite start_write, Finish finish) {
     start_write_ = std::move(start_write);
     finish_ = std::move(finish);
+  }
+
+  // Caps the bytes queued and not yet handed to gRPC (the message being written is not counted).
+  // `limit_name` names the setting in the RESOURCE_EXHAUSTED message. Default: no cap.
+  void SetMaxQueuedBytes(int64_t max_bytes, std::string limit_name) {
+    absl::MutexLock lock(&mu_);
+    max_queued_bytes_ = max_bytes;
+    limit_name_ = std::move(limit_name);
   }
 
   // Queues a message. False once the stream is finished or the client has cancelled.
@@ -95,6 +119,7 @@ class Outbox {
         // The stream broke (client gone): drop what is queued; Finish once closed.
         cancelled_ = true;
         queue_.clear();
+        queued_bytes_ = 0;
       }
       if (!queue_.empty()) {
         to_write = BeginNextWrite(&options, &last);
@@ -140,6 +165,20 @@ class Outbox {
     {
       absl::MutexLock lock(&mu_);
       if (finished_ || closed_ || cancelled_) return false;
+      const int64_t bytes = QueuedBytes(message);
+      if (writing_ && queued_bytes_ + bytes > max_queued_bytes_) {
+        // The client is not keeping up: end this call rather than hold more for it.
+        status_ = grpc::Status(
+            grpc::StatusCode::RESOURCE_EXHAUSTED,
+            "the client read too slowly: more than " + std::to_string(max_queued_bytes_) +
+                " bytes of this call were waiting to be sent (" + limit_name_ +
+                "); read the stream as it arrives, or stream less (fewer hooks, a position slice)");
+        closed_ = cancelled_ = true;
+        queue_.clear();
+        queued_bytes_ = 0;
+        return false;  // finishes with status_ when the write in flight completes
+      }
+      queued_bytes_ += bytes;
       queue_.push_back(std::move(message));
       if (close_with.has_value()) {
         closed_ = true;
@@ -158,6 +197,7 @@ class Outbox {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     current_ = std::move(queue_.front());
     queue_.pop_front();
+    queued_bytes_ -= QueuedBytes(current_);
     writing_ = true;
     if (!queue_.empty()) {
       options->set_buffer_hint();
@@ -178,6 +218,9 @@ class Outbox {
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t max_queued_bytes_ ABSL_GUARDED_BY(mu_) = std::numeric_limits<int64_t>::max();
+  std::string limit_name_ ABSL_GUARDED_BY(mu_);
   grpc::Status status_;
 };
 

@@ -128,5 +128,29 @@ TEST_F(OutboxTest, ProducerIsPulledOneMessagePerCompletedWrite) {
   EXPECT_THAT(r.events, ElementsAre("write chunk0", "write chunk1", "write chunk2", "finish(0)"));
 }
 
+TEST_F(OutboxTest, AClientThatStopsReadingEndsTheCallAtTheCap) {
+  outbox.SetMaxQueuedBytes(10, "max_queued_bytes_per_call");
+  EXPECT_TRUE(outbox.Push("first"));     // written at once, not counted
+  EXPECT_TRUE(outbox.Push("12345"));     // 5 queued
+  EXPECT_TRUE(outbox.Push("67890"));     // 10 queued: at the cap, still fine
+  EXPECT_FALSE(outbox.Push("x"));        // 11: the call ends
+  EXPECT_TRUE(outbox.cancelled());       // so the job stops producing
+  EXPECT_FALSE(outbox.Push("later"));
+  EXPECT_THAT(r.events, ElementsAre("write first"));
+  Complete();                            // the write in flight completes; queued ones are dropped
+  EXPECT_THAT(r.events, ElementsAre("write first", "finish(8)"));  // RESOURCE_EXHAUSTED
+  outbox.Close(grpc::Status::OK);        // the job's own close changes nothing
+  EXPECT_EQ(r.events.size(), 2u);
+}
+
+TEST_F(OutboxTest, WrittenMessagesGiveTheirBytesBack) {
+  outbox.SetMaxQueuedBytes(10, "cap");
+  for (int i = 0; i < 100; ++i) {
+    ASSERT_TRUE(outbox.Push("0123456789")) << i;  // one in flight, one queued at most
+    if (i > 0) Complete();
+  }
+  EXPECT_FALSE(outbox.cancelled());
+}
+
 }  // namespace
 }  // namespace remotelens

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/status_macros.h"
+#include "server/echo.h"
 #include "server/tensor_codec.h"
 
 namespace remotelens {
@@ -53,7 +54,52 @@ absl::StatusOr<at::Tensor> SelectRegion(const at::Tensor& t, HookSite site, cons
   return out;
 }
 
+absl::Status CheckEnumValue(const google::protobuf::EnumDescriptor& type, int value,
+                            const std::string& field) {
+  if (type.FindValueByNumber(value) != nullptr) return absl::OkStatus();
+  std::vector<std::string> valid;
+  for (int i = 0; i < type.value_count(); ++i) {
+    valid.push_back(absl::StrCat(type.value(i)->name(), " (", type.value(i)->number(), ")"));
+  }
+  return Invalid(field, absl::StrCat(value, " is not a valid ", type.name(), "; valid: ",
+                                     absl::StrJoin(valid, ", ")));
+}
+
+absl::Status ValidateEnumsIn(const google::protobuf::Message& message, const std::string& path) {
+  const google::protobuf::Reflection& reflection = *message.GetReflection();
+  std::vector<const google::protobuf::FieldDescriptor*> fields;
+  reflection.ListFields(message, &fields);  // only fields that are set: cheap on big requests
+  for (const google::protobuf::FieldDescriptor* field : fields) {
+    const std::string name = path.empty() ? field->name() : absl::StrCat(path, ".", field->name());
+    if (field->type() == google::protobuf::FieldDescriptor::TYPE_ENUM) {
+      if (field->is_repeated()) {
+        for (int i = 0; i < reflection.FieldSize(message, field); ++i) {
+          RETURN_IF_ERROR(CheckEnumValue(*field->enum_type(),
+                                         reflection.GetRepeatedEnumValue(message, field, i),
+                                         absl::StrCat(name, "[", i, "]")));
+        }
+      } else {
+        RETURN_IF_ERROR(CheckEnumValue(*field->enum_type(), reflection.GetEnumValue(message, field), name));
+      }
+    } else if (field->type() == google::protobuf::FieldDescriptor::TYPE_MESSAGE) {
+      if (field->is_repeated()) {
+        for (int i = 0; i < reflection.FieldSize(message, field); ++i) {
+          RETURN_IF_ERROR(ValidateEnumsIn(reflection.GetRepeatedMessage(message, field, i),
+                                          absl::StrCat(name, "[", i, "]")));
+        }
+      } else {
+        RETURN_IF_ERROR(ValidateEnumsIn(reflection.GetMessage(message, field), name));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+absl::Status ValidateEnums(const google::protobuf::Message& request) {
+  return ValidateEnumsIn(request, "");
+}
 
 v1::Limits LimitsWithDefaults(const v1::Limits& in) {
   v1::Limits l = in;
@@ -70,6 +116,7 @@ v1::Limits LimitsWithDefaults(const v1::Limits& in) {
   l.set_hook_timeout_ms(Or<int64_t>(l.hook_timeout_ms(), 30000));
   l.set_max_text_bytes(Or(l.max_text_bytes(), 1 << 20));
   l.set_max_stored_cache_bytes(Or<int64_t>(l.max_stored_cache_bytes(), int64_t{16} << 30));
+  l.set_max_queued_bytes_per_call(Or<int64_t>(l.max_queued_bytes_per_call(), int64_t{1} << 30));
   return l;
 }
 
@@ -152,9 +199,12 @@ absl::StatusOr<EncodedBatch> BuildTokenInput(const v1::Tensor& tokens,
     // Decoding is already bounded by the gRPC message size limit; the token quota is checked
     // below so that an oversized request is RESOURCE_EXHAUSTED, not a malformed tensor.
     ASSIGN_OR_RETURN(at::Tensor t, TensorFromProto(tokens, "tokens"));
-    if (t.dim() != 2 || (t.scalar_type() != at::kLong && t.scalar_type() != at::kInt)) {
-      return Invalid("tokens", absl::StrCat("must be an int64 or int32 [batch, pos] tensor, got ",
-                                            t.dim(), " dimensions"));
+    if (t.scalar_type() != at::kLong && t.scalar_type() != at::kInt) {
+      return Invalid("tokens", absl::StrCat("dtype must be int64 or int32 (DTYPE_INT64, DTYPE_INT32: token ids), got ",
+                                            v1::DType_Name(tokens.dtype())));
+    }
+    if (t.dim() != 2) {
+      return Invalid("tokens", absl::StrCat("must be a [batch, pos] tensor, got ", t.dim(), " dimensions"));
     }
     batch.tokens = t.to(at::kLong);
   } else {
@@ -204,6 +254,8 @@ absl::StatusOr<ForwardInput> BuildForwardInput(const v1::RunRequest& request,
       return Invalid("residual", absl::StrCat("must be [batch, pos, ", c.d_model, "]"));
     }
     const int64_t b = input.residual.size(0), p = input.residual.size(1);
+    // As for tokens: an empty batch would run and answer OK with empty logits.
+    if (b < 1 || p < 1) return Invalid("residual", "needs at least one row and one position");
     if (b * p > max_tokens) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "residual has ", b * p, " positions (batch ", b, " x pos ", p,
@@ -237,7 +289,7 @@ absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, boo
   RETURN_IF_ERROR(CheckIndexList(op.selector().heads(), absl::StrCat(what, ".selector.heads")));
   if (op.selector().heads_size() > 0 && HeadDim(id->site) < 0) {
     return Invalid(absl::StrCat(what, ".selector.heads"),
-                   absl::StrCat("hook \"", op.hook_name(), "\" has no head dimension"));
+                   absl::StrCat("hook \"", Echo(op.hook_name()), "\" has no head dimension"));
   }
   switch (op.op_case()) {
     case v1::HookOp::kZero:
@@ -257,7 +309,7 @@ absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, boo
       std::vector<int64_t> region = HookShape(*id, config);
       if (op.selector().heads_size() > 0) region[HeadDim(id->site)] = op.selector().heads_size();
       if (t.dim() > static_cast<int64_t>(region.size())) {
-        return Invalid(field, absl::StrCat("has ", t.dim(), " dimensions; hook \"", op.hook_name(),
+        return Invalid(field, absl::StrCat("has ", t.dim(), " dimensions; hook \"", Echo(op.hook_name()),
                                            "\" has ", region.size()));
       }
       const size_t offset = region.size() - t.dim();
@@ -265,7 +317,7 @@ absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, boo
         const int64_t want = region[offset + i];
         if (want > 0 && t.size(i) != 1 && t.size(i) != want) {
           return Invalid(field, absl::StrCat("shape [", absl::StrJoin(t.sizes(), ", "),
-                                             "] does not broadcast to hook \"", op.hook_name(),
+                                             "] does not broadcast to hook \"", Echo(op.hook_name()),
                                              "\" of shape [", absl::StrJoin(region, ", "),
                                              "] (-1: batch or positions)"));
         }
@@ -335,8 +387,8 @@ absl::StatusOr<InterventionOp> BuildInterventionOp(const v1::HookOp& op, const L
       const std::string source = patch.source_hook_name().empty() ? op.hook_name() : patch.source_hook_name();
       const at::Tensor* stored = cache->Find(source);
       if (stored == nullptr) {
-        return absl::NotFoundError(absl::StrCat(what, ": cache '", patch.cache_handle(), "' holds no \"",
-                                                source, "\"; cache it with the run that stores the handle"));
+        return absl::NotFoundError(absl::StrCat(what, ": cache '", Echo(patch.cache_handle()), "' holds no \"",
+                                                Echo(source), "\"; cache it with the run that stores the handle"));
       }
       ASSIGN_OR_RETURN(HookId source_id, ParseHookName(source, config.n_layers));
       out.kind = OpKind::kSet;

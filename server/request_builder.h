@@ -26,6 +26,12 @@
 
 namespace remotelens {
 
+// Every enum field in `request`, nested messages included, holds a value its enum defines.
+// proto3 parses unknown numbers into enum fields, and a switch's default would quietly run them
+// as something else. INVALID_ARGUMENT "return_type: 7 is not a valid ReturnType; valid:
+// RETURN_TYPE_LOGITS (0), ...". Checked once per request, before anything reads it.
+absl::Status ValidateEnums(const google::protobuf::Message& request);
+
 // v1::Limits with every unset (zero) field given its documented default.
 v1::Limits LimitsWithDefaults(const v1::Limits& limits);
 

@@ -38,6 +38,7 @@ TEST_F(RequestBuilderTest, LimitsDefaultsFillOnlyUnsetFields) {
   EXPECT_EQ(limits_->max_queue(), 256);
   EXPECT_EQ(limits_->hook_timeout_ms(), 30000);
   EXPECT_EQ(limits_->max_stored_cache_bytes(), int64_t{16} << 30);
+  EXPECT_EQ(limits_->max_queued_bytes_per_call(), int64_t{1} << 30);
   v1::Limits set;
   set.set_max_stored_cache_bytes(1234);
   EXPECT_EQ(LimitsWithDefaults(set).max_stored_cache_bytes(), 1234);
@@ -187,6 +188,59 @@ TEST_F(RequestBuilderTest, NextTokenLossMatchesCrossEntropyAndMasksPadding) {
   mask[1][0] = 0;  // row 1 left-padded by one: its first target does not count
   const float expected = (per_token[0].sum() + per_token[1].narrow(0, 1, 2).sum()).item<float>() / 5;
   EXPECT_NEAR(NextTokenLoss(logits, tokens, mask, false).item<float>(), expected, 1e-5);
+}
+
+TEST_F(RequestBuilderTest, UnknownEnumValuesAreRejectedNamingFieldAndValidValues) {
+  v1::RunRequest run;
+  EXPECT_TRUE(ValidateEnums(run).ok());
+  run.set_return_type(static_cast<v1::ReturnType>(7));
+  absl::Status status = ValidateEnums(run);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("return_type: 7 is not a valid ReturnType"), std::string::npos) << status;
+  EXPECT_NE(status.message().find("RETURN_TYPE_LOSS (1)"), std::string::npos) << status;
+
+  run = v1::RunRequest();
+  run.set_padding_side(static_cast<v1::PaddingSide>(-3));
+  status = ValidateEnums(run);
+  EXPECT_NE(status.message().find("padding_side: -3 is not a valid PaddingSide"), std::string::npos) << status;
+
+  // Nested and repeated messages are walked too.
+  run = v1::RunRequest();
+  run.mutable_cache()->set_dtype(static_cast<v1::DType>(42));
+  EXPECT_NE(ValidateEnums(run).message().find("cache.dtype: 42"), std::string::npos);
+  run = v1::RunRequest();
+  run.add_hooks();
+  run.add_hooks()->mutable_add()->mutable_value()->set_dtype(static_cast<v1::DType>(9));
+  EXPECT_NE(ValidateEnums(run).message().find("hooks[1].add.value.dtype: 9"), std::string::npos)
+      << ValidateEnums(run);
+
+  v1::TokenizeRequest tokenize;
+  tokenize.set_padding_side(v1::PADDING_SIDE_RIGHT);
+  EXPECT_TRUE(ValidateEnums(tokenize).ok());
+  tokenize.set_padding_side(static_cast<v1::PaddingSide>(3));
+  EXPECT_EQ(ValidateEnums(tokenize).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(RequestBuilderTest, EmptyResidualIsRejectedLikeEmptyTokens) {
+  const int64_t d_model = model_->config().d_model;
+  for (const auto& shape : {std::vector<int64_t>{0, 3, d_model}, std::vector<int64_t>{1, 0, d_model}}) {
+    v1::RunRequest run;
+    run.set_start_at_layer(1);
+    *run.mutable_residual() = Proto(at::zeros(shape));
+    auto input = BuildForwardInput(run, Ctx(), 1000);
+    EXPECT_EQ(input.status().code(), absl::StatusCode::kInvalidArgument) << shape[0] << "x" << shape[1];
+    EXPECT_NE(input.status().message().find("at least one row and one position"), std::string::npos)
+        << input.status();
+  }
+}
+
+TEST_F(RequestBuilderTest, FloatTokensNameTheDtype) {
+  v1::RunRequest run;
+  *run.mutable_tokens() = Proto(at::zeros({1, 3}));
+  auto input = BuildForwardInput(run, Ctx(), 1000);
+  EXPECT_EQ(input.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(input.status().message().find("dtype"), std::string::npos) << input.status();
+  EXPECT_NE(input.status().message().find("DTYPE_FLOAT32"), std::string::npos) << input.status();
 }
 
 }  // namespace

@@ -7,13 +7,22 @@
 #include "absl/strings/str_cat.h"
 #include "engine/hook_names.h"
 #include "engine/status_macros.h"
+#include "server/echo.h"
 #include "server/request_builder.h"
 #include "server/tensor_codec.h"
 
 namespace remotelens {
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+  // Messages echo caller input through Echo(); this cap is the backstop that keeps any status
+  // inside gRPC's trailer limits, so the code the caller sees is the real one.
+  constexpr size_t kMaxMessageBytes = 1024;
+  absl::string_view message = status.message();
+  if (message.size() <= kMaxMessageBytes) {
+    return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(message));
+  }
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
+                      absl::StrCat(Echo(message.substr(0, kMaxMessageBytes - 32)), " [truncated]"));
 }
 
 RemoteLensService::RemoteLensService(ServiceDeps deps) : deps_(std::move(deps)) {}
@@ -56,15 +65,18 @@ v1::Session SessionToProto(const SessionSummary& s) {
   out.set_num_hooks(s.num_hooks);
   out.set_num_caches(s.num_caches);
   out.set_stored_cache_bytes(s.stored_bytes);
+  out.set_owner(s.owner);
   return out;
 }
 
 }  // namespace
 
 grpc::ServerUnaryReactor* RemoteLensService::GetModelInfo(grpc::CallbackServerContext* ctx,
-                                                          const v1::GetModelInfoRequest*,
-                                                          v1::ModelInfo* out) {
-  return Unary(ctx, "GetModelInfo", [&](const AuthUser& user) -> absl::Status {
+                                                          const grpc::ByteBuffer* raw_request,
+                                                          grpc::ByteBuffer* raw_response) {
+  return Unary<v1::GetModelInfoRequest, v1::ModelInfo>(
+      ctx, "GetModelInfo", raw_request, raw_response,
+      [&](const AuthUser& user, const v1::GetModelInfoRequest& request, v1::ModelInfo* out) -> absl::Status {
     const LlamaConfig& c = deps_.model->config();
     out->set_model_name(c.model_name);
     out->set_n_layers(c.n_layers);
@@ -93,18 +105,20 @@ grpc::ServerUnaryReactor* RemoteLensService::GetModelInfo(grpc::CallbackServerCo
 }
 
 grpc::ServerUnaryReactor* RemoteLensService::Tokenize(grpc::CallbackServerContext* ctx,
-                                                      const v1::TokenizeRequest* request,
-                                                      v1::TokenizeResponse* out) {
-  return Unary(ctx, "Tokenize", [&](const AuthUser& user) -> absl::Status {
+                                                      const grpc::ByteBuffer* raw_request,
+                                                      grpc::ByteBuffer* raw_response) {
+  return Unary<v1::TokenizeRequest, v1::TokenizeResponse>(
+      ctx, "Tokenize", raw_request, raw_response,
+      [&](const AuthUser& user, const v1::TokenizeRequest& request, v1::TokenizeResponse* out) -> absl::Status {
     ModelContext mc{deps_.model, deps_.tokenizer, &deps_.limits};
-    ASSIGN_OR_RETURN(EncodedBatch batch, EncodeTexts(mc, request->texts(), request->prepend_bos(),
-                                                     request->padding_side()));
+    ASSIGN_OR_RETURN(EncodedBatch batch, EncodeTexts(mc, request.texts(), request.prepend_bos(),
+                                                     request.padding_side()));
     ASSIGN_OR_RETURN(*out->mutable_tokens(), TensorToProto(batch.tokens));
     ASSIGN_OR_RETURN(*out->mutable_attention_mask(), TensorToProto(batch.attention_mask));
     for (int64_t n : batch.lengths) out->add_lengths(n);
     out->set_pad_token_id(batch.pad_token_id);
-    if (request->return_str_tokens()) {
-      const bool right = request->padding_side() == v1::PADDING_SIDE_RIGHT;
+    if (request.return_str_tokens()) {
+      const bool right = request.padding_side() == v1::PADDING_SIDE_RIGHT;
       const auto ids = batch.tokens.accessor<int64_t, 2>();
       for (int64_t r = 0; r < ids.size(0); ++r) {
         v1::StrTokens* row = out->add_str_tokens();
@@ -119,18 +133,20 @@ grpc::ServerUnaryReactor* RemoteLensService::Tokenize(grpc::CallbackServerContex
 }
 
 grpc::ServerUnaryReactor* RemoteLensService::Detokenize(grpc::CallbackServerContext* ctx,
-                                                        const v1::DetokenizeRequest* request,
-                                                        v1::DetokenizeResponse* out) {
-  return Unary(ctx, "Detokenize", [&](const AuthUser& user) -> absl::Status {
+                                                        const grpc::ByteBuffer* raw_request,
+                                                        grpc::ByteBuffer* raw_response) {
+  return Unary<v1::DetokenizeRequest, v1::DetokenizeResponse>(
+      ctx, "Detokenize", raw_request, raw_response,
+      [&](const AuthUser& user, const v1::DetokenizeRequest& request, v1::DetokenizeResponse* out) -> absl::Status {
     if (deps_.tokenizer == nullptr) {
       return absl::FailedPreconditionError("this model has no tokenizer.json");
     }
-    if (request->rows_size() > deps_.limits.max_batch()) {
-      return absl::InvalidArgumentError(absl::StrCat("rows: ", request->rows_size(),
+    if (request.rows_size() > deps_.limits.max_batch()) {
+      return absl::InvalidArgumentError(absl::StrCat("rows: ", request.rows_size(),
                                                      " rows; at most max_batch = ", deps_.limits.max_batch()));
     }
-    for (int r = 0; r < request->rows_size(); ++r) {
-      const auto& ids = request->rows(r).ids();
+    for (int r = 0; r < request.rows_size(); ++r) {
+      const auto& ids = request.rows(r).ids();
       if (ids.size() > deps_.limits.max_tokens_per_request()) {
         return absl::InvalidArgumentError(absl::StrCat("rows[", r, "]: too many ids"));
       }
@@ -139,7 +155,7 @@ grpc::ServerUnaryReactor* RemoteLensService::Detokenize(grpc::CallbackServerCont
         return absl::Status(text.status().code(), absl::StrCat("rows[", r, "]: ", text.status().message()));
       }
       out->add_texts(*text);
-      if (request->return_str_tokens()) {
+      if (request.return_str_tokens()) {
         v1::StrTokens* row = out->add_str_tokens();
         for (int64_t id : ids) {
           ASSIGN_OR_RETURN(*row->add_tokens(), deps_.tokenizer->TokenToString(id));
@@ -151,13 +167,15 @@ grpc::ServerUnaryReactor* RemoteLensService::Detokenize(grpc::CallbackServerCont
 }
 
 grpc::ServerUnaryReactor* RemoteLensService::CreateSession(grpc::CallbackServerContext* ctx,
-                                                           const v1::CreateSessionRequest* request,
-                                                           v1::Session* out) {
-  return Unary(ctx, "CreateSession", [&](const AuthUser& user) -> absl::Status {
-    if (request->ttl_seconds() < 0) {
+                                                           const grpc::ByteBuffer* raw_request,
+                                                           grpc::ByteBuffer* raw_response) {
+  return Unary<v1::CreateSessionRequest, v1::Session>(
+      ctx, "CreateSession", raw_request, raw_response,
+      [&](const AuthUser& user, const v1::CreateSessionRequest& request, v1::Session* out) -> absl::Status {
+    if (request.ttl_seconds() < 0) {
       return absl::InvalidArgumentError("ttl_seconds must be >= 0 (0: the server default)");
     }
-    ASSIGN_OR_RETURN(SessionSummary s, deps_.sessions->Create(user.name, absl::Seconds(request->ttl_seconds())));
+    ASSIGN_OR_RETURN(SessionSummary s, deps_.sessions->Create(user.name, absl::Seconds(request.ttl_seconds())));
     *out = SessionToProto(s);
     UpdateSessionMetrics();
     return absl::OkStatus();
@@ -165,31 +183,41 @@ grpc::ServerUnaryReactor* RemoteLensService::CreateSession(grpc::CallbackServerC
 }
 
 grpc::ServerUnaryReactor* RemoteLensService::CloseSession(grpc::CallbackServerContext* ctx,
-                                                          const v1::CloseSessionRequest* request,
-                                                          v1::CloseSessionResponse*) {
-  return Unary(ctx, "CloseSession", [&](const AuthUser& user) -> absl::Status {
-    RETURN_IF_ERROR(deps_.sessions->Close(user.name, request->session_id()));
+                                                          const grpc::ByteBuffer* raw_request,
+                                                          grpc::ByteBuffer* raw_response) {
+  return Unary<v1::CloseSessionRequest, v1::CloseSessionResponse>(
+      ctx, "CloseSession", raw_request, raw_response,
+      [&](const AuthUser& user, const v1::CloseSessionRequest& request, v1::CloseSessionResponse* out) -> absl::Status {
+    RETURN_IF_ERROR(deps_.sessions->Close(user.name, request.session_id()));
     UpdateSessionMetrics();
     return absl::OkStatus();
   });
 }
 
 grpc::ServerUnaryReactor* RemoteLensService::ListSessions(grpc::CallbackServerContext* ctx,
-                                                          const v1::ListSessionsRequest*,
-                                                          v1::ListSessionsResponse* out) {
-  return Unary(ctx, "ListSessions", [&](const AuthUser& user) -> absl::Status {
-    for (const SessionSummary& s : deps_.sessions->List(user.name)) *out->add_sessions() = SessionToProto(s);
+                                                          const grpc::ByteBuffer* raw_request,
+                                                          grpc::ByteBuffer* raw_response) {
+  return Unary<v1::ListSessionsRequest, v1::ListSessionsResponse>(
+      ctx, "ListSessions", raw_request, raw_response,
+      [&](const AuthUser& user, const v1::ListSessionsRequest& request, v1::ListSessionsResponse* out) -> absl::Status {
+    // config.proto's role "admin": every user's sessions; anyone else: their own.
+    const std::vector<SessionSummary> sessions =
+        user.admin ? deps_.sessions->ListAll() : deps_.sessions->List(user.name);
+    for (const SessionSummary& s : sessions) *out->add_sessions() = SessionToProto(s);
     return absl::OkStatus();
   });
 }
 
 grpc::ServerUnaryReactor* RemoteLensService::AddHook(grpc::CallbackServerContext* ctx,
-                                                     const v1::AddHookRequest* request,
-                                                     v1::AddHookResponse* out) {
-  return Unary(ctx, "AddHook", [&](const AuthUser& user) -> absl::Status {
-    RETURN_IF_ERROR(ValidateHookOp(request->op(), deps_.model->config(), /*allow_callback=*/false, "op"));
-    ASSIGN_OR_RETURN(int64_t id, deps_.sessions->AddHook(user.name, request->session_id(), request->op(),
-                                                         request->prepend()));
+                                                     const grpc::ByteBuffer* raw_request,
+                                                     grpc::ByteBuffer* raw_response) {
+  return Unary<v1::AddHookRequest, v1::AddHookResponse>(
+      ctx, "AddHook", raw_request, raw_response,
+      [&](const AuthUser& user, const v1::AddHookRequest& request, v1::AddHookResponse* out) -> absl::Status {
+    RETURN_IF_ERROR(ValidateHookOp(request.op(), deps_.model->config(), /*allow_callback=*/false, "op"));
+    ASSIGN_OR_RETURN(int64_t id, deps_.sessions->AddHook(user.name, request.session_id(), request.op(),
+                                                         request.prepend(),
+                                                         user.quota.max_stored_cache_bytes()));
     out->set_hook_id(id);
     UpdateSessionMetrics();
     return absl::OkStatus();
@@ -197,20 +225,24 @@ grpc::ServerUnaryReactor* RemoteLensService::AddHook(grpc::CallbackServerContext
 }
 
 grpc::ServerUnaryReactor* RemoteLensService::RemoveHook(grpc::CallbackServerContext* ctx,
-                                                        const v1::RemoveHookRequest* request,
-                                                        v1::RemoveHookResponse*) {
-  return Unary(ctx, "RemoveHook", [&](const AuthUser& user) -> absl::Status {
-    RETURN_IF_ERROR(deps_.sessions->RemoveHook(user.name, request->session_id(), request->hook_id()));
+                                                        const grpc::ByteBuffer* raw_request,
+                                                        grpc::ByteBuffer* raw_response) {
+  return Unary<v1::RemoveHookRequest, v1::RemoveHookResponse>(
+      ctx, "RemoveHook", raw_request, raw_response,
+      [&](const AuthUser& user, const v1::RemoveHookRequest& request, v1::RemoveHookResponse* out) -> absl::Status {
+    RETURN_IF_ERROR(deps_.sessions->RemoveHook(user.name, request.session_id(), request.hook_id()));
     UpdateSessionMetrics();
     return absl::OkStatus();
   });
 }
 
 grpc::ServerUnaryReactor* RemoteLensService::ListHooks(grpc::CallbackServerContext* ctx,
-                                                       const v1::ListHooksRequest* request,
-                                                       v1::ListHooksResponse* out) {
-  return Unary(ctx, "ListHooks", [&](const AuthUser& user) -> absl::Status {
-    ASSIGN_OR_RETURN(auto hooks, deps_.sessions->ListHooks(user.name, request->session_id()));
+                                                       const grpc::ByteBuffer* raw_request,
+                                                       grpc::ByteBuffer* raw_response) {
+  return Unary<v1::ListHooksRequest, v1::ListHooksResponse>(
+      ctx, "ListHooks", raw_request, raw_response,
+      [&](const AuthUser& user, const v1::ListHooksRequest& request, v1::ListHooksResponse* out) -> absl::Status {
+    ASSIGN_OR_RETURN(auto hooks, deps_.sessions->ListHooks(user.name, request.session_id()));
     for (auto& [id, op] : hooks) {
       v1::RegisteredHook* h = out->add_hooks();
       h->set_hook_id(id);
@@ -221,10 +253,12 @@ grpc::ServerUnaryReactor* RemoteLensService::ListHooks(grpc::CallbackServerConte
 }
 
 grpc::ServerUnaryReactor* RemoteLensService::ResetHooks(grpc::CallbackServerContext* ctx,
-                                                        const v1::ResetHooksRequest* request,
-                                                        v1::ResetHooksResponse* out) {
-  return Unary(ctx, "ResetHooks", [&](const AuthUser& user) -> absl::Status {
-    ASSIGN_OR_RETURN(int64_t removed, deps_.sessions->ResetHooks(user.name, request->session_id()));
+                                                        const grpc::ByteBuffer* raw_request,
+                                                        grpc::ByteBuffer* raw_response) {
+  return Unary<v1::ResetHooksRequest, v1::ResetHooksResponse>(
+      ctx, "ResetHooks", raw_request, raw_response,
+      [&](const AuthUser& user, const v1::ResetHooksRequest& request, v1::ResetHooksResponse* out) -> absl::Status {
+    ASSIGN_OR_RETURN(int64_t removed, deps_.sessions->ResetHooks(user.name, request.session_id()));
     out->set_removed(removed);
     UpdateSessionMetrics();
     return absl::OkStatus();
@@ -232,11 +266,13 @@ grpc::ServerUnaryReactor* RemoteLensService::ResetHooks(grpc::CallbackServerCont
 }
 
 grpc::ServerUnaryReactor* RemoteLensService::DeleteCache(grpc::CallbackServerContext* ctx,
-                                                         const v1::DeleteCacheRequest* request,
-                                                         v1::DeleteCacheResponse* out) {
-  return Unary(ctx, "DeleteCache", [&](const AuthUser& user) -> absl::Status {
-    ASSIGN_OR_RETURN(int64_t freed, deps_.sessions->DeleteCache(user.name, request->session_id(),
-                                                                request->cache_handle()));
+                                                         const grpc::ByteBuffer* raw_request,
+                                                         grpc::ByteBuffer* raw_response) {
+  return Unary<v1::DeleteCacheRequest, v1::DeleteCacheResponse>(
+      ctx, "DeleteCache", raw_request, raw_response,
+      [&](const AuthUser& user, const v1::DeleteCacheRequest& request, v1::DeleteCacheResponse* out) -> absl::Status {
+    ASSIGN_OR_RETURN(int64_t freed, deps_.sessions->DeleteCache(user.name, request.session_id(),
+                                                                request.cache_handle()));
     out->set_freed_bytes(freed);
     UpdateSessionMetrics();
     return absl::OkStatus();

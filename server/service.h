@@ -20,6 +20,7 @@
 #include "remotelens/v1/remotelens.grpc.pb.h"
 #include "server/auth.h"
 #include "server/metrics.h"
+#include "server/raw_messages.h"
 #include "server/scheduler.h"
 #include "server/session_store.h"
 
@@ -36,54 +37,75 @@ struct ServiceDeps {
   std::vector<std::string> devices;      // names, e.g. "cpu"
 };
 
-class RemoteLensService final : public v1::RemoteLens::CallbackService {
+// Every RPC is registered raw, grpc::ByteBuffer in and out, and parsed here (raw_messages.h):
+// gRPC's generated handlers answer a request that does not parse with UNIMPLEMENTED and an empty
+// message, which tells the caller nothing. See docs/decisions.md, "Hardening".
+using RawRemoteLensService =
+    v1::RemoteLens::WithRawCallbackMethod_GetModelInfo<
+        v1::RemoteLens::WithRawCallbackMethod_Tokenize<
+        v1::RemoteLens::WithRawCallbackMethod_Detokenize<
+        v1::RemoteLens::WithRawCallbackMethod_CreateSession<
+        v1::RemoteLens::WithRawCallbackMethod_CloseSession<
+        v1::RemoteLens::WithRawCallbackMethod_ListSessions<
+        v1::RemoteLens::WithRawCallbackMethod_AddHook<
+        v1::RemoteLens::WithRawCallbackMethod_RemoveHook<
+        v1::RemoteLens::WithRawCallbackMethod_ListHooks<
+        v1::RemoteLens::WithRawCallbackMethod_ResetHooks<
+        v1::RemoteLens::WithRawCallbackMethod_Run<
+        v1::RemoteLens::WithRawCallbackMethod_RunInteractive<
+        v1::RemoteLens::WithRawCallbackMethod_Generate<
+        v1::RemoteLens::WithRawCallbackMethod_FetchCache<
+        v1::RemoteLens::WithRawCallbackMethod_DeleteCache<
+        v1::RemoteLens::WithRawCallbackMethod_GetWeights<
+        v1::RemoteLens::Service>>>>>>>>>>>>>>>>;
+
+class RemoteLensService final : public RawRemoteLensService {
  public:
   explicit RemoteLensService(ServiceDeps deps);
 
   grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* ctx,
-                                         const v1::GetModelInfoRequest* request,
-                                         v1::ModelInfo* response) override;
+                                         const grpc::ByteBuffer* request,
+                                         grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* ctx,
-                                     const v1::TokenizeRequest* request,
-                                     v1::TokenizeResponse* response) override;
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* ctx,
-                                       const v1::DetokenizeRequest* request,
-                                       v1::DetokenizeResponse* response) override;
+                                       const grpc::ByteBuffer* request,
+                                       grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* CreateSession(grpc::CallbackServerContext* ctx,
-                                          const v1::CreateSessionRequest* request,
-                                          v1::Session* response) override;
+                                          const grpc::ByteBuffer* request,
+                                          grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* CloseSession(grpc::CallbackServerContext* ctx,
-                                         const v1::CloseSessionRequest* request,
-                                         v1::CloseSessionResponse* response) override;
+                                         const grpc::ByteBuffer* request,
+                                         grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* ListSessions(grpc::CallbackServerContext* ctx,
-                                         const v1::ListSessionsRequest* request,
-                                         v1::ListSessionsResponse* response) override;
+                                         const grpc::ByteBuffer* request,
+                                         grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* AddHook(grpc::CallbackServerContext* ctx,
-                                    const v1::AddHookRequest* request,
-                                    v1::AddHookResponse* response) override;
+                                    const grpc::ByteBuffer* request,
+                                    grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* RemoveHook(grpc::CallbackServerContext* ctx,
-                                       const v1::RemoveHookRequest* request,
-                                       v1::RemoveHookResponse* response) override;
+                                       const grpc::ByteBuffer* request,
+                                       grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* ListHooks(grpc::CallbackServerContext* ctx,
-                                      const v1::ListHooksRequest* request,
-                                      v1::ListHooksResponse* response) override;
+                                      const grpc::ByteBuffer* request,
+                                      grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* ResetHooks(grpc::CallbackServerContext* ctx,
-                                       const v1::ResetHooksRequest* request,
-                                       v1::ResetHooksResponse* response) override;
+                                       const grpc::ByteBuffer* request,
+                                       grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* DeleteCache(grpc::CallbackServerContext* ctx,
-                                        const v1::DeleteCacheRequest* request,
-                                        v1::DeleteCacheResponse* response) override;
-
-  grpc::ServerWriteReactor<v1::RunResponse>* Run(grpc::CallbackServerContext* ctx,
-                                                 const v1::RunRequest* request) override;
-  grpc::ServerBidiReactor<v1::InteractiveRequest, v1::InteractiveResponse>* RunInteractive(
+                                        const grpc::ByteBuffer* request,
+                                        grpc::ByteBuffer* response) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Run(grpc::CallbackServerContext* ctx,
+                                                  const grpc::ByteBuffer* request) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* ctx,
+                                                  const grpc::ByteBuffer* request) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* FetchCache(grpc::CallbackServerContext* ctx,
+                                                  const grpc::ByteBuffer* request) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* GetWeights(grpc::CallbackServerContext* ctx,
+                                                  const grpc::ByteBuffer* request) override;
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* RunInteractive(
       grpc::CallbackServerContext* ctx) override;
-  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
-      grpc::CallbackServerContext* ctx, const v1::GenerateRequest* request) override;
-  grpc::ServerWriteReactor<v1::TensorChunk>* FetchCache(
-      grpc::CallbackServerContext* ctx, const v1::FetchCacheRequest* request) override;
-  grpc::ServerWriteReactor<v1::TensorChunk>* GetWeights(
-      grpc::CallbackServerContext* ctx, const v1::GetWeightsRequest* request) override;
 
   // Shared by the stream handlers (service_streams.cc); public for the reactors there.
   const ServiceDeps& deps() const { return deps_; }
@@ -99,12 +121,25 @@ class RemoteLensService final : public v1::RemoteLens::CallbackService {
   void StreamDone() { --active_streams_; }
 
  private:
-  // Authenticates, runs `body` for the caller, and finishes the RPC with its status.
-  template <typename Body>
-  grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx, const char* method, Body body) {
+  // Authenticates, parses the request, runs `body(user, request, &response)` for the caller,
+  // serializes the response and finishes the RPC with the status.
+  template <typename Request, typename Response, typename Body>
+  grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx, const char* method,
+                                  const grpc::ByteBuffer* raw_request, grpc::ByteBuffer* raw_response,
+                                  Body body) {
     const absl::Time start = absl::Now();
-    auto user = Authenticate(ctx);
-    return Finish(ctx, method, start, user.ok() ? body(**user) : user.status());
+    absl::Status status = [&]() -> absl::Status {
+      auto user = Authenticate(ctx);
+      if (!user.ok()) return user.status();
+      Request request;
+      Response response;
+      absl::Status parsed = ParseRequest(*raw_request, method, &request);
+      if (!parsed.ok()) return parsed;
+      absl::Status done = body(**user, request, &response);
+      if (!done.ok()) return done;
+      return SerializeResponse(response, raw_response);
+    }();
+    return Finish(ctx, method, start, status);
   }
   grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* ctx, const char* method,
                                    absl::Time start, const absl::Status& status);

@@ -7,7 +7,9 @@
 #include <deque>
 
 #include "absl/strings/str_cat.h"
+#include "engine/sampler.h"
 #include "engine/status_macros.h"
+#include "server/echo.h"
 #include "server/outbox.h"
 #include "server/request_builder.h"
 #include "server/run_job.h"
@@ -17,14 +19,17 @@
 namespace remotelens {
 namespace {
 
-// A server-streaming reactor whose writes come from an Outbox. Records the RPC's metrics when
+// A server-streaming reactor whose writes come from an Outbox of `Message`s, each serialized as
+// its write starts (the RPCs are registered raw; see service.h). Records the RPC's metrics when
 // it finishes.
 template <typename Message>
-class StreamReactor final : public grpc::ServerWriteReactor<Message> {
+class StreamReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   StreamReactor(RemoteLensService* service, const char* method)
       : service_(service), outbox_(std::make_shared<Outbox<Message>>()) {
     service_->StreamStarted();
+    outbox_->SetMaxQueuedBytes(service->deps().limits.max_queued_bytes_per_call(),
+                               "max_queued_bytes_per_call");
     ServerMetrics* metrics = service->deps().metrics;
     const absl::Time start = absl::Now();
     auto record = [metrics, method, start](const grpc::Status& status) {
@@ -35,9 +40,15 @@ class StreamReactor final : public grpc::ServerWriteReactor<Message> {
     };
     outbox_->Attach(
         [this, record](const Message* m, grpc::WriteOptions o, std::optional<grpc::Status> last) {
-          if (!last.has_value()) return this->StartWrite(m, o);
+          // One write is in flight at a time (the outbox's rule), so one buffer serves them all.
+          buffer_.Clear();
+          if (absl::Status s = SerializeResponse(*m, &buffer_); !s.ok()) {
+            record(ToGrpcStatus(s));
+            return this->Finish(ToGrpcStatus(s));
+          }
+          if (!last.has_value()) return this->StartWrite(&buffer_, o);
           record(*last);
-          this->StartWriteAndFinish(m, o, std::move(*last));
+          this->StartWriteAndFinish(&buffer_, o, std::move(*last));
         },
         [this, record](grpc::Status status) {
           record(status);
@@ -55,6 +66,7 @@ class StreamReactor final : public grpc::ServerWriteReactor<Message> {
  private:
   RemoteLensService* service_;
   std::shared_ptr<Outbox<Message>> outbox_;
+  grpc::ByteBuffer buffer_;  // the write in flight
 };
 
 absl::Time DeadlineOf(grpc::CallbackServerContext* ctx) {
@@ -105,12 +117,27 @@ int64_t MaxTokensFor(const AuthUser& user, const v1::Limits& limits) {
 }
 
 // HookReplies from an interactive client, handed from the reactor's reads to the scheduler
-// thread that waits for them.
+// thread that waits for them. At most one reply is held: the one answering the hook call in
+// flight. A reply nobody asked for is refused, so a client cannot make the server buffer
+// replies without bound.
 class ReplyChannel {
  public:
-  void Push(v1::HookReply reply) {
+  // The job is about to send HookCall `call_id`; its reply may arrive from now on.
+  void Expect(int64_t call_id) {
     absl::MutexLock lock(&mu_);
+    expected_ = call_id;
+  }
+  // FAILED_PRECONDITION when no hook call is waiting for a reply (or its reply already came).
+  absl::Status Push(v1::HookReply reply) {
+    absl::MutexLock lock(&mu_);
+    if (expected_ == 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "HookReply (call_id ", reply.call_id(), ") arrived while no hook call was waiting for "
+          "one; send exactly one HookReply per HookCall, after receiving it"));
+    }
+    expected_ = 0;
     replies_.push_back(std::move(reply));
+    return absl::OkStatus();
   }
   void Close(absl::Status why) {
     absl::MutexLock lock(&mu_);
@@ -137,6 +164,7 @@ class ReplyChannel {
  private:
   absl::Mutex mu_;
   std::deque<v1::HookReply> replies_ ABSL_GUARDED_BY(mu_);
+  int64_t expected_ ABSL_GUARDED_BY(mu_) = 0;  // the call awaiting a reply; 0: none
   absl::Status closed_ ABSL_GUARDED_BY(mu_);  // OK while open
 };
 
@@ -255,14 +283,16 @@ absl::Status StreamToOutbox(const std::shared_ptr<Outbox<v1::TensorChunk>>& outb
 
 }  // namespace
 
-grpc::ServerWriteReactor<v1::RunResponse>* RemoteLensService::Run(grpc::CallbackServerContext* ctx,
-                                                                  const v1::RunRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* RemoteLensService::Run(grpc::CallbackServerContext* ctx,
+                                                                   const grpc::ByteBuffer* raw_request) {
   auto* reactor = new StreamReactor<v1::RunResponse>(this, "Run");
   auto outbox = reactor->outbox();
   absl::Status status = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
+    v1::RunRequest request;
+    RETURN_IF_ERROR(ParseRequest(*raw_request, "Run", &request));
     RunSink<v1::RunResponse> sink = MakeRunSink(outbox);
-    return SubmitRun(*this, ctx, *user, *request, nullptr, sink.emit, sink.cancelled, sink.done);
+    return SubmitRun(*this, ctx, *user, request, nullptr, sink.emit, sink.cancelled, sink.done);
   }();
   if (!status.ok()) outbox->Close(ToGrpcStatus(status));
   return reactor;
@@ -270,13 +300,14 @@ grpc::ServerWriteReactor<v1::RunResponse>* RemoteLensService::Run(grpc::Callback
 
 namespace {
 
-class InteractiveReactor final
-    : public grpc::ServerBidiReactor<v1::InteractiveRequest, v1::InteractiveResponse> {
+class InteractiveReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   InteractiveReactor(RemoteLensService* service, grpc::CallbackServerContext* ctx)
       : service_(service), ctx_(ctx), outbox_(std::make_shared<Outbox<v1::InteractiveResponse>>()),
         replies_(std::make_shared<ReplyChannel>()) {
     service_->StreamStarted();
+    outbox_->SetMaxQueuedBytes(service->deps().limits.max_queued_bytes_per_call(),
+                               "max_queued_bytes_per_call");
     const absl::Time start = absl::Now();
     ServerMetrics* metrics = service->deps().metrics;
     auto record = [metrics, start](const grpc::Status& status) {
@@ -288,38 +319,58 @@ class InteractiveReactor final
     outbox_->Attach(
         [this, record](const v1::InteractiveResponse* m, grpc::WriteOptions o,
                        std::optional<grpc::Status> last) {
-          if (!last.has_value()) return StartWrite(m, o);
+          write_buffer_.Clear();
+          if (absl::Status s = SerializeResponse(*m, &write_buffer_); !s.ok()) {
+            record(ToGrpcStatus(s));
+            return Finish(ToGrpcStatus(s));
+          }
+          if (!last.has_value()) return StartWrite(&write_buffer_, o);
           record(*last);
-          StartWriteAndFinish(m, o, std::move(*last));
+          StartWriteAndFinish(&write_buffer_, o, std::move(*last));
         },
         [this, record](grpc::Status status) {
           record(status);
           Finish(std::move(status));
         });
-    StartRead(&request_);
+    StartRead(&read_buffer_);
   }
 
   void OnReadDone(bool ok) override {
+    // Bytes that do not parse end the call with INVALID_ARGUMENT, first message or later.
+    request_.Clear();
+    const absl::Status parsed =
+        ok ? ParseRequest(read_buffer_, "RunInteractive", &request_) : absl::OkStatus();
     if (!started_) {
       started_ = true;
-      absl::Status status = Start(ok);
+      absl::Status status = parsed.ok() ? Start(ok) : parsed;
       if (!status.ok()) {
         outbox_->Close(ToGrpcStatus(status));
         return;
       }
-      StartRead(&request_);
+      StartRead(&read_buffer_);
       return;
     }
     if (!ok) {
       replies_->Close(absl::CancelledError("client closed the stream while a hook call was pending"));
       return;
     }
+    if (!parsed.ok()) {
+      replies_->Close(parsed);
+      outbox_->Close(ToGrpcStatus(parsed));
+      return;
+    }
     if (request_.item_case() != v1::InteractiveRequest::kReply) {
       replies_->Close(absl::InvalidArgumentError("after the RunRequest, only HookReply messages are valid"));
       return;
     }
-    replies_->Push(request_.reply());
-    StartRead(&request_);
+    absl::Status pushed = replies_->Push(request_.reply());
+    if (!pushed.ok()) {
+      // Ends the call: the job's next push fails and a waiting job wakes with this status.
+      replies_->Close(pushed);
+      outbox_->Close(ToGrpcStatus(pushed));
+      return;
+    }
+    StartRead(&read_buffer_);
   }
   void OnWriteDone(bool ok) override { outbox_->OnWriteDone(ok); }
   void OnCancel() override {
@@ -342,10 +393,21 @@ class InteractiveReactor final
     const int64_t chunk_bytes = service_->deps().limits.chunk_bytes();
     const absl::Duration timeout = absl::Milliseconds(service_->deps().limits.hook_timeout_ms());
     auto call_ids = std::make_shared<std::atomic<int64_t>>(0);
+    // Hook-call activations and the run's own tensors share the streamed-bytes quota.
+    auto streamed = std::make_shared<std::atomic<int64_t>>(0);
+    const int64_t max_streamed = user->quota.max_streamed_bytes_per_request();
     CallbackFactory callbacks = [=](int64_t callback_id) -> HookCallback {
       return [=](HookId id, const at::Tensor& activation) -> absl::StatusOr<std::optional<at::Tensor>> {
         const int64_t call_id = ++*call_ids;
         const std::string name = HookName(id);
+        const int64_t size = activation.numel() * activation.element_size();
+        if (*streamed + size > max_streamed) {
+          return absl::ResourceExhaustedError(absl::StrCat(
+              "hook call at ", name, " would stream ", size, " bytes, past your quota of ",
+              max_streamed, " streamed bytes per request (", streamed->load(), " sent)"));
+        }
+        *streamed += size;
+        replies->Expect(call_id);
         v1::InteractiveResponse call;
         call.mutable_hook_call()->set_call_id(call_id);
         call.mutable_hook_call()->set_callback_id(callback_id);
@@ -365,6 +427,14 @@ class InteractiveReactor final
       };
     };
     RunSink<v1::InteractiveResponse> sink = MakeRunSink(outbox);
+    sink.emit = [emit = std::move(sink.emit), streamed, max_streamed](v1::TensorChunk&& chunk) {
+      if ((*streamed += static_cast<int64_t>(chunk.data().size())) > max_streamed) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "streaming \"", chunk.name(), "\" would exceed your quota of ", max_streamed,
+            " streamed bytes per request, hook calls included"));
+      }
+      return emit(std::move(chunk));
+    };
     return SubmitRun(*service_, ctx_, *user, request_.run(), callbacks, sink.emit, sink.cancelled,
                      sink.done);
   }
@@ -373,54 +443,68 @@ class InteractiveReactor final
   grpc::CallbackServerContext* ctx_;
   std::shared_ptr<Outbox<v1::InteractiveResponse>> outbox_;
   std::shared_ptr<ReplyChannel> replies_;
-  v1::InteractiveRequest request_;
+  grpc::ByteBuffer read_buffer_;   // the message being read
+  grpc::ByteBuffer write_buffer_;  // the write in flight
+  v1::InteractiveRequest request_;  // the last message read, parsed
   bool started_ = false;
 };
 
 }  // namespace
 
-grpc::ServerBidiReactor<v1::InteractiveRequest, v1::InteractiveResponse>*
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>*
 RemoteLensService::RunInteractive(grpc::CallbackServerContext* ctx) {
   return new InteractiveReactor(this, ctx);
 }
 
-grpc::ServerWriteReactor<v1::GenerateResponse>* RemoteLensService::Generate(
-    grpc::CallbackServerContext* ctx, const v1::GenerateRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* RemoteLensService::Generate(
+    grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw_request) {
   auto* reactor = new StreamReactor<v1::GenerateResponse>(this, "Generate");
   auto outbox = reactor->outbox();
   absl::Status status = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
+    v1::GenerateRequest request;
+    RETURN_IF_ERROR(ParseRequest(*raw_request, "Generate", &request));
     ASSIGN_OR_RETURN(ConcurrencyLimiter::Lease lease, limiter().Acquire(*user));
     const LlamaConfig& config = deps_.model->config();
     ModelContext mc{deps_.model, deps_.tokenizer, &deps_.limits};
     auto job = std::make_shared<PreparedGenerate>();
     ASSIGN_OR_RETURN(EncodedBatch batch,
-                     BuildTokenInput(request->tokens(), request->texts(), request->prepend_bos(),
-                                     request->attention_mask(), mc, MaxTokensFor(*user, deps_.limits)));
+                     BuildTokenInput(request.tokens(), request.texts(), request.prepend_bos(),
+                                     request.attention_mask(), mc, MaxTokensFor(*user, deps_.limits)));
     job->tokens = batch.tokens;
     job->attention_mask = batch.attention_mask;
-    if (request->max_new_tokens() < 1 || request->max_new_tokens() > deps_.limits.max_new_tokens()) {
+    if (request.max_new_tokens() < 1 || request.max_new_tokens() > deps_.limits.max_new_tokens()) {
       return absl::InvalidArgumentError(absl::StrCat("max_new_tokens must be in 1..",
                                                      deps_.limits.max_new_tokens(), ", got ",
-                                                     request->max_new_tokens()));
+                                                     request.max_new_tokens()));
+    }
+    // The token quota covers what the request makes the server hold: prompt plus new tokens.
+    const int64_t rows = batch.tokens.size(0), prompt = batch.tokens.size(1);
+    const int64_t max_tokens = MaxTokensFor(*user, deps_.limits);
+    if (rows * (prompt + request.max_new_tokens()) > max_tokens) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "request has ", rows * (prompt + request.max_new_tokens()), " tokens (batch ", rows,
+          " x (prompt ", prompt, " + max_new_tokens ", request.max_new_tokens(),
+          ")); your limit is max_tokens_per_request = ", max_tokens));
     }
     GenerateOptions& o = job->options;
-    o.max_new_tokens = request->max_new_tokens();
-    const v1::SamplingParams& s = request->sampling();
+    o.max_new_tokens = request.max_new_tokens();
+    const v1::SamplingParams& s = request.sampling();
     o.sampling.do_sample = s.do_sample();
     o.sampling.temperature = s.temperature() == 0 ? 1.0 : s.temperature();
     o.sampling.top_k = s.top_k();
     o.sampling.top_p = s.top_p() == 0 ? 1.0 : s.top_p();
     o.seed = s.seed();
-    o.stop_at_eos = request->stop_at_eos();
-    o.eos_token_ids.assign(request->eos_token_ids().begin(), request->eos_token_ids().end());
-    o.use_past_kv_cache = !request->disable_kv_cache();
-    ASSIGN_OR_RETURN(job->ops, BuildOps(deps_, *user, request->session_id(), request->hooks(), nullptr));
-    if (request->step_cache().names_size() > 0) {
-      if (!request->step_cache().stream()) {
+    RETURN_IF_ERROR(ValidateSamplingOptions(o.sampling));
+    o.stop_at_eos = request.stop_at_eos();
+    o.eos_token_ids.assign(request.eos_token_ids().begin(), request.eos_token_ids().end());
+    o.use_past_kv_cache = !request.disable_kv_cache();
+    ASSIGN_OR_RETURN(job->ops, BuildOps(deps_, *user, request.session_id(), request.hooks(), nullptr));
+    if (request.step_cache().names_size() > 0) {
+      if (!request.step_cache().stream()) {
         return absl::InvalidArgumentError("step_cache: activations per step can only be streamed (set stream)");
       }
-      ASSIGN_OR_RETURN(job->step_cache, BuildCacheRequests(request->step_cache(), config));
+      ASSIGN_OR_RETURN(job->step_cache, BuildCacheRequests(request.step_cache(), config));
     }
     job->chunk_bytes = deps_.limits.chunk_bytes();
     job->max_streamed_bytes = user->quota.max_streamed_bytes_per_request();
@@ -456,22 +540,24 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* RemoteLensService::Generate(
   return reactor;
 }
 
-grpc::ServerWriteReactor<v1::TensorChunk>* RemoteLensService::FetchCache(
-    grpc::CallbackServerContext* ctx, const v1::FetchCacheRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* RemoteLensService::FetchCache(
+    grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw_request) {
   auto* reactor = new StreamReactor<v1::TensorChunk>(this, "FetchCache");
   auto outbox = reactor->outbox();
   absl::Status status = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
+    v1::FetchCacheRequest request;
+    RETURN_IF_ERROR(ParseRequest(*raw_request, "FetchCache", &request));
     ASSIGN_OR_RETURN(std::shared_ptr<const StoredCache> cache,
-                     deps_.sessions->GetCache(user->name, request->session_id(), request->cache_handle()));
+                     deps_.sessions->GetCache(user->name, request.session_id(), request.cache_handle()));
     std::vector<std::pair<std::string, const at::Tensor*>> selected;
-    if (request->names().empty()) {
+    if (request.names().empty()) {
       for (const auto& [name, t] : cache->tensors) selected.emplace_back(name, &t);
     } else {
-      for (const std::string& name : request->names()) {
+      for (const std::string& name : request.names()) {
         const at::Tensor* t = cache->Find(name);
         if (t == nullptr) {
-          return absl::NotFoundError(absl::StrCat("cache '", request->cache_handle(), "' holds no \"", name, "\""));
+          return absl::NotFoundError(absl::StrCat("cache '", Echo(request.cache_handle()), "' holds no \"", Echo(name), "\""));
         }
         selected.emplace_back(name, t);
       }
@@ -533,28 +619,35 @@ absl::StatusOr<at::Tensor> TransformerLensWeight(const LlamaModel& model, const 
   if (name == "ln1_w") return l.ln1;
   if (name == "ln2_w") return l.ln2;
   return absl::InvalidArgumentError(absl::StrCat(
-      "unknown weight \"", name, "\"; valid: W_E, W_U, W_Q, W_K, W_V, W_O, W_in, W_gate, W_out, ",
+      "unknown weight \"", Echo(name), "\"; valid: W_E, W_U, W_Q, W_K, W_V, W_O, W_in, W_gate, W_out, ",
       "ln1_w, ln2_w, ln_final_w"));
 }
 
 }  // namespace
 
-grpc::ServerWriteReactor<v1::TensorChunk>* RemoteLensService::GetWeights(
-    grpc::CallbackServerContext* ctx, const v1::GetWeightsRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* RemoteLensService::GetWeights(
+    grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw_request) {
   auto* reactor = new StreamReactor<v1::TensorChunk>(this, "GetWeights");
   auto outbox = reactor->outbox();
   absl::Status status = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
-    (void)user;
-    ASSIGN_OR_RETURN(at::Tensor weight, TransformerLensWeight(*deps_.model, request->name(), request->layer()));
-    if (request->dtype() != v1::DTYPE_UNSPECIFIED) {
-      ASSIGN_OR_RETURN(at::ScalarType dtype, ScalarTypeFromProto(request->dtype()));
+    v1::GetWeightsRequest request;
+    RETURN_IF_ERROR(ParseRequest(*raw_request, "GetWeights", &request));
+    ASSIGN_OR_RETURN(at::Tensor weight, TransformerLensWeight(*deps_.model, request.name(), request.layer()));
+    if (request.dtype() != v1::DTYPE_UNSPECIFIED) {
+      ASSIGN_OR_RETURN(at::ScalarType dtype, ScalarTypeFromProto(request.dtype()));
       if (!at::isFloatingType(dtype)) {
         return absl::InvalidArgumentError("dtype: weights are floating point; use DTYPE_FLOAT32, DTYPE_BFLOAT16 or DTYPE_FLOAT16");
       }
       weight = weight.to(dtype);
     }
-    RETURN_IF_ERROR(StreamToOutbox(outbox, request->name(), weight.to(at::kCPU), deps_.limits.chunk_bytes()));
+    const int64_t bytes = weight.numel() * weight.element_size();
+    if (bytes > user->quota.max_streamed_bytes_per_request()) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "weight ", request.name(), " is ", bytes, " bytes, more than your quota of ",
+          user->quota.max_streamed_bytes_per_request(), " streamed bytes per request"));
+    }
+    RETURN_IF_ERROR(StreamToOutbox(outbox, request.name(), weight.to(at::kCPU), deps_.limits.chunk_bytes()));
     outbox->Close(grpc::Status::OK);
     return absl::OkStatus();
   }();

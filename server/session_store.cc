@@ -1,5 +1,7 @@
 #include "server/session_store.h"
 
+#include "server/echo.h"
+
 #include <sys/random.h>
 
 #include <algorithm>
@@ -13,6 +15,9 @@
 
 namespace remotelens {
 namespace {
+
+// What a persistent hook holds: its serialized size, dominated by set/add values.
+int64_t HookBytes(const v1::HookOp& op) { return static_cast<int64_t>(op.ByteSizeLong()); }
 
 // Session ids are the only thing between a user and another user's session id guessing, so they
 // come from the kernel's CSPRNG (the source behind /dev/urandom), not a seeded PRNG.
@@ -46,7 +51,7 @@ std::string FormatBytes(int64_t bytes) {
 }
 
 absl::Status SessionNotFound(const std::string& id) {
-  return absl::NotFoundError(absl::StrCat("session '", id, "' not found or expired"));
+  return absl::NotFoundError(absl::StrCat("session '", Echo(id), "' not found or expired"));
 }
 
 }  // namespace
@@ -86,7 +91,7 @@ absl::StatusOr<SessionStore::Session*> SessionStore::Access(const std::string& o
   Session* session = it->second.get();
   if (session->owner != owner) {
     return absl::PermissionDeniedError(
-        absl::StrCat("session '", id, "' belongs to another user"));
+        absl::StrCat("session '", Echo(id), "' belongs to another user"));
   }
   session->last_access = now;
   return session;
@@ -189,14 +194,17 @@ std::vector<SessionSummary> SessionStore::ListAll() const {
 }
 
 absl::StatusOr<int64_t> SessionStore::AddHook(const std::string& owner, const std::string& id,
-                                              v1::HookOp op, bool prepend) {
+                                              v1::HookOp op, bool prepend,
+                                              int64_t max_user_bytes) {
+  std::vector<std::unique_ptr<Session>> expired;  // destroyed after the lock is released
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, Access(owner, id));
   if (static_cast<int64_t>(session->hooks.size()) >= limits_.max_hooks_per_session) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("session '", id, "' already has ", session->hooks.size(),
+        absl::StrCat("session '", Echo(id), "' already has ", session->hooks.size(),
                      " hooks (max_hooks_per_session); remove some or reset_hooks()"));
   }
+  RETURN_IF_ERROR(Charge(*session, HookBytes(op), max_user_bytes, "a hook of", expired));
   const int64_t hook_id = session->next_hook_id++;
   auto where = prepend ? session->hooks.begin() : session->hooks.end();
   session->hooks.emplace(where, hook_id, std::move(op));
@@ -212,8 +220,9 @@ absl::Status SessionStore::RemoveHook(const std::string& owner, const std::strin
                          [hook_id](const auto& hook) { return hook.first == hook_id; });
   if (it == session->hooks.end()) {
     return absl::NotFoundError(
-        absl::StrCat("hook ", hook_id, " not found in session '", id, "'"));
+        absl::StrCat("hook ", hook_id, " not found in session '", Echo(id), "'"));
   }
+  Refund(*session, HookBytes(it->second));
   session->hooks.erase(it);
   --num_hooks_;
   return absl::OkStatus();
@@ -231,6 +240,7 @@ absl::StatusOr<int64_t> SessionStore::ResetHooks(const std::string& owner,
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, Access(owner, id));
   const int64_t removed = static_cast<int64_t>(session->hooks.size());
+  for (const auto& [hook_id, op] : session->hooks) Refund(*session, HookBytes(op));
   session->hooks.clear();  // next_hook_id keeps counting: old ids stay dead
   num_hooks_ -= removed;
   return removed;
@@ -248,6 +258,17 @@ absl::StatusOr<std::string> SessionStore::StoreCache(const std::string& owner,
   std::vector<std::unique_ptr<Session>> expired;  // destroyed after the lock is released
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, Access(owner, id));
+  RETURN_IF_ERROR(Charge(*session, cache.bytes, max_user_bytes, "storing", expired));
+  std::string handle = absl::StrCat("c", session->next_cache++);
+  session->caches.emplace(handle, std::make_shared<const StoredCache>(std::move(cache)));
+  return handle;
+}
+
+absl::Status SessionStore::Charge(Session& session, int64_t bytes, int64_t max_user_bytes,
+                                  absl::string_view what,
+                                  std::vector<std::unique_ptr<Session>>& expired) {
+  const std::string& owner = session.owner;
+  const std::string& id = session.id;
   // The owner's expired sessions give their bytes back now rather than at the next janitor pass,
   // so a quota is never blocked by caches nobody can reach any more.
   const absl::Time now = clock_();
@@ -260,33 +281,40 @@ absl::StatusOr<std::string> SessionStore::StoreCache(const std::string& owner,
   }
   auto in_use_it = bytes_by_owner_.find(owner);
   const int64_t in_use = in_use_it == bytes_by_owner_.end() ? 0 : in_use_it->second;
-  if (cache.bytes > max_user_bytes - in_use) {
+  if (bytes > max_user_bytes - in_use) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "storing ", FormatBytes(cache.bytes), " would exceed user '", owner,
-        "''s stored cache quota of ", FormatBytes(max_user_bytes), " (",
-        FormatBytes(in_use), " in use)"));
+        what, " ", FormatBytes(bytes), " would exceed user '", owner,
+        "''s stored cache quota (max_stored_cache_bytes: caches and session hook values) of ",
+        FormatBytes(max_user_bytes), " (", FormatBytes(in_use), " in use)"));
   }
-  if (cache.bytes > limits_.max_total_stored_bytes - stored_bytes_) {
+  if (bytes > limits_.max_total_stored_bytes - stored_bytes_) {
     // Caches nobody can reach any more never block: free every expired session, then recheck.
     std::vector<std::string> stale;
     for (const auto& [other, other_session] : sessions_) {
       if (other != id && Expired(*other_session, now)) stale.push_back(other);
     }
     for (const std::string& other : stale) expired.push_back(Remove(other));
-    if (cache.bytes > limits_.max_total_stored_bytes - stored_bytes_) {
+    if (bytes > limits_.max_total_stored_bytes - stored_bytes_) {
       return absl::ResourceExhaustedError(absl::StrCat(
-          "storing ", FormatBytes(cache.bytes), " would exceed the server's stored cache capacity of ",
+          what, " ", FormatBytes(bytes), " would exceed the server's stored cache capacity of ",
           FormatBytes(limits_.max_total_stored_bytes),
           " (all users together); delete caches you no longer need (DeleteCache) or retry later"));
     }
   }
-  std::string handle = absl::StrCat("c", session->next_cache++);
-  const int64_t bytes = cache.bytes;
-  session->caches.emplace(handle, std::make_shared<const StoredCache>(std::move(cache)));
-  session->stored_bytes += bytes;
+  session.stored_bytes += bytes;
   if (bytes > 0) bytes_by_owner_[owner] += bytes;
   stored_bytes_ += bytes;
-  return handle;
+  return absl::OkStatus();
+}
+
+void SessionStore::Refund(Session& session, int64_t bytes) {
+  session.stored_bytes -= bytes;
+  stored_bytes_ -= bytes;
+  if (bytes > 0) {
+    auto owner_bytes = bytes_by_owner_.find(session.owner);
+    owner_bytes->second -= bytes;
+    if (owner_bytes->second == 0) bytes_by_owner_.erase(owner_bytes);
+  }
 }
 
 absl::StatusOr<SessionStore::CacheMap::iterator> SessionStore::FindCache(
@@ -294,7 +322,7 @@ absl::StatusOr<SessionStore::CacheMap::iterator> SessionStore::FindCache(
   auto it = session.caches.find(handle);
   if (it == session.caches.end()) {
     return absl::NotFoundError(
-        absl::StrCat("cache '", handle, "' not found in session '", id, "'"));
+        absl::StrCat("cache '", Echo(handle), "' not found in session '", Echo(id), "'"));
   }
   return it;
 }
@@ -317,13 +345,7 @@ absl::StatusOr<int64_t> SessionStore::DeleteCache(const std::string& owner,
   deleted = std::move(it->second);
   session->caches.erase(it);
   const int64_t bytes = deleted->bytes;
-  session->stored_bytes -= bytes;
-  stored_bytes_ -= bytes;
-  if (bytes > 0) {
-    auto owner_bytes = bytes_by_owner_.find(owner);
-    owner_bytes->second -= bytes;
-    if (owner_bytes->second == 0) bytes_by_owner_.erase(owner_bytes);
-  }
+  Refund(*session, bytes);
   return bytes;
 }
 

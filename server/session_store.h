@@ -66,7 +66,7 @@ struct SessionSummary {
   absl::Time expires;   // last access + ttl
   int64_t num_hooks = 0;
   int64_t num_caches = 0;
-  int64_t stored_bytes = 0;  // its caches' bytes
+  int64_t stored_bytes = 0;  // its caches' bytes and its hooks' serialized size
 };
 
 class SessionStore {
@@ -98,9 +98,11 @@ class SessionStore {
 
   // Persistent hooks, stored as the (already validated) proto op. Ids start at 1 and increase
   // per session, never reused, so a stale id cannot remove a newer hook. `prepend` puts the hook
-  // first in application order. RESOURCE_EXHAUSTED past max_hooks_per_session.
+  // first in application order. RESOURCE_EXHAUSTED past max_hooks_per_session, or when the op's
+  // serialized size (its set/add value) would take the owner past `max_user_bytes` or the
+  // server past max_total_stored_bytes: hook values count as stored bytes, like caches.
   absl::StatusOr<int64_t> AddHook(const std::string& owner, const std::string& id,
-                                  v1::HookOp op, bool prepend);
+                                  v1::HookOp op, bool prepend, int64_t max_user_bytes);
   // NOT_FOUND "hook 7 not found in session 'x'".
   absl::Status RemoveHook(const std::string& owner, const std::string& id, int64_t hook_id);
   // (hook id, op) in application order.
@@ -146,7 +148,7 @@ class SessionStore {
     std::vector<std::pair<int64_t, v1::HookOp>> hooks;  // application order
     int64_t next_cache = 1;
     std::map<std::string, std::shared_ptr<const StoredCache>> caches;  // by handle
-    int64_t stored_bytes = 0;
+    int64_t stored_bytes = 0;  // caches and hook values
   };
 
   // The owner's live session `id`, its idle timer restarted, or NOT_FOUND / PERMISSION_DENIED.
@@ -157,6 +159,13 @@ class SessionStore {
   absl::StatusOr<Session*> Access(const std::string& owner, const std::string& id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool Expired(const Session& session, absl::Time now) const;
+  // Counts `bytes` more against the session, its owner (quota `max_user_bytes`) and the server
+  // (max_total_stored_bytes), or RESOURCE_EXHAUSTED "<what> 3.0 MiB would exceed ...". Expired
+  // sessions are moved to `expired` first so they never block a quota.
+  absl::Status Charge(Session& session, int64_t bytes, int64_t max_user_bytes,
+                      absl::string_view what, std::vector<std::unique_ptr<Session>>& expired)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Refund(Session& session, int64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   SessionSummary Summarize(const Session& session) const;
   // Unlinks the session and its totals; the caller destroys it outside the lock.
   std::unique_ptr<Session> Remove(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -14,7 +14,11 @@
 namespace remotelens {
 namespace {
 
+// No stored-bytes quota, for tests about other rules.
+constexpr int64_t kAnyBytes = int64_t{1} << 40;
+
 using ::testing::ElementsAre;
+using ::testing::HasSubstr;
 using ::testing::IsEmpty;
 
 constexpr int64_t kMiB = 1 << 20;
@@ -34,6 +38,9 @@ v1::HookOp Op(const std::string& hook_name) {
   op.mutable_zero();
   return op;
 }
+
+// Stored bytes of one Op("hook_embed") persistent hook.
+int64_t EmbedHookBytes() { return static_cast<int64_t>(Op("hook_embed").ByteSizeLong()); }
 
 // A cache of `bytes` bytes of float32 (bytes must be a multiple of 4).
 StoredCache CacheOf(int64_t bytes, const std::string& name = "blocks.0.hook_resid_post") {
@@ -93,19 +100,20 @@ TEST(SessionStore, CreateListClose) {
 TEST(SessionStore, SummaryCountsHooksAndCaches) {
   SessionStore store(SessionLimits{});
   const std::string id = MustCreate(store, "alice");
-  ASSERT_TRUE(store.AddHook("alice", id, Op("hook_embed"), false).ok());
+  ASSERT_TRUE(store.AddHook("alice", id, Op("hook_embed"), false, kAnyBytes).ok());
   ASSERT_TRUE(store.StoreCache("alice", id, CacheOf(64), kNoQuota).ok());
   std::vector<SessionSummary> sessions = store.List("alice");
   ASSERT_EQ(sessions.size(), 1u);
   EXPECT_EQ(sessions[0].num_hooks, 1);
   EXPECT_EQ(sessions[0].num_caches, 1);
-  EXPECT_EQ(sessions[0].stored_bytes, 64);
+  // Hook values count as stored bytes too.
+  EXPECT_EQ(sessions[0].stored_bytes, 64 + EmbedHookBytes());
 }
 
 TEST(SessionStore, OtherUserIsDeniedEverywhereAndChangesNothing) {
   SessionStore store(SessionLimits{});
   const std::string id = MustCreate(store, "alice");
-  absl::StatusOr<int64_t> hook = store.AddHook("alice", id, Op("hook_embed"), false);
+  absl::StatusOr<int64_t> hook = store.AddHook("alice", id, Op("hook_embed"), false, kAnyBytes);
   ASSERT_TRUE(hook.ok());
   absl::StatusOr<std::string> handle = store.StoreCache("alice", id, CacheOf(16), kNoQuota);
   ASSERT_TRUE(handle.ok());
@@ -116,7 +124,7 @@ TEST(SessionStore, OtherUserIsDeniedEverywhereAndChangesNothing) {
     EXPECT_EQ(status.message(), denied);
   };
   expect_denied(store.Close("mallory", id));
-  expect_denied(store.AddHook("mallory", id, Op("hook_embed"), false).status());
+  expect_denied(store.AddHook("mallory", id, Op("hook_embed"), false, kAnyBytes).status());
   expect_denied(store.RemoveHook("mallory", id, *hook));
   expect_denied(store.ListHooks("mallory", id).status());
   expect_denied(store.ResetHooks("mallory", id).status());
@@ -128,7 +136,7 @@ TEST(SessionStore, OtherUserIsDeniedEverywhereAndChangesNothing) {
   EXPECT_EQ(store.NumSessions(), 1);
   EXPECT_THAT(HookIds(store, "alice", id), ElementsAre(*hook));
   EXPECT_TRUE(store.GetCache("alice", id, *handle).ok());
-  EXPECT_EQ(store.StoredBytesOf("alice"), 16);
+  EXPECT_EQ(store.StoredBytesOf("alice"), 16 + EmbedHookBytes());
   EXPECT_EQ(store.StoredBytesOf("mallory"), 0);
 }
 
@@ -142,7 +150,7 @@ TEST(SessionStore, UnknownSessionIsNotFoundEverywhere) {
     EXPECT_EQ(status.message(), message);
   };
   expect_not_found(store.Close("alice", id));
-  expect_not_found(store.AddHook("alice", id, Op("hook_embed"), false).status());
+  expect_not_found(store.AddHook("alice", id, Op("hook_embed"), false, kAnyBytes).status());
   expect_not_found(store.RemoveHook("alice", id, 1));
   expect_not_found(store.ListHooks("alice", id).status());
   expect_not_found(store.ResetHooks("alice", id).status());
@@ -234,9 +242,9 @@ TEST(SessionStore, PerUserSessionLimit) {
 TEST(SessionStore, HookIdsOrderRemoveAndReset) {
   SessionStore store(SessionLimits{});
   const std::string id = MustCreate(store, "alice");
-  absl::StatusOr<int64_t> first = store.AddHook("alice", id, Op("blocks.0.hook_resid_pre"), false);
-  absl::StatusOr<int64_t> second = store.AddHook("alice", id, Op("blocks.1.hook_resid_pre"), false);
-  absl::StatusOr<int64_t> front = store.AddHook("alice", id, Op("hook_embed"), /*prepend=*/true);
+  absl::StatusOr<int64_t> first = store.AddHook("alice", id, Op("blocks.0.hook_resid_pre"), false, kAnyBytes);
+  absl::StatusOr<int64_t> second = store.AddHook("alice", id, Op("blocks.1.hook_resid_pre"), false, kAnyBytes);
+  absl::StatusOr<int64_t> front = store.AddHook("alice", id, Op("hook_embed"), /*prepend=*/true, kAnyBytes);
   ASSERT_TRUE(first.ok() && second.ok() && front.ok());
   EXPECT_EQ(*first, 1);
   EXPECT_EQ(*second, 2);
@@ -262,10 +270,10 @@ TEST(SessionStore, HookIdsOrderRemoveAndReset) {
   EXPECT_EQ(store.NumHooks(), 0);
   EXPECT_EQ(*store.ResetHooks("alice", id), 0);
   // Ids are never reused, so a stale id cannot hit a newer hook.
-  EXPECT_EQ(*store.AddHook("alice", id, Op("hook_embed"), false), 4);
+  EXPECT_EQ(*store.AddHook("alice", id, Op("hook_embed"), false, kAnyBytes), 4);
   // Ids are per session.
   const std::string other = MustCreate(store, "alice");
-  EXPECT_EQ(*store.AddHook("alice", other, Op("hook_embed"), false), 1);
+  EXPECT_EQ(*store.AddHook("alice", other, Op("hook_embed"), false, kAnyBytes), 1);
   EXPECT_EQ(store.NumHooks(), 2);
 }
 
@@ -274,14 +282,14 @@ TEST(SessionStore, MaxHooksPerSession) {
   limits.max_hooks_per_session = 4;
   SessionStore store(limits);
   const std::string id = MustCreate(store, "alice");
-  for (int i = 0; i < 4; ++i) ASSERT_TRUE(store.AddHook("alice", id, Op("hook_embed"), false).ok());
-  absl::StatusOr<int64_t> fifth = store.AddHook("alice", id, Op("hook_embed"), true);
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(store.AddHook("alice", id, Op("hook_embed"), false, kAnyBytes).ok());
+  absl::StatusOr<int64_t> fifth = store.AddHook("alice", id, Op("hook_embed"), true, kAnyBytes);
   EXPECT_EQ(fifth.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(fifth.status().message()),
               ::testing::HasSubstr("already has 4 hooks (max_hooks_per_session)"));
   EXPECT_EQ(store.NumHooks(), 4);
   ASSERT_TRUE(store.RemoveHook("alice", id, 2).ok());
-  EXPECT_TRUE(store.AddHook("alice", id, Op("hook_embed"), false).ok());
+  EXPECT_TRUE(store.AddHook("alice", id, Op("hook_embed"), false, kAnyBytes).ok());
 }
 
 TEST(SessionStore, StoreGetDeleteCaches) {
@@ -326,6 +334,34 @@ TEST(SessionStore, StoreGetDeleteCaches) {
   EXPECT_EQ(*store.StoreCache("alice", id, CacheOf(4), kNoQuota), "c3");
 }
 
+TEST(SessionStore, HookValuesCountAgainstTheStoredBytesQuota) {
+  SessionLimits limits;
+  limits.max_total_stored_bytes = 64 * kMiB;
+  SessionStore store(limits);
+  const std::string id = MustCreate(store, "dave");
+  const int64_t quota = 8 * 1024;
+  v1::HookOp big = Op("hook_embed");
+  big.mutable_add()->mutable_value()->set_data(std::string(kMiB, '\0'));
+  absl::StatusOr<int64_t> refused = store.AddHook("dave", id, big, false, quota);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(refused.status().message(), HasSubstr("session hook values"));
+  EXPECT_EQ(store.StoredBytesOf("dave"), 0);
+
+  // A small hook fits and is counted; removing it gives the bytes back.
+  v1::HookOp small = Op("hook_embed");
+  small.mutable_add()->mutable_value()->set_data(std::string(4096, '\0'));
+  absl::StatusOr<int64_t> hook = store.AddHook("dave", id, small, false, quota);
+  ASSERT_TRUE(hook.ok()) << hook.status();
+  EXPECT_EQ(store.StoredBytesOf("dave"), static_cast<int64_t>(small.ByteSizeLong()));
+  EXPECT_FALSE(store.AddHook("dave", id, small, false, quota).ok());  // two would pass 8 KiB
+  ASSERT_TRUE(store.RemoveHook("dave", id, *hook).ok());
+  EXPECT_EQ(store.StoredBytesOf("dave"), 0);
+  ASSERT_TRUE(store.AddHook("dave", id, small, false, quota).ok());
+  ASSERT_TRUE(store.ResetHooks("dave", id).ok());
+  EXPECT_EQ(store.StoredBytesOf("dave"), 0);
+  EXPECT_EQ(store.StoredBytes(), 0);
+}
+
 TEST(SessionStore, QuotaCoversAllOfAUsersSessions) {
   SessionStore store(SessionLimits{});
   const std::string one = MustCreate(store, "bob");
@@ -339,8 +375,8 @@ TEST(SessionStore, QuotaCoversAllOfAUsersSessions) {
   absl::StatusOr<std::string> over = store.StoreCache("bob", two, CacheOf(3 * kMiB), quota);
   EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(over.status().message(),
-            "storing 3.0 MiB would exceed user 'bob''s stored cache quota of 2.0 MiB "
-            "(1.5 MiB in use)");
+            "storing 3.0 MiB would exceed user 'bob''s stored cache quota "
+            "(max_stored_cache_bytes: caches and session hook values) of 2.0 MiB (1.5 MiB in use)");
   // One byte past the quota fails; exactly up to it succeeds.
   EXPECT_FALSE(store.StoreCache("bob", one, CacheOf(kMiB / 2 + 4), quota).ok());
   EXPECT_TRUE(store.StoreCache("bob", one, CacheOf(kMiB / 2), quota).ok());
@@ -435,7 +471,7 @@ TEST(SessionStore, ConcurrentUseKeepsCountsConsistent) {
           continue;
         }
         for (int h = 0; h < 3; ++h) {
-          if (!store.AddHook(owner, session->id, Op("hook_embed"), h == 1).ok()) ++failures;
+          if (!store.AddHook(owner, session->id, Op("hook_embed"), h == 1, kAnyBytes).ok()) ++failures;
         }
         if (!store.StoreCache(owner, session->id, CacheOf(16), kNoQuota).ok()) ++failures;
         store.List(owner);
@@ -450,8 +486,9 @@ TEST(SessionStore, ConcurrentUseKeepsCountsConsistent) {
   const int64_t kept_per_thread = (kRounds + 2) / 3;  // rounds 0, 3, 6, ...
   EXPECT_EQ(store.NumSessions(), kThreads * kept_per_thread);
   EXPECT_EQ(store.NumHooks(), 3 * kThreads * kept_per_thread);
-  EXPECT_EQ(store.StoredBytes(), 16 * kThreads * kept_per_thread);
-  EXPECT_EQ(store.StoredBytesOf("shared"), 16 * (kThreads / 2) * kept_per_thread);
+  const int64_t per_session = 16 + 3 * EmbedHookBytes();
+  EXPECT_EQ(store.StoredBytes(), per_session * kThreads * kept_per_thread);
+  EXPECT_EQ(store.StoredBytesOf("shared"), per_session * (kThreads / 2) * kept_per_thread);
   EXPECT_EQ(static_cast<int64_t>(store.List("shared").size()), (kThreads / 2) * kept_per_thread);
   EXPECT_EQ(static_cast<int64_t>(store.ListAll().size()), kThreads * kept_per_thread);
 }

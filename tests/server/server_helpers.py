@@ -19,11 +19,13 @@ KEYS = {
     "bob": "bob-key-9876543210",
     "carol": "carol-key-one-request-at-a-time",
     "dave": "dave-key-small-quotas",
+    "erin": "erin-key-admin-sees-all",
 }
 QUOTAS = {
     "carol": "quota { max_concurrent_requests: 1 }",
     "dave": ("quota { max_streamed_bytes_per_request: 4096 max_tokens_per_request: 64 "
              "max_stored_cache_bytes: 8192 }"),
+    "erin": 'role: "admin"',
 }
 
 LIMITS_CONFIG = """limits {

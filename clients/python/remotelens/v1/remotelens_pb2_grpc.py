@@ -134,7 +134,7 @@ class RemoteLensServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """The caller's own sessions only.
+        """The caller's own sessions; every user's for callers with role "admin" (config.proto).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,7 +179,10 @@ class RemoteLensServicer(object):
         """A forward pass with Python callables as hooks. Bidirectional: the first client message is
         the RunRequest; at each ClientCallbackOp hook the server sends a HookCall with the
         activation and waits (under hook_timeout_ms) for a HookReply with a replacement or
-        "unchanged". Everything else streams as in Run.
+        "unchanged". Everything else streams as in Run. Exactly one HookReply per HookCall, sent
+        after receiving it: a reply while no hook call is waiting ends the call with
+        FAILED_PRECONDITION (replies are never buffered ahead). Hook-call activations count
+        against the streamed-bytes quota like any other tensor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
