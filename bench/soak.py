@@ -76,8 +76,8 @@ class Worker:
         self.stats = stats
         self.deadline = deadline
         self.rng = np.random.default_rng(index)
-        self.d_vocab = info.config.d_vocab
-        self.n_layers = info.config.n_layers
+        self.d_vocab = info.d_vocab
+        self.n_layers = info.n_layers
         self.model = None  # HookedTransformer, made lazily by the Python-client op
 
     def tokens(self, batch=2, pos=8):
@@ -89,7 +89,7 @@ class Worker:
     # --- operations: each returns normally on OK and raises grpc.RpcError otherwise
     def op_info(self):
         got = self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.md, timeout=self.timeout())
-        assert got.config.n_layers == self.n_layers
+        assert got.n_layers == self.n_layers
 
     def op_tokenize(self):
         t = self.stub.Tokenize(pb.TokenizeRequest(texts=["soak test", "hello"], prepend_bos=True),
@@ -103,7 +103,7 @@ class Worker:
         s = self.stub.CreateSession(pb.CreateSessionRequest(ttl_seconds=120), metadata=self.md,
                                     timeout=self.timeout())
         try:
-            steer = wire.to_proto(np.full((self.info.config.d_model,), 0.01, np.float32))
+            steer = wire.to_proto(np.full((self.info.d_model,), 0.01, np.float32))
             h = self.stub.AddHook(pb.AddHookRequest(session_id=s.session_id, op=hooks_pb2.HookOp(
                 hook_name="blocks.0.hook_resid_post", add=hooks_pb2.AddOp(value=steer))),
                 metadata=self.md, timeout=self.timeout())
