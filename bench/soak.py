@@ -289,7 +289,8 @@ def main(argv=None):
     with open(users, "w") as f:
         f.write(f'users {{ name: "soak" api_key_sha256: "{hashlib.sha256(KEY.encode()).hexdigest()}" '
                 f'quota {{ max_concurrent_requests: {2 * args.clients} }} }}\n')
-    config = f'users_file: "{users}"\nlimits {{ max_queue: {4 * args.clients} }}\n'
+    config = (f'users_file: "{users}"\nlimits {{ max_queue: {4 * args.clients} '
+              f'max_sessions_per_user: {4 * args.clients} }}\n')
     server = server_harness.ServerProcess(model_dir, config=config).start()
     _ADDRESSES["address"] = server.address
     pid = server.proc.pid
