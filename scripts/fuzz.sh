@@ -120,7 +120,7 @@ for t in "${ORDER[@]}"; do
     passed=$((passed + 1))
   else
     echo "fuzz: $t FAILED; last lines of $OUT/$t.log:"
-    tail -40 "$OUT/$t.log"
+    grep -vE "^#[0-9]+\s+(NEW|REDUCE|pulse)" "$OUT/$t.log" | tail -40 | cut -c1-300
     failed=$((failed + 1))
   fi
 done

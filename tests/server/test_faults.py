@@ -185,3 +185,16 @@ def test_missing_model_dir_exits_nonzero_naming_it(tmp_path):
     rc, out = _start_expecting_failure(tmp_path, missing)
     assert rc > 0, out
     assert "no_such_model" in out, out
+
+
+# tokenizer.json is optional (the server then serves token ids only), and a link to nowhere reads
+# as absent; see the note in docs/decisions.md.
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_model_file_link_to_nowhere_exits_nonzero_naming_the_file(demo_model_dir, tmp_path, name):
+    # Unreadable even for root: a symlink whose target is gone (an unmounted volume).
+    model = _copy_model(demo_model_dir, tmp_path)
+    os.remove(model / name)
+    os.symlink(tmp_path / "unmounted" / name, model / name)
+    rc, out = _start_expecting_failure(tmp_path, model)
+    assert rc > 0, out
+    assert name in out, out
