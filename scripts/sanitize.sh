@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Sanitizer runs of the C++ tests and the server, with gcc through Bazel (.bazelrc configs asan
-# and tsan). Each sanitizer gets its own Bazel output base and symlink prefix (bazel-asan-bin/,
-# bazel-tsan-bin/), so the normal bazel-bin/ is not overwritten and switching back costs nothing;
-# the shared disk cache still serves actions built before.
+# and tsan). Each sanitizer gets its own Bazel output base and makes no convenience symlinks
+# (--symlink_prefix=/: links in the workspace would put a second execroot under `//...`), so the
+# normal bazel-bin/ is not overwritten and switching back costs nothing; the shared disk cache
+# still serves actions built before. Outputs: `bazel --output_base=~/.cache/remotelens-bazel-asan
+# info --config=asan bazel-bin` (the script prints it).
 #
 #   scripts/sanitize.sh asan          # CI form: ASan+UBSan unit tests of engine/ and server/
 #                                     # units, then the ASan server under an e2e subset
@@ -19,7 +21,7 @@ form=${2:-ci}
 case $kind in asan | tsan) ;; *) echo "usage: scripts/sanitize.sh asan|tsan [full]"; exit 2 ;; esac
 
 BAZEL=(bazel --output_base="$HOME/.cache/remotelens-bazel-$kind")
-FLAGS=(--config="$kind" --symlink_prefix="bazel-$kind-" --noshow_progress)
+FLAGS=(--config="$kind" --symlink_prefix=/ --noshow_progress)
 [ "${CI:-}" = "true" ] && FLAGS+=(--color=no --curses=no)
 
 if [ "$kind" = asan ]; then
@@ -53,13 +55,16 @@ failed=$(grep -cE "^//.*(FAILED|TIMEOUT|NO STATUS|FAILED TO BUILD)" "$log" || tr
 total=${total:-0}
 [ "$total" -eq 0 ] && failed=$((failed + 1))
 passed=$((total - failed < 0 ? 0 : total - failed))
-echo "sanitize $kind: bazel tests took $(( $(date +%s) - start )) s"
+echo "sanitize $kind: bazel tests took $(( $(date +%s) - start )) s; logs under" \
+  "$("${BAZEL[@]}" info --config="$kind" bazel-testlogs 2>/dev/null)"
 
 if [ "$kind" = asan ]; then
   # The ASan-built server under the Python end-to-end tests. Reports go to files (the harness
   # keeps the server's stderr), and any report file fails the run even if every test passed.
   start=$(date +%s)
   "${BAZEL[@]}" build "${FLAGS[@]}" //server:remotelens_server //tools:make_demo_model 2>&1 | tail -3
+  bin=$("${BAZEL[@]}" info --config="$kind" bazel-bin 2>/dev/null)
+  echo "sanitize asan: server binary $bin/server/remotelens_server"
   reports=$(mktemp -d /tmp/remotelens_asan_reports.XXXXXX)
   if [ "$form" = full ]; then
     PYTESTS=(tests/server)
@@ -73,7 +78,7 @@ if [ "$kind" = asan ]; then
   fi
   # detect_leaks=0: LibTorch and gRPC keep process-lifetime allocations at exit; leaks that
   # matter show as RSS growth in bench/soak.py instead.
-  REMOTELENS_BIN_DIR="$PWD/bazel-$kind-bin/tools" REMOTELENS_REQUIRE_BINARIES=1 \
+  REMOTELENS_BIN_DIR="$bin/tools" REMOTELENS_REQUIRE_BINARIES=1 \
     ASAN_OPTIONS="detect_leaks=0:log_path=$reports/asan:abort_on_error=1" \
     UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$reports/ubsan" \
     /usr/bin/python3 -m pytest -q -p no:cacheprovider "${PYTESTS[@]}" 2>&1 | tee "$log.pytest"
