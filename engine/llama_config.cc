@@ -53,6 +53,14 @@ absl::StatusOr<bool> OptionalBool(const Json& json, const char* key, bool fallba
   return it->get<bool>();
 }
 
+// A string field; json.value() would throw on a non-string value (found by fuzz/llama_config_fuzz).
+absl::StatusOr<std::string> OptionalString(const Json& json, const char* key, std::string fallback) {
+  auto it = json.find(key);
+  if (it == json.end() || it->is_null()) return fallback;
+  if (!it->is_string()) return Invalid(key, absl::StrCat("must be a string, got ", it->dump()));
+  return it->get<std::string>();
+}
+
 absl::StatusOr<RopeScaling> ParseRopeScaling(const Json& json) {
   RopeScaling scaling;
   auto it = json.find("rope_scaling");
@@ -139,7 +147,7 @@ absl::StatusOr<LlamaConfig> ParseLlamaConfig(absl::string_view json_text,
   }
   RETURN_IF_ERROR(RejectUnsupported(json));
   LlamaConfig c;
-  c.model_name = json.value("_name_or_path", std::string(default_name));
+  ASSIGN_OR_RETURN(c.model_name, OptionalString(json, "_name_or_path", std::string(default_name)));
   if (c.model_name.empty()) c.model_name = std::string(default_name);
   ASSIGN_OR_RETURN(c.d_model, PositiveInt(json, "hidden_size"));
   ASSIGN_OR_RETURN(c.d_mlp, PositiveInt(json, "intermediate_size"));
@@ -172,7 +180,7 @@ absl::StatusOr<LlamaConfig> ParseLlamaConfig(absl::string_view json_text,
   if (c.bos_token_id >= c.d_vocab) {
     return Invalid("bos_token_id", absl::StrCat(c.bos_token_id, " is >= vocab_size ", c.d_vocab));
   }
-  c.torch_dtype = json.value("torch_dtype", std::string("float32"));
+  ASSIGN_OR_RETURN(c.torch_dtype, OptionalString(json, "torch_dtype", "float32"));
   return c;
 }
 

@@ -1,5 +1,6 @@
 #include "engine/llama_config.h"
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 
 namespace remotelens {
@@ -98,6 +99,28 @@ TEST(LlamaConfig, RejectsUnsupportedWithFieldNamed) {
   auto missing = ParseLlamaConfig("{}");
   ASSERT_FALSE(missing.ok());
   EXPECT_NE(missing.status().message().find("hidden_size is missing"), std::string::npos);
+}
+
+// Regression (fuzz/corpus/llama_config_fuzz/crash-name-not-string): a non-string name or dtype
+// threw nlohmann::json::type_error out of ParseLlamaConfig and killed the process.
+TEST(LlamaConfig, NonStringNameOrDtypeIsInvalidArgumentNamingTheField) {
+  const std::string with_list_name = absl::StrCat("{\"_name_or_path\": [\"x\"], ",
+                                                  std::string(kLlama31_8B).substr(1));
+  std::string with_list_dtype(kLlama31_8B);
+  const size_t dtype_at = with_list_dtype.find("\"bfloat16\"");
+  ASSERT_NE(dtype_at, std::string::npos);
+  with_list_dtype.replace(dtype_at, 10, "[\"bfloat16\"]");
+  for (const auto& [key, text] : {std::pair<std::string, std::string>{"_name_or_path", with_list_name},
+                                  {"torch_dtype", with_list_dtype}}) {
+    auto c = ParseLlamaConfig(text, "m");
+    ASSERT_FALSE(c.ok()) << key;
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(c.status().message().find(key), std::string::npos) << c.status();
+  }
+  auto c = ParseLlamaConfig(absl::StrCat("{\"_name_or_path\": null, ", std::string(kLlama31_8B).substr(1)), "m");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->model_name, "m");
+  EXPECT_EQ(c->torch_dtype, "bfloat16");
 }
 
 TEST(LlamaConfig, MissingFileIsNotFound) {

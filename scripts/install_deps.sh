@@ -21,6 +21,9 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev prometheus openssl
   python3 python3-torch python3-numpy python3-pytest python3-grpcio python3-protobuf
   python3-grpc-tools python3-tqdm
+  # fuzzing (scripts/fuzz.sh): clang 14 and its runtime libraries, libFuzzer among them. The
+  # sanitizer builds (scripts/sanitize.sh) use gcc's libasan/libubsan/libtsan, which g++ brings.
+  clang libclang-rt-14-dev
 )
 
 # Node.js runs Hugging Face's tokenizers.js, the tokenizer tests' reference; machines that already

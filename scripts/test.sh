@@ -35,10 +35,45 @@ py_passed=$(echo "$py_line" | grep -oE "[0-9]+ passed" | grep -oE "[0-9]+" || ec
 py_failed=$(echo "$py_line" | grep -oE "[0-9]+ failed" | grep -oE "[0-9]+" || echo 0)
 py_errors=$(echo "$py_line" | grep -oE "[0-9]+ errors?" | grep -oE "[0-9]+" || echo 0)
 
-passed=$((cc_passed + ${py_passed:-0}))
-failed=$((cc_failed + ${py_failed:-0} + ${py_errors:-0}))
+# Robustness steps (issue 11). Each prints "<step>: N passed, N failed"; its units join the
+# summary. A step that ends without that line counts as one failed unit.
+extra_passed=0
+extra_failed=0
+step() {  # step NAME LOG COMMAND...
+  local name=$1 log=$2 start=$SECONDS
+  shift 2
+  echo "== $name"
+  "$@" 2>&1 | tee "$log"
+  local line n_pass n_fail
+  line=$(grep -E "[0-9]+ passed, [0-9]+ failed$" "$log" | tail -1)
+  if [ -z "$line" ]; then
+    n_pass=0 n_fail=1
+  else
+    n_pass=$(echo "$line" | grep -oE "[0-9]+ passed" | grep -oE "[0-9]+")
+    n_fail=$(echo "$line" | grep -oE "[0-9]+ failed" | grep -oE "[0-9]+")
+  fi
+  extra_passed=$((extra_passed + n_pass))
+  extra_failed=$((extra_failed + n_fail))
+  echo "$name: $((SECONDS - start)) s"
+}
+soak_smoke() {
+  if /usr/bin/python3 bench/soak.py --seconds "${SOAK_SECONDS:-20}"; then
+    echo "soak: 1 passed, 0 failed"
+  else
+    echo "soak: 0 passed, 1 failed"
+  fi
+}
+step "fuzz (scripts/fuzz.sh, FUZZ_SECONDS=${FUZZ_SECONDS:-20} per target)" /tmp/remotelens_fuzz.log \
+  env FUZZ_SECONDS="${FUZZ_SECONDS:-20}" scripts/fuzz.sh
+step "sanitize asan (scripts/sanitize.sh asan)" /tmp/remotelens_asan.log scripts/sanitize.sh asan
+step "sanitize tsan (scripts/sanitize.sh tsan)" /tmp/remotelens_tsan.log scripts/sanitize.sh tsan
+step "soak smoke (bench/soak.py, ${SOAK_SECONDS:-20} s)" /tmp/remotelens_soak.log soak_smoke
+
+passed=$((cc_passed + ${py_passed:-0} + extra_passed))
+failed=$((cc_failed + ${py_failed:-0} + ${py_errors:-0} + extra_failed))
 if [ "$bazel_rc" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
 if [ "$py_rc" -ne 0 ] && [ "$py_rc" -ne 5 ] && [ "$failed" -eq 0 ]; then failed=1; fi
-echo "C++ (bazel test): $cc_passed of $cc_total test targets passed; Python (pytest): ${py_passed:-0} passed"
+echo "C++ (bazel test): $cc_passed of $cc_total test targets passed; Python (pytest): ${py_passed:-0} passed;" \
+  "fuzz, sanitizers, soak: $extra_passed passed, $extra_failed failed"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
