@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: installs packages, builds everything with Bazel, runs the C++ unit tests, then
 # the Python suites (parity against the independent reference, tool behaviour, server end to
-# end). Ends with one summary line over both runners: "N passed, N failed".
+# end), then scripts/gpu_check.sh --cpu --lean (counted as one test). Ends with one summary line
+# over all of them: "N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,10 +36,17 @@ py_passed=$(echo "$py_line" | grep -oE "[0-9]+ passed" | grep -oE "[0-9]+" || ec
 py_failed=$(echo "$py_line" | grep -oE "[0-9]+ failed" | grep -oE "[0-9]+" || echo 0)
 py_errors=$(echo "$py_line" | grep -oE "[0-9]+ errors?" | grep -oE "[0-9]+" || echo 0)
 
-passed=$((cc_passed + ${py_passed:-0}))
-failed=$((cc_failed + ${py_failed:-0} + ${py_errors:-0}))
+# The GPU check's CPU form (CMake build against Debian's LibTorch, parity, the table), so the script
+# that runs on lent GPU machines cannot rot; lean: only the targets its steps run. One test.
+echo "== scripts/gpu_check.sh --cpu --lean"
+gc_passed=0
+gc_failed=0
+if scripts/gpu_check.sh --cpu --lean; then gc_passed=1; else gc_failed=1; fi
+
+passed=$((cc_passed + ${py_passed:-0} + gc_passed))
+failed=$((cc_failed + ${py_failed:-0} + ${py_errors:-0} + gc_failed))
 if [ "$bazel_rc" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
 if [ "$py_rc" -ne 0 ] && [ "$py_rc" -ne 5 ] && [ "$failed" -eq 0 ]; then failed=1; fi
-echo "C++ (bazel test): $cc_passed of $cc_total test targets passed; Python (pytest): ${py_passed:-0} passed"
+echo "C++ (bazel test): $cc_passed of $cc_total test targets passed; Python (pytest): ${py_passed:-0} passed; gpu_check --cpu: $([ "$gc_passed" -eq 1 ] && echo passed || echo failed)"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
