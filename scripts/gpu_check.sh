@@ -239,14 +239,14 @@ s_forward() {
   dec=$(json "$d" median_ms)
   bound_dec=$(calc "1000 * $wb / $bw")
   row "Decode, 1 token at batch 1 (after 128 cached, $DTYPE_FAST)" "$(calc "'%.2f ms' % $dec")" \
-      "$(calc "'%.2f ms (weights %.2f GB / bandwidth)' % ($bound_dec, $wb / 1e9)")" \
+      "$(calc "'%.2f ms (weights %.3g GB / bandwidth)' % ($bound_dec, $wb / 1e9)")" \
       "$(calc "'%.0f%% of bandwidth bound' % (100 * $bound_dec / $dec)")"
   none=$(grep '"mode": "none"' "$OUT/steps/prefill.json" | "$PY" -c 'import json,sys; print(json.loads(sys.stdin.read())["median_ms"])')
   resid=$(grep '"mode": "resid_post"' "$OUT/steps/prefill.json" | "$PY" -c 'import json,sys; print(json.loads(sys.stdin.read())["median_ms"])')
   local bound_pre
   bound_pre=$(calc "1000 * 2 * $params * $pb * $pp / $flops")
   row "Prefill ${pb}x${pp}, no hooks ($DTYPE_FAST)" "$(calc "'%.1f ms' % $none")" \
-      "$(calc "'%.1f ms (2 x %.2fG params x %d tokens / peak)' % ($bound_pre, $params / 1e9, $pb * $pp)")" \
+      "$(calc "'%.1f ms (2 x %.3gG params x %d tokens / peak)' % ($bound_pre, $params / 1e9, $pb * $pp)")" \
       "$(calc "'%.0f%% of compute bound' % (100 * $bound_pre / $none)")"
   row "Prefill ${pb}x${pp}, caching every hook_resid_post to host" "$(calc "'%.1f ms' % $resid")" \
       "$(calc "'%.1f ms (no hooks)' % $none")" "$(calc "'%.2fx the no-hook forward' % ($resid / $none)")"
