@@ -11,7 +11,7 @@
 # markdown table (also written to build/gpu_check/table.md). Exit status: 1 when a parity step or
 # any other step failed (the table says which), 0 otherwise. Environment: PYTHON (default python3
 # on CUDA, /usr/bin/python3 with --cpu), GPU_CHECK_JOBS (build parallelism), GPU_CHECK_WORK
-# (scratch dir; the 8B checkpoint needs ~17 GB there), CCACHE_DIR.
+# (scratch dir; the 8B checkpoint needs ~17 GB there), GPU_CHECK_BUILD (CMake build dir), CCACHE_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -29,12 +29,12 @@ done
 
 if [ "$MODE" = cpu ]; then
   PY=${PYTHON:-/usr/bin/python3}
-  BUILD=build/cmake-cpu
+  BUILD=${GPU_CHECK_BUILD:-build/cmake-cpu}
   DEVICE=cpu
   DTYPE_FAST=float32
 else
   PY=${PYTHON:-python3}
-  BUILD=build/cmake-cuda
+  BUILD=${GPU_CHECK_BUILD:-build/cmake-cuda}
   DEVICE=cuda:0
   DTYPE_FAST=bfloat16
 fi
