@@ -6,6 +6,8 @@
 #   scripts/gpu_check.sh --cpu      every step that needs no CUDA, on the demo model (Debian LibTorch)
 #   scripts/gpu_check.sh --cpu --lean   CI's form: builds only what the steps run (engine, tools,
 #                                   forward_bench); the server and C++ tests are Bazel's job there
+#                                   (GPU_CHECK_SERVER=bazel-bin/server/remotelens_server for the
+#                                   round trip)
 #
 # Each step prints "[n/N] what ... ok (12.3 s)", "skipped: why" or "FAILED: what"; the end is one
 # markdown table (also written to build/gpu_check/table.md). Exit status: 1 when a parity step or
@@ -22,7 +24,7 @@ for arg in "$@"; do
   case "$arg" in
     --cpu) MODE=cpu ;;
     --lean) LEAN=1 ;;
-    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument \"$arg\"; valid: --cpu, --lean" >&2; exit 2 ;;
   esac
 done
@@ -254,14 +256,19 @@ s_forward() {
 
 s_roundtrip() {
   MODEL=$WORK/model
-  [ "$LEAN" -eq 1 ] && skip "lean build: the server is Bazel's in CI (tests/server cover Run)"
-  [ -x "$BUILD/remotelens_server" ] || skip "server not built here (CMake found no gRPC/protobuf/prometheus-cpp)"
+  # GPU_CHECK_SERVER: a server binary built elsewhere (CI's lean form passes Bazel's).
+  local server=${GPU_CHECK_SERVER:-$BUILD/remotelens_server} origin="this CMake build"
+  [ -n "${GPU_CHECK_SERVER:-}" ] && origin="$GPU_CHECK_SERVER"
+  if [ ! -x "$server" ]; then
+    [ "$LEAN" -eq 1 ] && skip "lean build has no server and GPU_CHECK_SERVER is unset"
+    skip "server not built here (CMake found no gRPC/protobuf/prometheus-cpp)"
+  fi
   "$PY" -c 'import grpc' 2>/dev/null || skip "grpcio not importable by $PY"
-  "$PY" scripts/gpu_check.py roundtrip --server "$BUILD/remotelens_server" --model_dir "$MODEL" \
+  "$PY" scripts/gpu_check.py roundtrip --server "$server" --model_dir "$MODEL" \
     --device "$DEVICE" --dtype "$DTYPE_FAST" --batch 1 --pos 16 | tee "$OUT/steps/roundtrip.json"
   local f=$OUT/steps/roundtrip.json
   row "Run over loopback (Python client, 1x16, resid_post x all layers)" \
-      "$(calc "'%.1f ms' % $(json "$f" median_ms)")" "" "median of 5; server from this build"
+      "$(calc "'%.1f ms' % $(json "$f" median_ms)")" "" "median of 5; server: $origin"
 }
 
 s_hf() {
@@ -301,7 +308,7 @@ s_oom() {
 }
 
 step environment "Environment ($MODE)" s_environment
-step build "Build engine, server, tools, C++ tests (CMake, $BUILD)" s_build
+step build "Build $([ "$LEAN" -eq 1 ] && echo "engine and tools" || echo "engine, server, tools, C++ tests") (CMake, $BUILD)" s_build
 step ctest "C++ tests (ctest)" s_ctest
 step parity_f32 "Parity float32 on $DEVICE" s_parity_f32
 step parity_bf16 "Parity bfloat16 on $DEVICE" s_parity_bf16

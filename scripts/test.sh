@@ -41,7 +41,7 @@ py_errors=$(echo "$py_line" | grep -oE "[0-9]+ errors?" | grep -oE "[0-9]+" || e
 echo "== scripts/gpu_check.sh --cpu --lean"
 gc_passed=0
 gc_failed=0
-if scripts/gpu_check.sh --cpu --lean; then gc_passed=1; else gc_failed=1; fi
+if GPU_CHECK_SERVER="$PWD/bazel-bin/server/remotelens_server" scripts/gpu_check.sh --cpu --lean; then gc_passed=1; else gc_failed=1; fi
 
 passed=$((cc_passed + ${py_passed:-0} + gc_passed))
 failed=$((cc_failed + ${py_failed:-0} + ${py_errors:-0} + gc_failed))
