@@ -9,9 +9,11 @@ namespace remotelens {
 std::optional<int64_t> AllocatedDeviceBytes(const at::Device& device) {
 #ifdef REMOTELENS_WITH_CUDA
   if (device.is_cuda()) {
-    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index());
-    const auto aggregate = static_cast<size_t>(c10::cuda::CUDACachingAllocator::StatType::AGGREGATE);
-    return static_cast<int64_t>(stats.allocated_bytes[aggregate].current);
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(
+        static_cast<c10::DeviceIndex>(device.index() < 0 ? 0 : device.index()));
+    // Index 0 is StatType::AGGREGATE (all pools) in every LibTorch 2.x; the enum itself moved
+    // namespaces (c10::CachingDeviceAllocator in newer releases), so it is not named here.
+    return static_cast<int64_t>(stats.allocated_bytes[0].current);
   }
 #else
   (void)device;
