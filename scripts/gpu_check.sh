@@ -9,6 +9,11 @@
 #                                   (GPU_CHECK_SERVER=bazel-bin/server/remotelens_server for the
 #                                   round trip)
 #
+# The GPU machine has no Debian packages: run scripts/pack_gpu_deps.sh here first and carry
+# build/gpu_deps with the tree (the device tool's carry=["build/gpu_deps"]); CMake there then
+# finds Abseil, nlohmann-json, PCRE2 and GoogleTest in it. gRPC/protobuf/prometheus-cpp are not
+# packed, so the server and its steps are skipped there with a note.
+#
 # Each step prints "[n/N] what ... ok (12.3 s)", "skipped: why" or "FAILED: what"; the end is one
 # markdown table (also written to build/gpu_check/table.md). Exit status: 1 when a parity step or
 # any other step failed (the table says which), 0 otherwise. Environment: PYTHON (default python3
@@ -24,7 +29,7 @@ for arg in "$@"; do
   case "$arg" in
     --cpu) MODE=cpu ;;
     --lean) LEAN=1 ;;
-    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "gpu_check: unknown argument \"$arg\"; valid: --cpu, --lean" >&2; exit 2 ;;
   esac
 done
@@ -124,7 +129,15 @@ s_environment() {
 s_build() {
   local prefix=() launcher=() targets=()
   if [ "$MODE" = cuda ]; then
-    prefix=(-DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')")
+    local paths
+    paths=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+    # The engine's Debian libraries packed by scripts/pack_gpu_deps.sh, carried with the tree.
+    if [ -d "$REPO/build/gpu_deps/usr" ]; then
+      paths="$paths;$REPO/build/gpu_deps/usr"
+      export PKG_CONFIG_PATH="$REPO/build/gpu_deps/usr/lib/x86_64-linux-gnu/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+      echo "using build/gpu_deps (scripts/pack_gpu_deps.sh) for Abseil, nlohmann-json, PCRE2, GoogleTest"
+    fi
+    prefix=(-DCMAKE_PREFIX_PATH="$paths")
   fi
   command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
   cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release "${prefix[@]}" "${launcher[@]}" | tee "$OUT/steps/configure.out"
