@@ -302,6 +302,23 @@ def cmd_roundtrip(args) -> None:
 
 # ------------------------------------------------------------------ Hugging Face
 
+def _load_hf(cls, model_dir: str, dtype: torch.dtype, impl: str, dev: torch.device):
+    """from_pretrained straight onto the device where the installed transformers allows it
+    (device_map needs accelerate; `dtype` replaced `torch_dtype` in newer releases)."""
+    last = None
+    for kwargs in ({"dtype": dtype, "device_map": {"": dev}}, {"torch_dtype": dtype, "device_map": {"": dev}},
+                   {"dtype": dtype}, {"torch_dtype": dtype}):
+        try:
+            model = cls.from_pretrained(model_dir, attn_implementation=impl, **kwargs)
+        except (TypeError, ValueError, ImportError) as e:
+            last = e
+            continue
+        if next(model.parameters()).dtype != dtype:
+            model = model.to(dtype)
+        return model.to(dev).eval()
+    raise RuntimeError(f"transformers could not load {model_dir}: {last}")
+
+
 def cmd_hf(args) -> None:
     try:
         import transformers  # noqa: F401
@@ -318,8 +335,7 @@ def cmd_hf(args) -> None:
 
     rows = {}
     for impl in ("eager", "sdpa"):
-        model = LlamaForCausalLM.from_pretrained(args.model_dir, torch_dtype=dtype,
-                                                 attn_implementation=impl).to(dev).eval()
+        model = _load_hf(LlamaForCausalLM, args.model_dir, dtype, impl, dev)
         cache: Dict[str, torch.Tensor] = {}
         handles = []
 
