@@ -12,6 +12,7 @@ message on stderr says what.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import struct
@@ -110,8 +111,12 @@ def cmd_parity(args) -> None:
     tokens_arg = ";".join(",".join(str(int(t)) for t in row) for row in rows.tolist())
 
     def reference(device: str):
-        ref = LlamaReference(config, {k: v.to(device) for k, v in weights.items()})
-        logits, cache = ref.forward(rows.to(device))
+        # The reference builds its tables with factory calls; `with torch.device` (PyTorch >= 2)
+        # puts those on the GPU too.
+        place = torch.device(device) if device != "cpu" else contextlib.nullcontext()
+        with place:
+            ref = LlamaReference(config, {k: v.to(device) for k, v in weights.items()})
+            logits, cache = ref.forward(rows.to(device))
         out = {k: v.detach().cpu() for k, v in cache.items()}
         out["logits"] = logits.detach().cpu()
         return out
