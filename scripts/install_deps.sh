@@ -8,7 +8,7 @@ PACKAGES=(
   bazel-bootstrap bazel-platforms bazel-skylib bazel-rules-java bazel-rules-proto
   g++ cmake
   # scripts/gpu_check.sh's CMake build reuses objects across runs through it
-  ccache
+  ccache pkg-config
   # engine
   libtorch-dev libabsl-dev nlohmann-json3-dev libpcre2-dev
   # Optimised BLAS for LibTorch's CPU matmuls (Debian's default is the netlib reference BLAS,
