@@ -1,6 +1,7 @@
 #include "engine/hook_plan.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -197,12 +198,51 @@ absl::Status HookPlan::ServeCache(const CacheRequest& request, const at::Tensor&
   }
   at::TensorOptions options = out.options();
   if (request.dtype.has_value()) options = options.dtype(*request.dtype);
+  if (request.to_host && out.is_cuda()) {
+    // The serving path: cast on the device, then an asynchronous copy into a pinned host buffer
+    // on the forward's own stream, so the forward never waits for the bytes (nor for the network
+    // behind the sink). Later in-place work on aliases is queued after the copy on that stream,
+    // so the copy still sees this hook's values.
+    const at::Tensor src = out.to(options.device(out.device()), /*non_blocking=*/false, /*copy=*/false);
+    at::Tensor host = at::empty(src.sizes(), src.options().device(at::kCPU).pinned_memory(true));
+    host.copy_(src, /*non_blocking=*/true);
+    const c10::Stream stream = c10::impl::getDeviceGuardImpl(out.device().type())->getStream(out.device());
+    c10::Event done(out.device().type());
+    done.record(stream);
+    pending_.push_back(PendingCopy{request.hook, std::move(host), stream, std::move(done)});
+    return DeliverCompleted();
+  }
   if (request.to_host) options = options.device(at::kCPU);
   // Always a private, contiguous copy: later in-place work on aliases (the residual stream is
   // one tensor across hook_resid_post and the next hook_resid_pre) must not reach the cache.
   out = out.to(options, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  if (sink_) return sink_(request.hook, std::move(out));
-  cache_.emplace_back(request.hook, std::move(out));
+  // Keep forward order behind any copies still in flight.
+  if (!pending_.empty()) RETURN_IF_ERROR(FlushCache());
+  return Deliver(request.hook, std::move(out));
+}
+
+absl::Status HookPlan::Deliver(HookId hook, at::Tensor tensor) {
+  if (sink_) return sink_(hook, std::move(tensor));
+  cache_.emplace_back(hook, std::move(tensor));
+  return absl::OkStatus();
+}
+
+absl::Status HookPlan::DeliverCompleted() {
+  while (!pending_.empty() && pending_.front().done.query()) {
+    PendingCopy copy = std::move(pending_.front());
+    pending_.pop_front();
+    RETURN_IF_ERROR(Deliver(copy.hook, std::move(copy.host)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HookPlan::FlushCache() {
+  while (!pending_.empty()) {
+    PendingCopy copy = std::move(pending_.front());
+    pending_.pop_front();
+    copy.stream.synchronize();
+    RETURN_IF_ERROR(Deliver(copy.hook, std::move(copy.host)));
+  }
   return absl::OkStatus();
 }
 

@@ -16,8 +16,11 @@
 #define REMOTELENS_ENGINE_HOOK_PLAN_H_
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Event.h>
+#include <c10/core/Stream.h>
 
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <optional>
 #include <string>
@@ -92,6 +95,11 @@ class HookPlan {
   // in place, so tensors aliased elsewhere stay intact), then serves its cache requests.
   absl::Status Apply(HookId id, at::Tensor& activation);
 
+  // Delivers every cache copy still in flight (CUDA activations copied asynchronously into
+  // pinned host buffers), waiting for them; in forward order. LlamaModel::Forward calls it
+  // before returning, so callers see a complete cache or sink.
+  absl::Status FlushCache();
+
   // Cached activations in forward order (empty when a sink is set).
   const std::vector<std::pair<HookId, at::Tensor>>& cache() const { return cache_; }
   std::vector<std::pair<HookId, at::Tensor>> TakeCache() { return std::move(cache_); }
@@ -105,12 +113,24 @@ class HookPlan {
   };
   absl::Status ApplyIntervention(const InterventionOp& op, at::Tensor& activation) const;
   absl::Status ServeCache(const CacheRequest& request, const at::Tensor& activation);
+  absl::Status Deliver(HookId hook, at::Tensor tensor);
+  // Delivers, in order, the leading pending copies that have completed; never waits.
+  absl::Status DeliverCompleted();
+
+  // A device-to-host copy queued on `stream` into a pinned buffer; `done` fires when it lands.
+  struct PendingCopy {
+    HookId hook;
+    at::Tensor host;
+    c10::Stream stream;
+    c10::Event done;
+  };
 
   int64_t n_layers_;
   int num_ops_ = 0;
   std::vector<uint8_t> active_;  // by HookIndex
   std::vector<Entry> entries_;   // registration order
   std::vector<std::pair<HookId, at::Tensor>> cache_;
+  std::deque<PendingCopy> pending_;
   CacheSink sink_;
 };
 

@@ -143,11 +143,24 @@ absl::StatusOr<at::Tensor> LlamaModel::Forward(const ForwardInput& input, HookPl
                                                KvCache* kv_cache) const {
   c10::InferenceMode inference_mode;
   try {
-    return ForwardImpl(input, plan, kv_cache);
+    absl::StatusOr<at::Tensor> logits = ForwardImpl(input, plan, kv_cache);
+    // Cache copies still in flight (CUDA -> pinned host) land before the caller reads them.
+    if (logits.ok() && plan != nullptr) RETURN_IF_ERROR(plan->FlushCache());
+    return logits;
   } catch (const c10::Error& e) {
     const std::string what = e.what_without_backtrace();
     if (absl::StrContains(what, "out of memory") || absl::StrContains(what, "can't allocate")) {
-      return absl::ResourceExhaustedError(absl::StrCat("device out of memory during forward: ", what));
+      // Name what did not fit: the request's shape and hooks, then the allocator's own words.
+      const at::Tensor& shaped = input.tokens.defined() ? input.tokens : input.residual;
+      const std::string shape = shaped.defined() && shaped.dim() >= 2
+                                    ? absl::StrCat(shaped.size(0), " rows x ", shaped.size(1), " positions")
+                                    : std::string("this request");
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "device out of memory during the forward of ", shape,
+          kv_cache != nullptr ? absl::StrCat(" (after ", kv_cache->length(), " cached positions)") : "",
+          plan != nullptr && !plan->empty() ? " with hooks" : "", " in ",
+          c10::toString(weights_.embed.scalar_type()), " on ", weights_.embed.device().str(),
+          "; send fewer rows or positions, or cache fewer or narrower activations: ", what));
     }
     return absl::InternalError(absl::StrCat("forward failed: ", what));
   }
@@ -332,7 +345,12 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
       // Fused attention: the pattern is never materialised.
       const at::Tensor k_all = keys.unsqueeze(2).expand({batch, Hkv, group, n_keys, dh}).reshape({batch, H, n_keys, dh});
       const at::Tensor v_all = values.unsqueeze(2).expand({batch, Hkv, group, n_keys, dh}).reshape({batch, H, n_keys, dh});
-      z = at::scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, mask).transpose(1, 2);
+      // Without padding or a cache prefix the mask is plain causal: say so instead of passing
+      // it, which lets CUDA pick its flash kernel (an explicit mask rules that one out).
+      z = (simple ? at::scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, {}, 0.0,
+                                                     /*is_causal=*/true)
+                  : at::scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, mask))
+              .transpose(1, 2);
     }
 #endif
     if (!z.defined()) {

@@ -7,6 +7,8 @@ PACKAGES=(
   # build
   bazel-bootstrap bazel-platforms bazel-skylib bazel-rules-java bazel-rules-proto
   g++ cmake
+  # scripts/gpu_check.sh's CMake build reuses objects across runs through it
+  ccache pkg-config
   # engine
   libtorch-dev libabsl-dev nlohmann-json3-dev libpcre2-dev
   # Optimised BLAS for LibTorch's CPU matmuls (Debian's default is the netlib reference BLAS,
@@ -20,7 +22,7 @@ PACKAGES=(
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev prometheus openssl
   python3 python3-torch python3-numpy python3-pytest python3-grpcio python3-protobuf
-  python3-grpc-tools python3-tqdm
+  python3-grpc-tools python3-tqdm python3-yaml
   # fuzzing (scripts/fuzz.sh): clang 14 and its runtime libraries, libFuzzer among them. The
   # sanitizer builds (scripts/sanitize.sh) use gcc's libasan/libubsan/libtsan, which g++ brings.
   clang libclang-rt-14-dev

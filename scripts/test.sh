@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: installs packages, builds everything with Bazel, runs the C++ unit tests, then
 # the Python suites (parity against the independent reference, tool behaviour, server end to
-# end). Ends with one summary line over both runners: "N passed, N failed".
+# end), then scripts/gpu_check.sh --cpu --lean (counted as one test). Ends with one summary line
+# over all of them: "N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,6 +64,16 @@ soak_smoke() {
     echo "soak: 0 passed, 1 failed"
   fi
 }
+# The GPU check's CPU form (CMake build against Debian's LibTorch, parity, the table), so the script
+# that runs on lent GPU machines cannot rot; lean: only the targets its steps run. One test.
+gpu_check_cpu() {
+  if GPU_CHECK_SERVER="$PWD/bazel-bin/server/remotelens_server" scripts/gpu_check.sh --cpu --lean; then
+    echo "gpu_check: 1 passed, 0 failed"
+  else
+    echo "gpu_check: 0 passed, 1 failed"
+  fi
+}
+step "gpu_check --cpu --lean (scripts/gpu_check.sh)" /tmp/remotelens_gpu_check.log gpu_check_cpu
 step "fuzz (scripts/fuzz.sh, FUZZ_SECONDS=${FUZZ_SECONDS:-20} per target)" /tmp/remotelens_fuzz.log \
   env FUZZ_SECONDS="${FUZZ_SECONDS:-20}" scripts/fuzz.sh
 step "sanitize asan (scripts/sanitize.sh asan)" /tmp/remotelens_asan.log scripts/sanitize.sh asan
@@ -74,6 +85,6 @@ failed=$((cc_failed + ${py_failed:-0} + ${py_errors:-0} + extra_failed))
 if [ "$bazel_rc" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
 if [ "$py_rc" -ne 0 ] && [ "$py_rc" -ne 5 ] && [ "$failed" -eq 0 ]; then failed=1; fi
 echo "C++ (bazel test): $cc_passed of $cc_total test targets passed; Python (pytest): ${py_passed:-0} passed;" \
-  "fuzz, sanitizers, soak: $extra_passed passed, $extra_failed failed"
+  "gpu_check, fuzz, sanitizers, soak: $extra_passed passed, $extra_failed failed"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -34,6 +34,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/notification.h"
 #include "engine/demo_model.h"
+#include "engine/device_memory.h"
 #include "engine/host_memory.h"
 #include "engine/model_dir.h"
 #include "engine/status_macros.h"
@@ -261,21 +262,16 @@ absl::Status Serve() {
   std::vector<std::string> devices(config.devices().begin(), config.devices().end());
   ServerMetrics metrics(*registry, devices);
   metrics.SetModelInfo(model->config().model_name, config.dtype());
-  {
-    // Resident weight bytes per device (the model is immutable, so this is set once).
-    std::map<std::string, int64_t> bytes;
-    auto add = [&](const at::Tensor& t) {
-      if (t.defined()) bytes[t.device().str()] += t.numel() * t.element_size();
-    };
-    const LlamaWeights& w = model->weights();
-    add(w.embed);
-    add(w.ln_final);
-    if (!w.unembed.is_same(w.embed)) add(w.unembed);
-    for (const LayerWeights& l : w.layers) {
-      for (const at::Tensor* t : {&l.ln1, &l.w_qkv, &l.w_o, &l.ln2, &l.w_gate_up, &l.w_down}) add(*t);
+  // remotelens_device_memory_bytes: the CUDA caching allocator's allocated bytes where there is
+  // one (refreshed as each job starts, on the model thread), else the resident weight bytes
+  // (the model is immutable, so those are set once).
+  const std::map<std::string, int64_t> weight_bytes = WeightBytesByDevice(model->weights());
+  auto refresh_device_memory = [&metrics, &weight_bytes]() {
+    for (const auto& [device, n] : weight_bytes) {
+      metrics.SetDeviceMemoryBytes(device, AllocatedDeviceBytes(at::Device(device)).value_or(n));
     }
-    for (const auto& [device, n] : bytes) metrics.SetDeviceMemoryBytes(device, n);
-  }
+  };
+  refresh_device_memory();
   MetricsHttpServer metrics_http(registry);
   int metrics_port = 0;
   if (config.metrics_address() != "none") {
@@ -285,7 +281,10 @@ absl::Status Serve() {
   Scheduler::Options scheduler_options;
   scheduler_options.max_queue = limits.max_queue();
   scheduler_options.on_depth = [&metrics](int64_t depth) { metrics.SetQueueDepth(depth); };
-  scheduler_options.on_start = [&metrics](absl::Duration wait) { metrics.ObserveQueueWait(absl::ToDoubleSeconds(wait)); };
+  scheduler_options.on_start = [&metrics, &refresh_device_memory](absl::Duration wait) {
+    metrics.ObserveQueueWait(absl::ToDoubleSeconds(wait));
+    refresh_device_memory();
+  };
   // OpenMP's thread count is per thread: without this the model thread (not main) would run
   // oneDNN with every core while ATen uses LibTorch's choice. See docs/decisions.md.
   scheduler_options.on_thread_start = [threads = config.intra_op_threads()] {
