@@ -295,6 +295,31 @@ absl::StatusOr<at::Tensor> SafetensorsFile::Tensor(const std::string& name) cons
       options);
 }
 
+absl::StatusOr<at::Tensor> SafetensorsFile::ViewBytes(uint64_t file_offset, at::IntArrayRef shape,
+                                                      at::ScalarType dtype) const {
+  uint64_t nbytes = c10::elementSize(dtype);
+  for (int64_t d : shape) {
+    if (d < 0) return absl::InvalidArgumentError("ViewBytes: negative dimension");
+    nbytes *= static_cast<uint64_t>(d);
+  }
+  if (file_offset < data_start_ || file_offset > mapping_->size ||
+      nbytes > mapping_->size - file_offset) {
+    return absl::OutOfRangeError(absl::StrCat("bytes [", file_offset, ", ", file_offset + nbytes,
+                                              ") are not inside the data of ", path_, " [",
+                                              data_start_, ", ", mapping_->size, ")"));
+  }
+  const uint8_t* bytes = mapping_->data + file_offset;
+  if (reinterpret_cast<uintptr_t>(bytes) % c10::elementSize(dtype) != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("bytes at offset ", file_offset, " of ", path_, " are not aligned to ",
+                     c10::elementSize(dtype), "-byte elements"));
+  }
+  std::shared_ptr<const Mapping> keep_mapped = mapping_;
+  return at::from_blob(
+      const_cast<uint8_t*>(bytes), shape, [keep_mapped](void*) { (void)keep_mapped; },
+      at::TensorOptions().dtype(dtype).device(at::kCPU));
+}
+
 // ------------------------------------------------------------------------------------------------
 // CheckpointTensors
 
@@ -407,6 +432,16 @@ absl::StatusOr<CheckpointTensors::Location> CheckpointTensors::Locate(
   const SafetensorsFile::Entry& entry = file.entries().at(name);
   return Location{&file.path(), file.data_offset() + entry.begin, entry.end - entry.begin,
                   entry.dtype, entry.shape};
+}
+
+absl::StatusOr<at::Tensor> CheckpointTensors::ViewBytes(const std::string& path,
+                                                        uint64_t file_offset,
+                                                        at::IntArrayRef shape,
+                                                        at::ScalarType dtype) const {
+  for (const auto& file : files_) {
+    if (file->path() == path) return file->ViewBytes(file_offset, shape, dtype);
+  }
+  return absl::NotFoundError(absl::StrCat(path, " is not a file of this checkpoint"));
 }
 
 std::vector<std::pair<std::string, uint64_t>> CheckpointTensors::FileSizes() const {

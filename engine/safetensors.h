@@ -82,6 +82,14 @@ class SafetensorsFile {
   // NOT_FOUND naming the tensor when the file has no such entry.
   absl::StatusOr<at::Tensor> Tensor(const std::string& name) const;
 
+  // A CPU tensor of `shape` and `dtype` viewing the mapped bytes from absolute file offset
+  // `file_offset` on; the bytes may span several adjacent entries (gate and up projections stored
+  // side by side view as one fused tensor). Same ownership and read-only semantics as Tensor().
+  // OUT_OF_RANGE when the bytes are not all inside the data buffer; FAILED_PRECONDITION when they
+  // are not aligned to the element size (copy them instead).
+  absl::StatusOr<at::Tensor> ViewBytes(uint64_t file_offset, at::IntArrayRef shape,
+                                       at::ScalarType dtype) const;
+
  private:
   struct Mapping;  // the mmap'd region; shared with every tensor viewing it
 
@@ -119,6 +127,10 @@ class CheckpointTensors {
     std::vector<int64_t> shape;
   };
   absl::StatusOr<Location> Locate(const std::string& name) const;
+  // SafetensorsFile::ViewBytes on the shard at `path` (a Location's path); NOT_FOUND for a path
+  // that is not one of this checkpoint's files.
+  absl::StatusOr<at::Tensor> ViewBytes(const std::string& path, uint64_t file_offset,
+                                       at::IntArrayRef shape, at::ScalarType dtype) const;
   // Total bytes of the files that hold the named tensors (headers included), in open order.
   std::vector<std::pair<std::string, uint64_t>> FileSizes() const;
 
@@ -147,6 +159,8 @@ absl::Status WriteSafetensors(const std::string& path,
 // the index goes last so a reader that finds it finds complete shards. A sharded write into a
 // directory that already holds model.safetensors is FAILED_PRECONDITION, because readers would
 // keep loading that file instead.
+// Within each file the data are laid out as Hugging Face's writer lays them out (by element size,
+// largest first, then by name), so tests see the layout of real checkpoints.
 // Every file gets {"format": "pt"} metadata, which Hugging Face's Python loaders insist on.
 absl::Status WriteCheckpoint(const std::string& model_dir,
                              const std::vector<std::pair<std::string, at::Tensor>>& tensors,

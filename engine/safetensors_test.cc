@@ -206,6 +206,30 @@ TEST(Safetensors, TensorViewsTheMappingAndOutlivesTheFileObject) {
   EXPECT_TRUE(at::equal(kept * 2, tensors[0].second * 2));
 }
 
+TEST(Safetensors, ViewBytesSpansAdjacentTensorsAndRefusesWhatItCannotView) {
+  const std::string path = FreshDir() + "/t.safetensors";
+  at::manual_seed(5);
+  const at::Tensor gate = at::randn({3, 4}).to(at::kBFloat16);
+  const at::Tensor up = at::randn({2, 4}).to(at::kBFloat16);
+  ASSERT_TRUE(WriteSafetensors(path, {{"gate", gate}, {"up", up}}).ok());
+  auto file = SafetensorsFile::Open(path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  const uint64_t start = (*file)->data_offset() + (*file)->entries().at("gate").begin;
+
+  auto fused = (*file)->ViewBytes(start, {5, 4}, at::kBFloat16);
+  ASSERT_TRUE(fused.ok()) << fused.status();
+  EXPECT_TRUE(at::equal(*fused, at::cat({gate, up})));
+  // A view, not a copy: the same bytes Tensor() views.
+  EXPECT_EQ(fused->data_ptr(), (*file)->Tensor("gate")->data_ptr());
+
+  EXPECT_ERROR((*file)->ViewBytes(start, {6, 4}, at::kBFloat16).status(),
+               absl::StatusCode::kOutOfRange, "not inside the data");
+  EXPECT_ERROR((*file)->ViewBytes(0, {1}, at::kBFloat16).status(), absl::StatusCode::kOutOfRange,
+               "not inside the data");
+  EXPECT_ERROR((*file)->ViewBytes(start + 1, {2}, at::kBFloat16).status(),
+               absl::StatusCode::kFailedPrecondition, "aligned");
+}
+
 TEST(Safetensors, RoundTripsMetadata) {
   const std::string path = FreshDir() + "/t.safetensors";
   const std::map<std::string, std::string> metadata = {
@@ -564,6 +588,34 @@ TEST(CheckpointTensors, ShardedRoundTripWithIndex) {
     kept = *last;
   }
   ExpectSameBytes(tensors[6].second, kept);  // outlives the checkpoint object
+}
+
+// Hugging Face's writer (the safetensors library) sorts each file's tensors by element size,
+// largest first, then by name; loaders are tested on that layout.
+TEST(CheckpointTensors, ShardsLayOutTheirTensorsAsHuggingFaceDoes) {
+  const std::string dir = FreshDir() + "/model";
+  const std::vector<std::pair<std::string, at::Tensor>> tensors = {
+      {"q_proj", at::ones({2, 2}, at::kBFloat16)}, {"k_proj", at::ones({1, 2}, at::kBFloat16)},
+      {"norm", at::ones({2}, at::kFloat)}, {"v_proj", at::ones({1, 2}, at::kBFloat16)},
+      {"o_proj", at::ones({2, 2}, at::kBFloat16)}};
+  ASSERT_TRUE(WriteCheckpoint(dir, tensors, 1).ok());
+  auto checkpoint = CheckpointTensors::Open(dir);
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+  std::vector<std::pair<uint64_t, std::string>> by_offset;
+  for (const std::string& name : (*checkpoint)->Names()) {
+    by_offset.emplace_back((*checkpoint)->Locate(name)->offset, name);
+  }
+  std::sort(by_offset.begin(), by_offset.end());
+  std::vector<std::string> order;
+  for (const auto& entry : by_offset) order.push_back(entry.second);
+  EXPECT_EQ(order, (std::vector<std::string>{"norm", "k_proj", "o_proj", "q_proj", "v_proj"}));
+  auto view = (*checkpoint)->ViewBytes(*(*checkpoint)->Locate("o_proj")->path,
+                                       (*checkpoint)->Locate("o_proj")->offset, {4, 2},
+                                       at::kBFloat16);
+  ASSERT_TRUE(view.ok()) << view.status();
+  EXPECT_TRUE(at::equal(*view, at::ones({4, 2}, at::kBFloat16)));
+  EXPECT_ERROR((*checkpoint)->ViewBytes("/elsewhere", 0, {1}, at::kFloat).status(),
+               absl::StatusCode::kNotFound, "/elsewhere");
 }
 
 TEST(CheckpointTensors, SingleFileCheckpoint) {

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <functional>
 #include <set>
@@ -184,6 +185,13 @@ absl::Status WriteCheckpointLazily(
       ASSIGN_OR_RETURN(at::Tensor t, make(i));
       made.emplace_back(names[i], std::move(t));
     }
+    // Lay each file out as Hugging Face's writer does (the safetensors library sorts a file's
+    // tensors by element size, largest first, then by name), so that loaders are tested on the
+    // layout real checkpoints have: q/k/v projections not adjacent, gate/up adjacent.
+    std::stable_sort(made.begin(), made.end(), [](const auto& a, const auto& b) {
+      const size_t ea = a.second.element_size(), eb = b.second.element_size();
+      return ea != eb ? ea > eb : a.first < b.first;
+    });
     return made;
   };
   if (num_shards == 1) {
