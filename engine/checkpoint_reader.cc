@@ -25,6 +25,11 @@ namespace remotelens {
 namespace {
 
 constexpr size_t kHugePage = size_t{2} << 20;
+#ifdef MADV_POPULATE_READ
+constexpr int kMadvPopulateRead = MADV_POPULATE_READ;
+#else
+constexpr int kMadvPopulateRead = 22;  // Linux 5.14; older C libraries lack the name
+#endif
 
 template <typename From, typename To>
 void ConvertTyped(const void* source, void* destination, int64_t n) {
@@ -87,6 +92,12 @@ class Reader {
         return absl::InvalidArgumentError(absl::StrCat(
             "checkpoint tensor ", p.name, ": destination does not hold elements [",
             p.destination_offset, ", ", p.destination_offset + p.numel, ")"));
+      }
+      if (p.destination_maps_source &&
+          (!p.destination.device().is_cpu() || p.destination.scalar_type() != p.source_dtype)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "checkpoint tensor ", p.name, ": a destination that maps the file must be a CPU tensor of ",
+            "the file's dtype ", c10::toString(p.source_dtype)));
       }
       auto [it, inserted] = file_index.emplace(p.path, file_index.size());
       if (inserted) {
@@ -165,8 +176,40 @@ class Reader {
     }
   }
 
+  // Faults in the pages of a destination that views the mapped file. MADV_POPULATE_READ (Linux
+  // 5.14) maps them in one call and reports I/O errors as errno; older kernels get one read per
+  // page.
+  static absl::Status Populate(const Chunk& c, const ReadPiece& p) {
+    const size_t element = c10::elementSize(p.source_dtype);
+    const uint8_t* begin = static_cast<const uint8_t*>(p.destination.data_ptr()) +
+                           static_cast<size_t>(p.destination_offset + c.start) * element;
+    const size_t nbytes = static_cast<size_t>(c.numel) * element;
+    static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const uintptr_t first = reinterpret_cast<uintptr_t>(begin) & ~(page - 1);
+    const size_t length = reinterpret_cast<uintptr_t>(begin) + nbytes - first;
+    while (::madvise(reinterpret_cast<void*>(first), length, kMadvPopulateRead) != 0) {
+      if (errno == EINTR || errno == EAGAIN) continue;
+      if (errno == EINVAL || errno == ENOSYS) {  // a kernel without MADV_POPULATE_READ
+        volatile uint8_t sink = 0;
+        for (uintptr_t a = first; a < first + length; a += page) {
+          sink = sink + *reinterpret_cast<const volatile uint8_t*>(a);
+        }
+        return absl::OkStatus();
+      }
+      if (errno == ENOMEM) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "out of memory mapping checkpoint tensor ", p.name, " from ", p.path));
+      }
+      return absl::DataLossError(absl::StrCat(
+          "checkpoint tensor ", p.name, " could not be read from ", p.path, " (",
+          std::strerror(errno), "): the file changed after it was opened, or the disk failed"));
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status ReadChunk(const Chunk& c, std::vector<uint8_t>& staging, at::Tensor& pinned) {
     const ReadPiece& p = pieces_[c.piece];
+    if (p.destination_maps_source) return Populate(c, p);
     const at::ScalarType to = p.destination.scalar_type();
     const size_t source_bytes = static_cast<size_t>(c.numel) * c10::elementSize(p.source_dtype);
     const size_t destination_bytes = static_cast<size_t>(c.numel) * c10::elementSize(to);

@@ -1,11 +1,12 @@
 // CheckpointReader: copies byte ranges of checkpoint files into preallocated tensors, in
 // parallel, converting dtypes on the way, without mapping the files.
 //
-// Why not the mapping: a weight that is a view of a mapped shard keeps its file pages resident
-// beside any copy made from them (fused projections, dtype casts, device copies), so the weights
-// sat in memory ~1.4 times; and the kernel faulted the mapping in 4 KiB at a time on one thread.
-// Reading with pread() into the final tensor touches each byte once, leaves nothing mapped, and
-// lets every core read (the page cache copy is the bottleneck, and it scales with threads).
+// Why not only the mapping: a weight that is a view of a mapped shard keeps its file pages
+// resident beside any copy made from them (fused projections, dtype casts, device copies), so the
+// weights sat in memory ~1.4 times. So the bytes of every weight that must be copied are read
+// with pread() straight into their final tensor, never through the mapping; only weights used in
+// place as views of the mapping are faulted in through it (in parallel, not 4 KiB at a time on the
+// first forward's thread).
 //
 //   std::vector<ReadPiece> pieces = ...;          // tensor bytes -> (destination, element offset)
 //   ReadOptions options;
@@ -15,7 +16,10 @@
 // Destinations may live on any device: CPU destinations are read into directly (or converted
 // from a per-thread staging buffer when dtypes differ); other devices get the bytes through a
 // pinned staging buffer per thread, so reading and host-to-device copies of different threads
-// overlap.
+// overlap. A CPU destination may also be a view of the mapped file itself
+// (ReadPiece::destination_maps_source); its pages are then faulted in, not copied. The loader
+// uses that for every CPU weight it can (see docs/decisions.md, "CPU weights stay in the page
+// cache").
 #ifndef REMOTELENS_ENGINE_CHECKPOINT_READER_H_
 #define REMOTELENS_ENGINE_CHECKPOINT_READER_H_
 
@@ -40,6 +44,11 @@ struct ReadPiece {
   int64_t numel = 0;
   at::Tensor destination;      // contiguous; float32, float16 or bfloat16; any device
   int64_t destination_offset = 0;  // in elements of `destination`
+  // The destination already views these very bytes through a read-only mapping of the file (a
+  // CPU weight used in place, see SafetensorsFile::ViewBytes). Reading then only faults the pages
+  // in (MADV_POPULATE_READ, in parallel), so that the first forward does not, and counts them
+  // toward progress. Requires a CPU destination of the source dtype.
+  bool destination_maps_source = false;
 };
 
 struct ReadProgress {

@@ -115,6 +115,28 @@ TEST(CheckpointReader, DestinationTooSmallIsRefused) {
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
 }
 
+// A destination that views the mapped file is faulted in, not copied, and counts as progress.
+TEST(CheckpointReader, MappedDestinationsArePopulatedInPlace) {
+  const TestFile f = MakeFile("mapped.safetensors");
+  auto view = f.file->Tensor("bf16");
+  ASSERT_TRUE(view.ok()) << view.status();
+  ReadPiece piece = f.Piece("bf16", *view);
+  piece.destination_maps_source = true;
+  ReadOptions options;
+  options.threads = 3;
+  options.chunk_bytes = 100;  // chunks that start and end inside pages
+  ReadProgress last;
+  options.on_progress = [&](const ReadProgress& p) { last = p; };
+  ASSERT_TRUE(ReadPieces({piece}, options).ok());
+  EXPECT_EQ(last.bytes_done, 37 * 11 * 2);
+  EXPECT_EQ(last.files_done, 1);
+  EXPECT_TRUE(at::equal(*view, f.tensors.at("bf16")));
+
+  // Mapping in place cannot convert, nor live on another device.
+  piece.source_dtype = at::kHalf;
+  EXPECT_EQ(ReadPieces({piece}, ReadOptions()).code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(CheckpointReader, ConvertElementsRoundsToNearestEvenLikeTensorTo) {
   at::manual_seed(3);
   const at::Tensor x = at::randn({4096}) * 1000;

@@ -121,13 +121,14 @@ absl::StatusOr<std::vector<DeviceMemoryNeed>> PlanLoadMemory(const LlamaConfig& 
   return plan;
 }
 
-absl::Status CheckLoadFits(const std::string& model_dir, const LlamaConfig& config,
-                           const LoadOptions& options) {
-  ASSIGN_OR_RETURN(std::vector<DeviceMemoryNeed> plan, PlanLoadMemory(config, options));
+namespace {
+
+absl::Status CheckPlanFits(const std::string& model_dir, at::ScalarType dtype,
+                           const std::vector<DeviceMemoryNeed>& plan) {
   for (const DeviceMemoryNeed& need : plan) {
     if (!need.available_bytes || need.needed() <= *need.available_bytes) continue;
     std::string message = absl::StrCat(
-        "loading ", model_dir, " as ", DtypeName(options.dtype), " needs ",
+        "loading ", model_dir, " as ", DtypeName(dtype), " needs ",
         HumanBytes(need.needed()), " on ", need.device, " (weights ", HumanBytes(need.weight_bytes),
         " + rotary tables ", HumanBytes(need.rotary_bytes), " + reserved working memory ",
         HumanBytes(need.reserve_bytes), "), but only ", HumanBytes(*need.available_bytes),
@@ -135,9 +136,9 @@ absl::Status CheckLoadFits(const std::string& model_dir, const LlamaConfig& conf
     // What would fit instead: a narrower dtype on the same devices, or more devices like this one.
     std::vector<std::string> alternatives;
     for (at::ScalarType other : {at::kBFloat16, at::kHalf}) {
-      if (c10::elementSize(other) >= c10::elementSize(options.dtype)) continue;
+      if (c10::elementSize(other) >= c10::elementSize(dtype)) continue;
       const int64_t weights = need.weight_bytes * static_cast<int64_t>(c10::elementSize(other)) /
-                              static_cast<int64_t>(c10::elementSize(options.dtype));
+                              static_cast<int64_t>(c10::elementSize(dtype));
       const int64_t total = weights + need.rotary_bytes + need.reserve_bytes;
       if (total <= *need.available_bytes) {
         alternatives.push_back(absl::StrCat(DtypeName(other), " would need ", HumanBytes(total),
@@ -159,6 +160,14 @@ absl::Status CheckLoadFits(const std::string& model_dir, const LlamaConfig& conf
     return absl::ResourceExhaustedError(message);
   }
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status CheckLoadFits(const std::string& model_dir, const LlamaConfig& config,
+                           const LoadOptions& options) {
+  ASSIGN_OR_RETURN(std::vector<DeviceMemoryNeed> plan, PlanLoadMemory(config, options));
+  return CheckPlanFits(model_dir, options.dtype, plan);
 }
 
 at::Device LayerDevice(const LoadOptions& options, int64_t layer, int64_t n_layers) {
@@ -249,7 +258,8 @@ absl::StatusOr<LlamaWeights> LoadLlamaWeights(const std::string& model_dir,
         absl::StrJoin(problems, "; ")));
   }
 
-  RETURN_IF_ERROR(CheckLoadFits(model_dir, config, options));
+  ASSIGN_OR_RETURN(const std::vector<DeviceMemoryNeed> memory_plan, PlanLoadMemory(config, options));
+  RETURN_IF_ERROR(CheckPlanFits(model_dir, options.dtype, memory_plan));
 
   // Allocate every weight in its final layout, then read all of them in one parallel pass.
   std::vector<ReadPiece> pieces;
@@ -269,7 +279,22 @@ absl::StatusOr<LlamaWeights> LoadLlamaWeights(const std::string& model_dir,
     }
     std::vector<int64_t> shape = parts.front().shape;
     if (!shape.empty()) shape[0] = rows;
-    at::Tensor destination = allocate(shape, device);
+    // Used in place when the file already holds exactly these bytes: the load dtype, and the
+    // parts back to back in one shard.
+    bool in_place = options.map_cpu_weights && device.is_cpu();
+    for (size_t i = 0; in_place && i < parts.size(); ++i) {
+      in_place = parts[i].dtype == dtype && *parts[i].path == *parts.front().path &&
+                 (i == 0 || parts[i].offset == parts[i - 1].offset + parts[i - 1].nbytes);
+    }
+    at::Tensor destination;
+    if (in_place) {
+      // Misaligned bytes (files from other writers) are copied instead.
+      absl::StatusOr<at::Tensor> view =
+          checkpoint->ViewBytes(*parts.front().path, parts.front().offset, shape, dtype);
+      if (view.ok()) destination = *std::move(view);
+      in_place = view.ok();
+    }
+    if (!in_place) destination = allocate(shape, device);
     int64_t offset = 0;
     for (size_t i = 0; i < parts.size(); ++i) {
       ReadPiece piece;
@@ -280,6 +305,7 @@ absl::StatusOr<LlamaWeights> LoadLlamaWeights(const std::string& model_dir,
       piece.numel = static_cast<int64_t>(parts[i].nbytes / c10::elementSize(parts[i].dtype));
       piece.destination = destination;
       piece.destination_offset = offset;
+      piece.destination_maps_source = in_place;
       offset += piece.numel;
       pieces.push_back(std::move(piece));
     }
@@ -314,14 +340,17 @@ absl::StatusOr<LlamaWeights> LoadLlamaWeights(const std::string& model_dir,
     ReadOptions read;
     read.threads = options.load_threads;
     read.on_progress = options.on_progress;
-    // Where the host cannot hold both the weights and the checkpoint's pages, drop what has been
-    // read from the page cache so the kernel does not evict what is still to be read.
-    ASSIGN_OR_RETURN(std::vector<DeviceMemoryNeed> plan, PlanLoadMemory(config, options));
-    int64_t file_bytes = 0;
-    for (const auto& file : checkpoint->FileSizes()) file_bytes += static_cast<int64_t>(file.second);
-    for (const DeviceMemoryNeed& need : plan) {
+    // Where the host cannot hold both the copied weights and the pages they are copied from,
+    // drop what has been read from the page cache so the kernel does not evict what is still to
+    // be read. (Weights used in place are those pages: they count once, in the plan.)
+    int64_t copied_bytes = 0;
+    for (const ReadPiece& piece : pieces) {
+      const int64_t bytes = piece.numel * static_cast<int64_t>(c10::elementSize(piece.source_dtype));
+      (piece.destination_maps_source ? weights.bytes_in_place : copied_bytes) += bytes;
+    }
+    for (const DeviceMemoryNeed& need : memory_plan) {
       if (need.device == "cpu" && need.available_bytes &&
-          need.needed() + file_bytes > *need.available_bytes) {
+          need.needed() + copied_bytes > *need.available_bytes) {
         read.drop_page_cache = true;
       }
     }

@@ -44,6 +44,9 @@ struct LlamaWeights {
   std::vector<LayerWeights> layers;
   at::Tensor ln_final;  // [d_model]
   at::Tensor unembed;   // [d_vocab, d_model]; the same tensor as `embed` when tied
+  // Bytes of the above that are read-only views of the mapped checkpoint
+  // (LoadOptions::map_cpu_weights); the rest were copied.
+  int64_t bytes_in_place = 0;
 };
 
 struct LoadOptions {
@@ -59,6 +62,14 @@ struct LoadOptions {
 
   // Loading. Threads that read the checkpoint (0: one per core).
   int load_threads = 0;
+  // CPU weights whose bytes lie in the checkpoint as the engine wants them (the load dtype, and
+  // for fused projections the parts side by side, as gate/up are in Hugging Face files) are used
+  // in place: read-only views of the mapped shards, faulted in at load. They then cost no copy
+  // and sit in memory once, as page cache the kernel may drop and re-read under pressure instead
+  // of failing. false: copy every weight into anonymous memory (for checkpoints on network file
+  // systems, whose pages are slow to re-read). docs/decisions.md, "CPU weights stay in the page
+  // cache".
+  bool map_cpu_weights = true;
   // Memory each device must keep free beyond the weights and rotary tables, for activations of
   // the requests the server will run. A load that would leave less is refused before reading.
   int64_t reserve_bytes = int64_t{1} << 30;

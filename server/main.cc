@@ -239,6 +239,7 @@ absl::Status Serve() {
   load.load_threads = config.load().threads();
   load.reserve_bytes = config.load().reserve_bytes();
   load.host_memory_limit_bytes = config.load().host_memory_limit_bytes();
+  load.map_cpu_weights = !config.load().copy_weights();
   // An operator watching a slow disk sees that the load is alive and how fast it goes.
   load.on_progress = [](const ReadProgress& p) {
     const double seconds = absl::ToDoubleSeconds(p.elapsed);
@@ -249,6 +250,11 @@ absl::Status Serve() {
   std::fprintf(stderr, "remotelens_server: loading %s (%s on %s)\n", model_dir.c_str(),
                config.dtype().c_str(), absl::StrJoin(config.devices(), ",").c_str());
   ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model, LoadModelDir(model_dir, load));
+  if (model->weights().bytes_in_place > 0) {
+    std::fprintf(stderr, "remotelens_server: %s of the weights used in place from the checkpoint's "
+                 "pages (load.copy_weights: false)\n",
+                 HumanBytes(model->weights().bytes_in_place).c_str());
+  }
   std::unique_ptr<Tokenizer> tokenizer;
   if (std::filesystem::exists(model_dir + "/tokenizer.json")) {
     const LlamaConfig& c = model->config();
@@ -315,6 +321,7 @@ absl::Status Serve() {
   deps.metrics = &metrics;
   deps.limits = limits;
   deps.devices = devices;
+  deps.host_memory_limit_bytes = config.load().host_memory_limit_bytes();
   RemoteLensService service(deps);
 
   grpc::EnableDefaultHealthCheckService(true);

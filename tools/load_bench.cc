@@ -38,6 +38,9 @@ ABSL_FLAG(std::string, device, "cpu", "cpu, cuda:0, or cuda:0,cuda:1");
 ABSL_FLAG(std::string, dtype, "bfloat16", "float32, bfloat16 or float16");
 ABSL_FLAG(int, tokens, 8, "positions of the 1 x tokens forward after the load (0: none)");
 ABSL_FLAG(int, threads, 0, "checkpoint reader threads (0: one per core)");
+ABSL_FLAG(bool, copy_weights, false,
+          "copy every weight into process memory (load.copy_weights) instead of using CPU weights "
+          "in place from the mapped checkpoint");
 
 namespace remotelens {
 namespace {
@@ -78,6 +81,7 @@ absl::Status Run() {
   ASSIGN_OR_RETURN(options.dtype, ParseDtype(absl::GetFlag(FLAGS_dtype)));
   ASSIGN_OR_RETURN(options.devices, ParseDevices(absl::GetFlag(FLAGS_device)));
   options.load_threads = absl::GetFlag(FLAGS_threads);
+  options.map_cpu_weights = !absl::GetFlag(FLAGS_copy_weights);
   options.on_progress = [](const ReadProgress& p) {
     std::fprintf(stderr, "load_bench: loading %s of %s, %d of %d files, %.1f s\n",
                  HumanBytes(p.bytes_done).c_str(), HumanBytes(p.bytes_total).c_str(),
@@ -139,6 +143,7 @@ absl::Status Run() {
       {"files", files.size()},
       {"file_bytes", file_bytes},
       {"weight_bytes", weight_bytes},
+      {"weight_bytes_in_place", w.bytes_in_place},
       {"read_seconds", read_seconds},
       {"first_read_seconds", cold_read_seconds},
       {"load_seconds", load_seconds},
@@ -157,12 +162,13 @@ absl::Status Run() {
   };
   std::fprintf(stderr,
                "load_bench: load %.2f s = %.2fx the file read; RSS %s after load, %s after a "
-               "1x%d forward (%.3f s), weights %s (%.3fx, %.3fx)\n",
+               "1x%d forward (%.3f s), weights %s (%.3fx, %.3fx; %s used in place)\n",
                load_seconds, load_seconds / read_seconds,
                HumanBytes(after_load.rss_bytes).c_str(), HumanBytes(after_forward.rss_bytes).c_str(),
                tokens, forward_seconds, HumanBytes(weight_bytes).c_str(),
                static_cast<double>(after_load.rss_bytes) / weight_bytes,
-               static_cast<double>(after_forward.rss_bytes) / weight_bytes);
+               static_cast<double>(after_forward.rss_bytes) / weight_bytes,
+               HumanBytes(w.bytes_in_place).c_str());
   std::printf("load_bench %s\n", report.dump().c_str());
   return absl::OkStatus();
 }
