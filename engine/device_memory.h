@@ -25,6 +25,11 @@ namespace remotelens {
 // or a build without CUDA.
 std::optional<int64_t> AllocatedDeviceBytes(const at::Device& device);
 
+// Bytes a request could still allocate on a CUDA `device`: what the driver reports free plus
+// what the caching allocator holds reserved but unused. nullopt for a non-CUDA device, a build
+// without CUDA, or a driver that cannot tell (CPU: see host_memory.h).
+std::optional<int64_t> FreeDeviceBytes(const at::Device& device);
+
 // Resident weight bytes per device string ("cpu", "cuda:0"); tied embeddings counted once.
 std::map<std::string, int64_t> WeightBytesByDevice(const LlamaWeights& weights);
 

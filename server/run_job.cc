@@ -2,9 +2,16 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <chrono>
+#include <optional>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "engine/device_memory.h"
+#include "engine/forward_memory.h"
+#include "engine/host_memory.h"
 #include "engine/status_macros.h"
 #include "server/request_builder.h"
 #include "server/tensor_codec.h"
@@ -47,11 +54,72 @@ absl::Status BuildPlan(HookPlan& plan, std::vector<InterventionOp>& ops) {
 
 }  // namespace
 
+absl::Status CheckJobFits(const LlamaModel& model, const ForwardSize& size, int64_t kept_bytes,
+                          int64_t host_memory_limit_bytes) {
+  const at::Device device = model.weights().embed.device();
+  const int64_t working =
+      ForwardWorkingBytes(model.config(), model.weights().embed.scalar_type(), size);
+  // `activations` and `kept` of the need fall on `where`, which has `available` (per `source`).
+  auto check = [&](const std::string& where, int64_t activations, int64_t kept, int64_t available,
+                   const std::string& source) -> absl::Status {
+    if (activations + kept <= available) return absl::OkStatus();
+    std::string shape = absl::StrCat(size.batch, " rows x ", size.pos, " positions");
+    if (size.past > 0) absl::StrAppend(&shape, " after ", size.past, " cached");
+    std::vector<std::string> parts;
+    if (activations > 0) parts.push_back(absl::StrCat("activations ", HumanBytes(activations)));
+    if (kept > 0) parts.push_back(absl::StrCat("activations kept until it ends ", HumanBytes(kept)));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "this request needs about ", HumanBytes(activations + kept), " on ", where, " (", shape,
+        ": ", absl::StrJoin(parts, ", "), ") but only ", HumanBytes(std::max<int64_t>(available, 0)),
+        " is available there (", source, "); send fewer rows or positions, cache fewer hooks or ",
+        "a position slice, or stream the cache instead of storing it"));
+  };
+  auto host_available = [&]() -> std::optional<std::pair<int64_t, std::string>> {
+    absl::StatusOr<HostMemory> host = AvailableHostMemory();
+    if (!host.ok()) return std::nullopt;
+    std::pair<int64_t, std::string> result{host->bytes, host->limited_by};
+    if (host_memory_limit_bytes > 0) {
+      const int64_t left = host_memory_limit_bytes - ReadProcessMemory().rss_bytes;
+      if (left < result.first) {
+        result = {left, "load.host_memory_limit_bytes less what the server holds"};
+      }
+    }
+    return result;
+  };
+  if (device.is_cpu()) {
+    if (auto host = host_available()) {
+      RETURN_IF_ERROR(check("cpu", working, kept_bytes, host->first, host->second));
+    }
+    return absl::OkStatus();
+  }
+  // On a GPU the activations are the device's need; kept caches go to the host (to_host).
+  if (std::optional<int64_t> free = FreeDeviceBytes(device)) {
+    RETURN_IF_ERROR(check(device.str(), working, 0, *free, "free device memory"));
+  }
+  if (kept_bytes > 0) {
+    if (auto host = host_available()) {
+      RETURN_IF_ERROR(check("cpu", 0, kept_bytes, host->first, host->second));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<v1::RunResponse::Summary> ExecuteRun(const LlamaModel& model, PreparedRun& run,
                                                     const ChunkEmitter& emit,
                                                     const std::function<bool()>& cancelled,
                                                     ServerMetrics* metrics) {
   const LlamaConfig& config = model.config();
+  {
+    const at::Tensor& shaped = run.input.tokens.defined() ? run.input.tokens : run.input.residual;
+    const ForwardSize size{shaped.size(0), shaped.size(1), 0};
+    int64_t kept = 0;
+    if (run.store_cache) {
+      for (const CacheRequest& r : run.cache) {
+        kept += CacheRequestBytes(r, config, model.weights().embed.scalar_type(), size);
+      }
+    }
+    RETURN_IF_ERROR(CheckJobFits(model, size, kept, run.host_memory_limit_bytes));
+  }
   HookPlan plan(config.n_layers);
   RETURN_IF_ERROR(BuildPlan(plan, run.ops));
   QuotaStreamer streamer(emit, run.chunk_bytes, run.max_streamed_bytes);
@@ -110,6 +178,23 @@ absl::Status ExecuteGenerate(const LlamaModel& model, PreparedGenerate& job,
                              const std::function<std::string(int64_t)>& token_text,
                              const GenerateEmitter& emit, const std::function<bool()>& cancelled,
                              ServerMetrics* metrics) {
+  {
+    // The last step attends over prompt and every new token, with the key/value cache full.
+    const int64_t rows = job.tokens.size(0), prompt = job.tokens.size(1);
+    const int64_t total = prompt + job.options.max_new_tokens;
+    const ForwardSize prefill{rows, prompt, 0};
+    const ForwardSize last = job.options.use_past_kv_cache ? ForwardSize{rows, 1, total - 1}
+                                                           : ForwardSize{rows, total, 0};
+    int64_t kept = 0;  // step activations wait for their step's token
+    for (const CacheRequest& r : job.step_cache) {
+      kept += CacheRequestBytes(r, model.config(), model.weights().embed.scalar_type(), prefill);
+    }
+    const LlamaConfig& c = model.config();
+    const at::ScalarType dtype = model.weights().embed.scalar_type();
+    RETURN_IF_ERROR(CheckJobFits(
+        model, ForwardWorkingBytes(c, dtype, prefill) >= ForwardWorkingBytes(c, dtype, last) ? prefill : last,
+        kept, job.host_memory_limit_bytes));
+  }
   HookPlan plan(model.config().n_layers);
   RETURN_IF_ERROR(BuildPlan(plan, job.ops));
   ChunkEmitter chunk_emit = [&](v1::TensorChunk&& chunk) {

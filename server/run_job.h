@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/forward_memory.h"
 #include "engine/generator.h"
 #include "engine/hook_plan.h"
 #include "engine/llama_model.h"
@@ -39,8 +40,10 @@ struct PreparedRun {
   at::ScalarType logits_dtype = at::kFloat;
   int64_t chunk_bytes = 1 << 20;
   int64_t max_streamed_bytes = int64_t{4} << 30;  // the user's quota for one response
+  int64_t host_memory_limit_bytes = 0;  // the server's bound on host memory (0: none)
 };
 
+// Before any forward, both refuse a job that cannot fit (CheckJobFits): RESOURCE_EXHAUSTED.
 absl::StatusOr<v1::RunResponse::Summary> ExecuteRun(const LlamaModel& model, PreparedRun& run,
                                                     const ChunkEmitter& emit,
                                                     const std::function<bool()>& cancelled,
@@ -54,6 +57,7 @@ struct PreparedGenerate {
   std::vector<CacheRequest> step_cache;  // streamed each step
   int64_t chunk_bytes = 1 << 20;
   int64_t max_streamed_bytes = int64_t{4} << 30;
+  int64_t host_memory_limit_bytes = 0;
 };
 
 // Emits a Step message per generated token column, step_cache tensors after it, then Done.
@@ -63,6 +67,14 @@ absl::Status ExecuteGenerate(const LlamaModel& model, PreparedGenerate& job,
                              const std::function<std::string(int64_t)>& token_text,
                              const GenerateEmitter& emit, const std::function<bool()>& cancelled,
                              ServerMetrics* metrics);
+
+// Refuses a job whose activations (ForwardWorkingBytes) and the caches it keeps until it ends
+// (`kept_bytes`: stored caches, or step activations) cannot fit in what the model's device has
+// left: RESOURCE_EXHAUSTED naming the job's shape, its need and what is available. Host memory is
+// the least of the kernel's limits (host_memory.h) and `host_memory_limit_bytes` less what the
+// process holds; CUDA memory is the driver's free memory plus the allocator's unused cache.
+absl::Status CheckJobFits(const LlamaModel& model, const ForwardSize& size, int64_t kept_bytes,
+                          int64_t host_memory_limit_bytes);
 
 }  // namespace remotelens
 

@@ -35,6 +35,8 @@ struct ServiceDeps {
   ServerMetrics* metrics = nullptr;      // optional
   v1::Limits limits;                     // with defaults filled in
   std::vector<std::string> devices;      // names, e.g. "cpu"
+  // load.host_memory_limit_bytes: also bounds what requests may take (0: only the kernel's limits).
+  int64_t host_memory_limit_bytes = 0;
 };
 
 // Every RPC is registered raw, grpc::ByteBuffer in and out, and parsed here (raw_messages.h):

@@ -247,6 +247,7 @@ absl::Status SubmitRun(RemoteLensService& service, grpc::CallbackServerContext* 
   }
   run->chunk_bytes = deps.limits.chunk_bytes();
   run->max_streamed_bytes = quota.max_streamed_bytes_per_request();
+  run->host_memory_limit_bytes = deps.host_memory_limit_bytes;
 
   auto shared_lease = std::make_shared<ConcurrencyLimiter::Lease>(std::move(lease));
   auto shared_done = std::make_shared<decltype(done)>(std::move(done));
@@ -508,6 +509,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* RemoteLensService::Generate(
     }
     job->chunk_bytes = deps_.limits.chunk_bytes();
     job->max_streamed_bytes = user->quota.max_streamed_bytes_per_request();
+    job->host_memory_limit_bytes = deps_.host_memory_limit_bytes;
 
     auto shared_lease = std::make_shared<ConcurrencyLimiter::Lease>(std::move(lease));
     const Tokenizer* tokenizer = deps_.tokenizer;
