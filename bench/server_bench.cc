@@ -243,7 +243,17 @@ int Load(const std::string& address, const rl::ModelInfo& info) {
       // One channel per client, as separate notebooks would have.
       grpc::ChannelArguments args;
       args.SetInt("grpc.use_local_subchannel_pool", 1);
-      auto stub = rl::RemoteLens::NewStub(grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+      auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+      // Connect before the clock starts: a connection attempt that fails once (a busy CI machine)
+      // puts the channel in backoff, where every call fails at once, and the loop below would count
+      // thousands of those as errors of the server under load.
+      if (!channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(30))) {
+        std::lock_guard<std::mutex> lock(mu);
+        ++errors[c];
+        ++error_kinds["client could not connect within 30 s"];
+        return;
+      }
+      auto stub = rl::RemoteLens::NewStub(channel);
       rl::RunRequest request;
       *request.mutable_tokens() = Tokens(1, absl::GetFlag(FLAGS_pos), info.d_vocab(), 100 + c);
       const std::string& key = keys[c % keys.size()];
@@ -257,7 +267,7 @@ int Load(const std::string& address, const rl::ModelInfo& info) {
         } else {
           ++errors[c];
           std::lock_guard<std::mutex> lock(mu);
-          ++error_kinds[std::to_string(s.error_code()) + ": " + s.error_message().substr(0, 80)];
+          ++error_kinds[std::to_string(s.error_code()) + ": " + s.error_message().substr(0, 240)];
         }
       }
     });
