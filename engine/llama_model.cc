@@ -5,7 +5,11 @@
 #include <torch/version.h>
 
 #include <cmath>
+#include <limits>
 #include <map>
+#include <optional>
+#include <tuple>
+#include <utility>
 #include <string>
 
 #include "absl/status/status.h"
@@ -79,6 +83,256 @@ absl::Status CheckTokens(const at::Tensor& tokens, const LlamaConfig& config) {
         config.d_vocab - 1, ")"));
   }
   return absl::OkStatus();
+}
+
+// ------------------------------------------------------------------------------------------------
+// The forward's units, as in the paper: positions and masks (once per forward), attention, MLP,
+// block. Which kernels run is decided in one place, Kernels.
+
+// What one forward knows about its positions: shared by every block.
+struct Positions {
+  int64_t batch = 0, pos = 0, past = 0;
+  // No padding and no cached prefix: plain causal attention, positions 0..pos-1 in every row.
+  bool simple = true;
+  at::Tensor full_mask;          // [batch, past + pos] int64 on CPU; undefined when simple
+  at::Tensor position_ids;       // [batch, pos]; undefined when simple
+  at::Tensor additive_mask_cpu;  // [batch, 1, pos, past + pos]; undefined when simple
+};
+
+// `attention_mask` ([batch, pos] of 0/1, may be undefined) for the new positions, `past_mask`
+// ([batch, past]) for the cached ones. `with_cache`: a key/value cache takes this forward's
+// mask, so it is built even when simple.
+absl::StatusOr<Positions> PreparePositions(const at::Tensor& attention_mask,
+                                           const at::Tensor& past_mask, int64_t batch, int64_t pos,
+                                           int64_t past, bool with_cache) {
+  Positions p;
+  p.batch = batch;
+  p.pos = pos;
+  p.past = past;
+  at::Tensor new_mask;  // [batch, pos] in {0, 1}, int64
+  if (attention_mask.defined()) {
+    const at::Tensor& m = attention_mask;
+    if (m.dim() != 2 || m.size(0) != batch || m.size(1) != pos) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "attention_mask must be [batch, pos] = [", batch, ", ", pos, "], got [",
+          absl::StrJoin(m.sizes(), ", "), "]"));
+    }
+    new_mask = m.to(at::kCPU, at::kLong);
+    if ((new_mask != 0).logical_and(new_mask != 1).any().item<bool>()) {
+      return absl::InvalidArgumentError("attention_mask values must be 0 or 1");
+    }
+    if ((new_mask.sum(1) == 0).any().item<bool>() && past == 0) {
+      return absl::InvalidArgumentError("attention_mask has a row with no real token");
+    }
+  }
+  const bool padded = new_mask.defined() && !(new_mask != 0).all().item<bool>();
+  const bool past_padded = past > 0 && !(past_mask != 0).all().item<bool>();
+  p.simple = !padded && !past_padded && past == 0;
+  if (with_cache || !p.simple) {
+    const at::Tensor now = new_mask.defined() ? new_mask : at::ones({batch, pos}, at::kLong);
+    p.full_mask = past > 0 ? at::cat({past_mask, now}, 1) : now;
+    p.position_ids = (p.full_mask.cumsum(1) - 1).clamp_min(0).narrow(1, past, pos);
+  }
+  // Additive mask: causal, and padding keys hidden. A query may always see itself, so padding
+  // rows stay finite instead of becoming NaN.
+  if (!p.simple) {
+    const at::Tensor q_index = at::arange(past, past + pos, at::kLong).unsqueeze(1);  // [pos, 1]
+    const at::Tensor k_index = at::arange(past + pos, at::kLong).unsqueeze(0);        // [1, keys]
+    const at::Tensor allowed = (k_index <= q_index)
+                                   .unsqueeze(0)
+                                   .logical_and(p.full_mask.unsqueeze(1) != 0)
+                                   .logical_or((k_index == q_index).unsqueeze(0));    // [batch, pos, keys]
+    p.additive_mask_cpu =
+        at::zeros(allowed.sizes(), at::kFloat)
+            .masked_fill_(allowed.logical_not(), -std::numeric_limits<float>::infinity())
+            .unsqueeze(1);
+  }
+  return p;
+}
+
+// The mask and rotary tables of one forward on one device (blocks may span several).
+struct BlockInputs {
+  at::Device device = at::Device(at::kCPU);
+  at::Tensor mask;      // additive, [batch|1, 1, pos, past + pos]
+  at::Tensor cos, sin;  // [batch|1, pos, 1, d_head]
+};
+
+BlockInputs PrepareBlockInputs(const Positions& p, const at::Device& device, at::ScalarType dtype,
+                               const at::Tensor& rope_cos, const at::Tensor& rope_sin) {
+  BlockInputs in;
+  in.device = device;
+  const int64_t dh = rope_cos.size(1);
+  if (p.simple) {
+    in.mask = at::full({1, 1, p.pos, p.pos}, -std::numeric_limits<float>::infinity(),
+                       at::TensorOptions().dtype(dtype).device(device))
+                  .triu_(1);
+    in.cos = rope_cos.narrow(0, 0, p.pos).view({1, p.pos, 1, dh}).to(dtype);
+    in.sin = rope_sin.narrow(0, 0, p.pos).view({1, p.pos, 1, dh}).to(dtype);
+  } else {
+    in.mask = p.additive_mask_cpu.to(device, dtype);
+    const at::Tensor ids = p.position_ids.reshape({-1}).to(device);
+    in.cos = rope_cos.index_select(0, ids).view({p.batch, p.pos, 1, dh}).to(dtype);
+    in.sin = rope_sin.index_select(0, ids).view({p.batch, p.pos, 1, dh}).to(dtype);
+  }
+  return in;
+}
+
+// The kernels a forward uses. Today every forward is inference: oneDNN's sgemm for CPU float32
+// products and the fused CPU attention. A differentiable forward (gradients, issue 9) will
+// choose ATen's autograd-aware ops here, and nowhere else.
+struct Kernels {
+  bool onednn = true;
+  at::Tensor Linear(const at::Tensor& x, const at::Tensor& w) const {
+    return remotelens::Linear(x, w, onednn);
+  }
+  at::Tensor BatchedMatmul(const at::Tensor& a, const at::Tensor& b, double alpha) const {
+    return remotelens::BatchedMatmul(a, b, alpha, onednn);
+  }
+};
+
+// One block's slots in a key/value cache: appended to, then read in full.
+struct LayerKvCache {
+  at::Tensor* keys = nullptr;    // [batch, n_kv_heads, capacity, d_head]
+  at::Tensor* values = nullptr;
+};
+
+// Appends this forward's keys and values ([batch, Hkv, pos, d_head]) after `past` cached ones
+// and returns all of them; capacity grows by doubling up to n_ctx.
+std::pair<at::Tensor, at::Tensor> AppendToCache(const LayerKvCache& cache, const at::Tensor& keys,
+                                                const at::Tensor& values, int64_t past,
+                                                int64_t n_ctx) {
+  at::Tensor& kc = *cache.keys;
+  at::Tensor& vc = *cache.values;
+  const int64_t pos = keys.size(2), need = past + pos;
+  if (!kc.defined() || kc.size(2) < need) {
+    const int64_t capacity =
+        std::min(n_ctx, std::max<int64_t>(need, kc.defined() ? 2 * kc.size(2) : 2 * need));
+    const int64_t batch = keys.size(0), Hkv = keys.size(1), dh = keys.size(3);
+    at::Tensor nk = at::empty({batch, Hkv, capacity, dh}, keys.options());
+    at::Tensor nv = at::empty({batch, Hkv, capacity, dh}, values.options());
+    if (past > 0) {
+      nk.narrow(2, 0, past).copy_(kc.narrow(2, 0, past));
+      nv.narrow(2, 0, past).copy_(vc.narrow(2, 0, past));
+    }
+    kc = nk;
+    vc = nv;
+  }
+  kc.narrow(2, past, pos).copy_(keys);
+  vc.narrow(2, past, pos).copy_(values);
+  return {kc.narrow(2, 0, need), vc.narrow(2, 0, need)};
+}
+
+// Grouped-query attention of one block, from the normalised residual `h` [batch, pos, d_model]
+// to hook_attn_out [batch, pos, d_model], with its hook points q, k, v, rot_q, rot_k, scores,
+// pattern, z and result.
+absl::StatusOr<at::Tensor> Attention(const at::Tensor& h, const LayerWeights& w,
+                                     const LlamaConfig& c, const Positions& p,
+                                     const BlockInputs& in, const LayerKvCache* kv,
+                                     const Kernels& kernels, HookPlan* plan, int64_t layer) {
+  const int64_t batch = p.batch, pos = p.pos;
+  const int64_t H = c.n_heads, Hkv = c.n_kv_heads, dh = c.d_head, group = H / Hkv;
+  const double inv_sqrt_dh = 1.0 / std::sqrt(static_cast<double>(dh));
+  const at::Tensor qkv = kernels.Linear(h, w.w_qkv);  // [batch, pos, (H + 2 Hkv) d_head]
+  at::Tensor q = qkv.narrow(-1, 0, H * dh).view({batch, pos, H, dh});
+  at::Tensor k = qkv.narrow(-1, H * dh, Hkv * dh).view({batch, pos, Hkv, dh});
+  at::Tensor v = qkv.narrow(-1, (H + Hkv) * dh, Hkv * dh).view({batch, pos, Hkv, dh});
+  RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnQ, q));
+  RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnK, k));
+  RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnV, v));
+  q = Rotary(q, in.cos, in.sin);  // [batch, pos, H, d_head]
+  k = Rotary(k, in.cos, in.sin);  // [batch, pos, Hkv, d_head]
+  RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnRotQ, q));
+  RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnRotK, k));
+
+  at::Tensor keys = k.transpose(1, 2);    // [batch, Hkv, pos, d_head]
+  at::Tensor values = v.transpose(1, 2);  // [batch, Hkv, pos, d_head]
+  if (kv != nullptr) std::tie(keys, values) = AppendToCache(*kv, keys, values, p.past, c.n_ctx);
+  const int64_t n_keys = keys.size(2);
+
+  at::Tensor z;  // [batch, pos, H, d_head]
+  const bool want_pattern =
+      Hooked(plan, layer, HookSite::kAttnScores) || Hooked(plan, layer, HookSite::kAttnPattern);
+  if (!want_pattern && kernels.onednn && q.device().is_cpu()) {
+    // CPU float32: one fused pass; undefined for other dtypes, which take the paths below.
+    z = FusedAttention(q.transpose(1, 2).contiguous(), keys, values, in.mask, inv_sqrt_dh);
+  }
+#if TORCH_VERSION_MAJOR >= 2
+  if (!want_pattern && !z.defined()) {
+    // Fused attention: the pattern is never materialised.
+    const at::Tensor k_all = keys.unsqueeze(2).expand({batch, Hkv, group, n_keys, dh}).reshape({batch, H, n_keys, dh});
+    const at::Tensor v_all = values.unsqueeze(2).expand({batch, Hkv, group, n_keys, dh}).reshape({batch, H, n_keys, dh});
+    // Without padding or a cache prefix the mask is plain causal: say so instead of passing
+    // it, which lets CUDA pick its flash kernel (an explicit mask rules that one out).
+    z = (p.simple ? at::scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, {}, 0.0,
+                                                     /*is_causal=*/true)
+                  : at::scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, in.mask))
+            .transpose(1, 2);
+  }
+#endif
+  if (!z.defined()) {
+    // Without copying keys/values per query head: the `group` query heads sharing a key/value
+    // head are stacked along the query axis of one matmul.
+    const at::Tensor q_grouped = q.transpose(1, 2).contiguous().view({batch, Hkv, group * pos, dh});
+    at::Tensor scores = kernels.BatchedMatmul(q_grouped, keys.transpose(-1, -2), inv_sqrt_dh)
+                            .view({batch, H, pos, n_keys})
+                            .add_(in.mask);  // [batch, H, query_pos, key_pos]
+    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnScores, scores));
+    at::Tensor pattern = at::softmax(scores, -1, at::kFloat).to(scores.scalar_type());
+    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnPattern, pattern));
+    z = kernels.BatchedMatmul(pattern.reshape({batch, Hkv, group * pos, n_keys}), values, 1.0)
+            .view({batch, H, pos, dh})
+            .transpose(1, 2);
+  }
+  RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnZ, z));
+  at::Tensor attn_out;  // [batch, pos, d_model]
+  if (Hooked(plan, layer, HookSite::kAttnResult)) {
+    // Per-head outputs: result[b, p, h] = z[b, p, h] @ W_O[:, h]^T.
+    const at::Tensor w_o_heads = w.w_o.view({c.d_model, H, dh}).permute({1, 2, 0});  // [H, d_head, d_model]
+    const at::Tensor z_heads = z.permute({2, 0, 1, 3}).reshape({H, batch * pos, dh});
+    at::Tensor result = kernels.BatchedMatmul(z_heads, w_o_heads, 1.0)
+                            .view({H, batch, pos, c.d_model})
+                            .permute({1, 2, 0, 3});
+    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnResult, result));
+    attn_out = result.sum(2);
+  } else {
+    attn_out = kernels.Linear(z.reshape({batch, pos, H * dh}), w.w_o);
+  }
+  return attn_out;
+}
+
+// SwiGLU MLP of one block, from the normalised residual to hook_mlp_out, with its hook points
+// pre (gate), pre_linear (up) and post.
+absl::StatusOr<at::Tensor> Mlp(const at::Tensor& h, const LayerWeights& w, const LlamaConfig& c,
+                               const Kernels& kernels, HookPlan* plan, int64_t layer) {
+  const at::Tensor gate_up = kernels.Linear(h, w.w_gate_up);  // [batch, pos, 2 d_mlp]
+  at::Tensor pre = gate_up.narrow(-1, 0, c.d_mlp);
+  at::Tensor pre_linear = gate_up.narrow(-1, c.d_mlp, c.d_mlp);
+  RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpPre, pre));
+  RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpPreLinear, pre_linear));
+  at::Tensor post = at::silu(pre).mul_(pre_linear);  // [batch, pos, d_mlp]
+  RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpPost, post));
+  return kernels.Linear(post, w.w_down);  // [batch, pos, d_model]
+}
+
+// One transformer block: hook_resid_pre in, hook_resid_post out.
+absl::StatusOr<at::Tensor> Block(at::Tensor x, const LayerWeights& w, const LlamaConfig& c,
+                                 const Positions& p, const BlockInputs& in,
+                                 const LayerKvCache* kv, const Kernels& kernels, HookPlan* plan,
+                                 int64_t layer) {
+  RETURN_IF_ERROR(Hook(plan, layer, HookSite::kResidPre, x));
+  ASSIGN_OR_RETURN(at::Tensor h, HookedRmsNorm(x, w.ln1, c.rms_norm_eps, plan, layer,
+                                               HookSite::kLn1Scale, HookSite::kLn1Normalized));
+  ASSIGN_OR_RETURN(at::Tensor attn_out, Attention(h, w, c, p, in, kv, kernels, plan, layer));
+  RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnOut, attn_out));
+  at::Tensor resid_mid = x + attn_out;
+  RETURN_IF_ERROR(Hook(plan, layer, HookSite::kResidMid, resid_mid));
+  ASSIGN_OR_RETURN(at::Tensor h2, HookedRmsNorm(resid_mid, w.ln2, c.rms_norm_eps, plan, layer,
+                                                HookSite::kLn2Scale, HookSite::kLn2Normalized));
+  ASSIGN_OR_RETURN(at::Tensor mlp_out, Mlp(h2, w, c, kernels, plan, layer));
+  RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpOut, mlp_out));
+  at::Tensor resid_post = resid_mid + mlp_out;
+  RETURN_IF_ERROR(Hook(plan, layer, HookSite::kResidPost, resid_post));
+  return resid_post;
 }
 
 }  // namespace
@@ -214,56 +468,13 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
                                                    kv->mask_.size(0), " rows in the key/value cache"));
   }
 
-  // Attention mask over all key positions, and rotary position ids. The common case (no
-  // padding, no cache) needs neither a gathered rotary table nor a per-row mask.
-  at::Tensor new_mask;  // [batch, pos] in {0, 1}, int64
-  if (input.attention_mask.defined()) {
-    const at::Tensor& m = input.attention_mask;
-    if (m.dim() != 2 || m.size(0) != batch || m.size(1) != pos) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "attention_mask must be [batch, pos] = [", batch, ", ", pos, "], got [",
-          absl::StrJoin(m.sizes(), ", "), "]"));
-    }
-    new_mask = m.to(at::kCPU, at::kLong);
-    if ((new_mask != 0).logical_and(new_mask != 1).any().item<bool>()) {
-      return absl::InvalidArgumentError("attention_mask values must be 0 or 1");
-    }
-    if ((new_mask.sum(1) == 0).any().item<bool>() && past == 0) {
-      return absl::InvalidArgumentError("attention_mask has a row with no real token");
-    }
-  }
-  const bool padded = new_mask.defined() && !(new_mask != 0).all().item<bool>();
-  const bool past_padded = kv != nullptr && past > 0 && !(kv->mask_ != 0).all().item<bool>();
-  const bool simple = !padded && !past_padded && past == 0;
-  at::Tensor full_mask;     // [batch, past + pos] int64 on CPU; undefined when simple
-  at::Tensor position_ids;  // [batch, pos]; undefined when simple
-  if (kv != nullptr || !simple) {
-    const at::Tensor now = new_mask.defined() ? new_mask : at::ones({batch, pos}, at::kLong);
-    full_mask = past > 0 ? at::cat({kv->mask_, now}, 1) : now;
-    position_ids = (full_mask.cumsum(1) - 1).clamp_min(0).narrow(1, past, pos);
-  }
-  // Additive mask [batch|1, 1, pos, past + pos]: causal, and padding keys hidden. A query may
-  // always see itself, so padding rows stay finite instead of becoming NaN.
-  at::Tensor additive_mask_cpu;  // undefined when simple: built on the device directly
-  if (!simple) {
-    const at::Tensor q_index = at::arange(past, past + pos, at::kLong).unsqueeze(1);  // [pos, 1]
-    const at::Tensor k_index = at::arange(past + pos, at::kLong).unsqueeze(0);        // [1, keys]
-    const at::Tensor allowed = (k_index <= q_index)
-                                   .unsqueeze(0)
-                                   .logical_and(full_mask.unsqueeze(1) != 0)
-                                   .logical_or((k_index == q_index).unsqueeze(0));    // [batch, pos, keys]
-    additive_mask_cpu = at::zeros(allowed.sizes(), at::kFloat)
-                            .masked_fill_(allowed.logical_not(), -std::numeric_limits<float>::infinity())
-                            .unsqueeze(1);
-  }
-
-  const int64_t H = c.n_heads, Hkv = c.n_kv_heads, dh = c.d_head, group = H / Hkv;
-  const double inv_sqrt_dh = 1.0 / std::sqrt(static_cast<double>(dh));
+  ASSIGN_OR_RETURN(const Positions positions,
+                   PreparePositions(input.attention_mask, kv != nullptr ? kv->mask_ : at::Tensor(),
+                                    batch, pos, past, kv != nullptr));
   const at::ScalarType dtype = weights_.embed.scalar_type();
-  const bool onednn = options_.onednn_gemm;
-  at::Tensor mask, cos, sin;  // on the current block's device
-  at::Device mask_device(at::kCPU);
-  bool mask_ready = false;
+  Kernels kernels;
+  kernels.onednn = options_.onednn_gemm;
+  std::optional<BlockInputs> inputs;  // for the device of the current block
 
   if (kv != nullptr && kv->keys_.empty()) {
     kv->keys_.resize(n_layers);
@@ -274,133 +485,17 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
     const LayerWeights& w = weights_.layers[layer];
     const at::Device device = w.w_qkv.device();
     if (x.device() != device) x = x.to(device);
-    if (!mask_ready || mask_device != device) {
-      mask = simple ? at::full({1, 1, pos, pos}, -std::numeric_limits<float>::infinity(),
-                               at::TensorOptions().dtype(dtype).device(device))
-                          .triu_(1)
-                    : additive_mask_cpu.to(device, dtype);
-      if (simple) {
-        cos = rope_cos_[layer].narrow(0, 0, pos).view({1, pos, 1, dh}).to(dtype);
-        sin = rope_sin_[layer].narrow(0, 0, pos).view({1, pos, 1, dh}).to(dtype);
-      } else {
-        const at::Tensor ids = position_ids.reshape({-1}).to(device);
-        cos = rope_cos_[layer].index_select(0, ids).view({batch, pos, 1, dh}).to(dtype);
-        sin = rope_sin_[layer].index_select(0, ids).view({batch, pos, 1, dh}).to(dtype);
-      }
-      mask_device = device;
-      mask_ready = true;
+    if (!inputs || inputs->device != device) {
+      inputs = PrepareBlockInputs(positions, device, dtype, rope_cos_[layer], rope_sin_[layer]);
     }
-
-    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kResidPre, x));
-
-    // ---- attention ----
-    ASSIGN_OR_RETURN(at::Tensor h, HookedRmsNorm(x, w.ln1, c.rms_norm_eps, plan, layer,
-                                                 HookSite::kLn1Scale, HookSite::kLn1Normalized));
-    const at::Tensor qkv = Linear(h, w.w_qkv, onednn);  // [batch, pos, (H + 2 Hkv) d_head]
-    at::Tensor q = qkv.narrow(-1, 0, H * dh).view({batch, pos, H, dh});
-    at::Tensor k = qkv.narrow(-1, H * dh, Hkv * dh).view({batch, pos, Hkv, dh});
-    at::Tensor v = qkv.narrow(-1, (H + Hkv) * dh, Hkv * dh).view({batch, pos, Hkv, dh});
-    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnQ, q));
-    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnK, k));
-    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnV, v));
-    q = Rotary(q, cos, sin);  // [batch, pos, H, d_head]
-    k = Rotary(k, cos, sin);  // [batch, pos, Hkv, d_head]
-    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnRotQ, q));
-    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnRotK, k));
-
-    at::Tensor keys = k.transpose(1, 2);    // [batch, Hkv, pos, d_head]
-    at::Tensor values = v.transpose(1, 2);  // [batch, Hkv, pos, d_head]
-    if (kv != nullptr) {
-      at::Tensor& kc = kv->keys_[layer];
-      at::Tensor& vc = kv->values_[layer];
-      const int64_t need = past + pos;
-      if (!kc.defined() || kc.size(2) < need) {
-        const int64_t capacity =
-            std::min(c.n_ctx, std::max<int64_t>(need, kc.defined() ? 2 * kc.size(2) : 2 * need));
-        at::Tensor nk = at::empty({batch, Hkv, capacity, dh}, keys.options());
-        at::Tensor nv = at::empty({batch, Hkv, capacity, dh}, values.options());
-        if (past > 0) {
-          nk.narrow(2, 0, past).copy_(kc.narrow(2, 0, past));
-          nv.narrow(2, 0, past).copy_(vc.narrow(2, 0, past));
-        }
-        kc = nk;
-        vc = nv;
-      }
-      kc.narrow(2, past, pos).copy_(keys);
-      vc.narrow(2, past, pos).copy_(values);
-      keys = kc.narrow(2, 0, need);
-      values = vc.narrow(2, 0, need);
-    }
-    const int64_t n_keys = keys.size(2);
-
-    at::Tensor z;  // [batch, pos, H, d_head]
-    const bool want_pattern =
-        Hooked(plan, layer, HookSite::kAttnScores) || Hooked(plan, layer, HookSite::kAttnPattern);
-    if (!want_pattern && onednn && q.device().is_cpu()) {
-      // CPU float32: one fused pass; undefined for other dtypes, which take the paths below.
-      z = FusedAttention(q.transpose(1, 2).contiguous(), keys, values, mask, inv_sqrt_dh);
-    }
-#if TORCH_VERSION_MAJOR >= 2
-    if (!want_pattern && !z.defined()) {
-      // Fused attention: the pattern is never materialised.
-      const at::Tensor k_all = keys.unsqueeze(2).expand({batch, Hkv, group, n_keys, dh}).reshape({batch, H, n_keys, dh});
-      const at::Tensor v_all = values.unsqueeze(2).expand({batch, Hkv, group, n_keys, dh}).reshape({batch, H, n_keys, dh});
-      // Without padding or a cache prefix the mask is plain causal: say so instead of passing
-      // it, which lets CUDA pick its flash kernel (an explicit mask rules that one out).
-      z = (simple ? at::scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, {}, 0.0,
-                                                     /*is_causal=*/true)
-                  : at::scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, mask))
-              .transpose(1, 2);
-    }
-#endif
-    if (!z.defined()) {
-      // Grouped-query attention without copying keys/values per query head: the `group` query
-      // heads sharing a key/value head are stacked along the query axis of one matmul.
-      const at::Tensor q_grouped = q.transpose(1, 2).contiguous().view({batch, Hkv, group * pos, dh});
-      at::Tensor scores = BatchedMatmul(q_grouped, keys.transpose(-1, -2), inv_sqrt_dh, onednn)
-                              .view({batch, H, pos, n_keys})
-                              .add_(mask);  // [batch, H, query_pos, key_pos]
-      RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnScores, scores));
-      at::Tensor pattern = at::softmax(scores, -1, at::kFloat).to(dtype);
-      RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnPattern, pattern));
-      z = BatchedMatmul(pattern.reshape({batch, Hkv, group * pos, n_keys}), values, 1.0, onednn)
-              .view({batch, H, pos, dh})
-              .transpose(1, 2);
-    }
-    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnZ, z));
-    at::Tensor attn_out;  // [batch, pos, d_model]
-    if (Hooked(plan, layer, HookSite::kAttnResult)) {
-      // Per-head outputs: result[b, p, h] = z[b, p, h] @ W_O[:, h]^T.
-      const at::Tensor w_o_heads = w.w_o.view({c.d_model, H, dh}).permute({1, 2, 0});  // [H, d_head, d_model]
-      const at::Tensor z_heads = z.permute({2, 0, 1, 3}).reshape({H, batch * pos, dh});
-      at::Tensor result = BatchedMatmul(z_heads, w_o_heads, 1.0, onednn).view({H, batch, pos, c.d_model}).permute({1, 2, 0, 3});
-      RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnResult, result));
-      attn_out = result.sum(2);
-    } else {
-      attn_out = Linear(z.reshape({batch, pos, H * dh}), w.w_o, onednn);
-    }
-    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnOut, attn_out));
-    at::Tensor resid_mid = x + attn_out;
-    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kResidMid, resid_mid));
-
-    // ---- MLP (SwiGLU) ----
-    ASSIGN_OR_RETURN(at::Tensor h2, HookedRmsNorm(resid_mid, w.ln2, c.rms_norm_eps, plan, layer,
-                                                  HookSite::kLn2Scale, HookSite::kLn2Normalized));
-    const at::Tensor gate_up = Linear(h2, w.w_gate_up, onednn);  // [batch, pos, 2 d_mlp]
-    at::Tensor pre = gate_up.narrow(-1, 0, c.d_mlp);
-    at::Tensor pre_linear = gate_up.narrow(-1, c.d_mlp, c.d_mlp);
-    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpPre, pre));
-    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpPreLinear, pre_linear));
-    at::Tensor post = at::silu(pre).mul_(pre_linear);  // [batch, pos, d_mlp]
-    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpPost, post));
-    at::Tensor mlp_out = Linear(post, w.w_down, onednn);  // [batch, pos, d_model]
-    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpOut, mlp_out));
-    x = resid_mid + mlp_out;
-    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kResidPost, x));
+    LayerKvCache layer_kv;
+    if (kv != nullptr) layer_kv = {&kv->keys_[layer], &kv->values_[layer]};
+    ASSIGN_OR_RETURN(x, Block(std::move(x), w, c, positions, *inputs,
+                              kv != nullptr ? &layer_kv : nullptr, kernels, plan, layer));
   }
 
   if (kv != nullptr) {
-    kv->mask_ = full_mask;
+    kv->mask_ = positions.full_mask;
     kv->length_ = past + pos;
   }
   // TransformerLens: with stop_at_layer given (even == n_layers) the result is the residual.
@@ -410,7 +505,7 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
   ASSIGN_OR_RETURN(at::Tensor final_normed,
                    HookedRmsNorm(x, weights_.ln_final, c.rms_norm_eps, plan, -1,
                                  HookSite::kLnFinalScale, HookSite::kLnFinalNormalized));
-  return Linear(final_normed, weights_.unembed, options_.onednn_gemm);  // [batch, pos, d_vocab]
+  return kernels.Linear(final_normed, weights_.unembed);  // [batch, pos, d_vocab]
 }
 
 }  // namespace remotelens
