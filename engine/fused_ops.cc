@@ -31,9 +31,9 @@ float SumOfSquares(const float* x, int64_t n) {
 
 }  // namespace
 
-at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps, bool fused) {
   const int64_t d = x.dim() > 0 ? x.size(-1) : 0;
-  if (CpuFloat(x) && CpuFloat(weight) && weight.dim() == 1 && weight.size(0) == d && d > 0) {
+  if (fused && CpuFloat(x) && CpuFloat(weight) && weight.dim() == 1 && weight.size(0) == d && d > 0) {
     const at::Tensor xc = x.contiguous();
     const at::Tensor wc = weight.contiguous();
     at::Tensor out = at::empty(x.sizes(), x.options());
@@ -54,12 +54,12 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return (x32 * at::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps)).to(x.scalar_type()) * weight;
 }
 
-at::Tensor Rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+at::Tensor Rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool fused) {
   const bool shapes_ok = x.dim() == 4 && cos.dim() == 4 && sin.sizes() == cos.sizes() &&
                          (cos.size(0) == 1 || cos.size(0) == x.size(0)) &&
                          cos.size(1) == x.size(1) && cos.size(2) == 1 && cos.size(3) == x.size(3) &&
                          x.size(3) % 2 == 0;
-  if (shapes_ok && CpuFloat(x) && CpuFloat(cos) && CpuFloat(sin)) {
+  if (fused && shapes_ok && CpuFloat(x) && CpuFloat(cos) && CpuFloat(sin)) {
     const int64_t batch = x.size(0), pos = x.size(1), heads = x.size(2), dh = x.size(3);
     const int64_t half = dh / 2;
     at::Tensor out = at::empty({batch, heads, pos, dh}, x.options());

@@ -12,14 +12,16 @@ namespace remotelens {
 
 // x * rsqrt(mean(x^2, -1) + eps) * weight, with the statistics in float32 whatever x's dtype;
 // x [..., d], weight [d]; the result has x's dtype.
-at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
+// fused = false: always the LibTorch ops (differentiable).
+at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps, bool fused = true);
 
 // Rotate-half rotary embedding (Hugging Face layout: dimension i of a head pairs with i + d/2):
 // x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x[..., d/2:], x[..., :d/2]).
 // x [batch, pos, heads, d_head] (any strides); cos, sin [batch or 1, pos, 1, d_head].
 // The result is [batch, pos, heads, d_head] laid out head-major (a transpose of a contiguous
 // [batch, heads, pos, d_head]) on the fused path, which is the layout attention reads.
-at::Tensor Rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor Rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                  bool fused = true);
 
 // Grouped-query attention, softmax(q k^T * scale + mask) v, in three LibTorch-free steps around
 // one softmax call (no per-head views, transposes or copies). q [batch, H, pos, d_head] contiguous; keys, values

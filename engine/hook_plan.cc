@@ -81,6 +81,7 @@ absl::Status HookPlan::AddIntervention(InterventionOp op) {
   }
   active_[HookIndex(op.hook, n_layers_)] = 1;
   ++num_ops_;
+  if (op.backward) ++num_backward_;
   Entry entry;
   entry.hook = op.hook;
   entry.op = std::move(op);
@@ -91,6 +92,7 @@ absl::Status HookPlan::AddIntervention(InterventionOp op) {
 void HookPlan::AddCache(CacheRequest request) {
   active_[HookIndex(request.hook, n_layers_)] = 1;
   ++num_ops_;
+  if (request.gradient) ++num_backward_;
   Entry entry;
   entry.hook = request.hook;
   entry.is_cache = true;
@@ -101,8 +103,13 @@ void HookPlan::AddCache(CacheRequest request) {
 absl::Status HookPlan::Apply(HookId id, at::Tensor& activation) {
   if (!Has(id)) return absl::OkStatus();
   bool owned = false;  // whether `activation` is already a private copy we may write in place
+  bool backward = false;
   for (const Entry& entry : entries_) {
     if (entry.hook != id) continue;
+    if (entry.is_cache ? entry.cache.gradient : entry.op.backward) {
+      backward = true;
+      continue;
+    }
     if (entry.is_cache) {
       RETURN_IF_ERROR(ServeCache(entry.cache, activation));
       continue;
@@ -114,7 +121,67 @@ absl::Status HookPlan::Apply(HookId id, at::Tensor& activation) {
     RETURN_IF_ERROR(ApplyIntervention(entry.op, activation));
     if (entry.op.kind == OpKind::kCallback) owned = false;
   }
+  if (backward) {
+    if (!activation.requires_grad()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "hook \"", HookName(id), "\" has backward ops, but this forward is not differentiable"));
+    }
+    // A hook point of its own in the graph (TransformerLens's HookPoint is an identity module):
+    // one tensor can be two hook points (the residual stream is blocks.L.hook_resid_post and
+    // blocks.L+1.hook_resid_pre), and a gradient rewritten at the later one must reach the
+    // earlier one rewritten, as it flows upstream through this view.
+    activation = activation.view_as(activation);
+    activation.register_hook([this, id](const at::Tensor& gradient) { return ApplyBackward(id, gradient); });
+  }
   return absl::OkStatus();
+}
+
+at::Tensor HookPlan::ApplyBackward(HookId id, const at::Tensor& gradient) {
+  std::lock_guard<std::mutex> lock(*backward_mu_);
+  if (!backward_status_.ok()) return gradient;
+  at::Tensor g = gradient;
+  bool owned = false;
+  absl::Status status;
+  for (const Entry& entry : entries_) {
+    if (entry.hook != id || !(entry.is_cache ? entry.cache.gradient : entry.op.backward)) continue;
+    if (entry.is_cache) {
+      at::Tensor out = g.detach();
+      if (entry.cache.pos_start.has_value() || entry.cache.pos_stop.has_value()) {
+        const int dim = PosDim(id.site);
+        const int64_t size = out.size(dim);
+        auto clamp = [size](int64_t i) { return std::min(std::max<int64_t>(i < 0 ? i + size : i, 0), size); };
+        const int64_t start = clamp(entry.cache.pos_start.value_or(0));
+        const int64_t stop = clamp(entry.cache.pos_stop.value_or(size));
+        out = out.narrow(dim, start, std::max<int64_t>(stop - start, 0));
+      }
+      at::TensorOptions options = out.options();
+      if (entry.cache.dtype.has_value()) options = options.dtype(*entry.cache.dtype);
+      if (entry.cache.to_host) options = options.device(at::kCPU);
+      out = out.to(options, /*non_blocking=*/false, /*copy=*/true).contiguous();
+      if (gradient_sink_) {
+        status = gradient_sink_(id, std::move(out));
+      } else {
+        gradient_cache_.emplace_back(id, std::move(out));
+      }
+    } else {
+      if (!owned && entry.op.kind != OpKind::kCallback) {
+        g = g.clone();
+        owned = true;
+      }
+      status = ApplyIntervention(entry.op, g);
+      if (entry.op.kind == OpKind::kCallback) owned = false;
+    }
+    if (!status.ok()) {
+      backward_status_ = status;
+      return gradient;
+    }
+  }
+  return g;
+}
+
+absl::Status HookPlan::backward_status() const {
+  std::lock_guard<std::mutex> lock(*backward_mu_);
+  return backward_status_;
 }
 
 absl::Status HookPlan::ApplyIntervention(const InterventionOp& op, at::Tensor& act) const {
@@ -184,7 +251,7 @@ absl::Status HookPlan::ApplyIntervention(const InterventionOp& op, at::Tensor& a
 }
 
 absl::Status HookPlan::ServeCache(const CacheRequest& request, const at::Tensor& activation) {
-  at::Tensor out = activation;
+  at::Tensor out = activation.detach();  // a cached activation never holds on to the graph
   if (request.pos_start.has_value() || request.pos_stop.has_value()) {
     const int dim = PosDim(request.hook.site);
     const int64_t size = out.size(dim);

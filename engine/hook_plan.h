@@ -22,6 +22,8 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <utility>
@@ -62,6 +64,10 @@ struct InterventionOp {
   at::Tensor value;     // kSet, kAdd: broadcastable to the selected region
   double factor = 1.0;  // kScale
   HookCallback callback;  // kCallback
+  // A backward op: it rewrites d(metric)/d(activation) as the backward pass reaches the hook,
+  // before anything upstream receives it (TransformerLens's bwd hooks: returning zeros at one
+  // block's resid_pre zeroes every gradient before it). Needs a differentiable forward.
+  bool backward = false;
 };
 
 struct CacheRequest {
@@ -71,6 +77,9 @@ struct CacheRequest {
   std::optional<int64_t> pos_stop;
   std::optional<at::ScalarType> dtype;  // unset: the model's dtype
   bool to_host = true;                  // false: keep on the device the layer ran on
+  // Cache d(metric)/d(activation) instead, when the backward pass reaches the hook (after the
+  // backward ops there). Delivered through the gradient sink, or gradient_cache().
+  bool gradient = false;
 };
 
 // Receives each cached activation as soon as it is computed, in forward order. When set, the
@@ -86,6 +95,16 @@ class HookPlan {
   absl::Status AddIntervention(InterventionOp op);
   void AddCache(CacheRequest request);
   void SetCacheSink(CacheSink sink) { sink_ = std::move(sink); }
+  // Receives cached gradients; called from the backward pass (on CUDA, an autograd thread),
+  // one call at a time.
+  void SetGradientSink(CacheSink sink) { gradient_sink_ = std::move(sink); }
+
+  // Whether any backward op or gradient cache request is registered: the forward must then be
+  // differentiable.
+  bool has_backward() const { return num_backward_ != 0; }
+  // The first error a backward op or gradient delivery hit during the backward pass (autograd
+  // hooks cannot return one); LlamaModel::Backward returns it.
+  absl::Status backward_status() const;
 
   bool empty() const { return num_ops_ == 0; }
   // True when any op is registered at `id`.
@@ -103,6 +122,8 @@ class HookPlan {
   // Cached activations in forward order (empty when a sink is set).
   const std::vector<std::pair<HookId, at::Tensor>>& cache() const { return cache_; }
   std::vector<std::pair<HookId, at::Tensor>> TakeCache() { return std::move(cache_); }
+  // Cached gradients in the order the backward pass reached them (empty with a gradient sink).
+  const std::vector<std::pair<HookId, at::Tensor>>& gradient_cache() const { return gradient_cache_; }
 
  private:
   struct Entry {
@@ -113,6 +134,8 @@ class HookPlan {
   };
   absl::Status ApplyIntervention(const InterventionOp& op, at::Tensor& activation) const;
   absl::Status ServeCache(const CacheRequest& request, const at::Tensor& activation);
+  // Runs the backward entries at `id` on the gradient arriving there; returns what flows on.
+  at::Tensor ApplyBackward(HookId id, const at::Tensor& gradient);
   absl::Status Deliver(HookId hook, at::Tensor tensor);
   // Delivers, in order, the leading pending copies that have completed; never waits.
   absl::Status DeliverCompleted();
@@ -127,11 +150,16 @@ class HookPlan {
 
   int64_t n_layers_;
   int num_ops_ = 0;
+  int num_backward_ = 0;
   std::vector<uint8_t> active_;  // by HookIndex
   std::vector<Entry> entries_;   // registration order
   std::vector<std::pair<HookId, at::Tensor>> cache_;
   std::deque<PendingCopy> pending_;
   CacheSink sink_;
+  CacheSink gradient_sink_;
+  std::vector<std::pair<HookId, at::Tensor>> gradient_cache_;
+  std::unique_ptr<std::mutex> backward_mu_ = std::make_unique<std::mutex>();  // guards below
+  absl::Status backward_status_;
 };
 
 }  // namespace remotelens

@@ -1,6 +1,7 @@
 #include "engine/llama_model.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/version.h>
 
@@ -41,9 +42,9 @@ inline bool Hooked(const HookPlan* plan, int64_t layer, HookSite site) {
 // sqrt(mean(x^2) + eps) [batch, pos, 1] and hook_normalized = x / scale [batch, pos, d_model].
 absl::StatusOr<at::Tensor> HookedRmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
                                          HookPlan* plan, int64_t layer, HookSite scale_site,
-                                         HookSite normalized_site) {
+                                         HookSite normalized_site, bool fused) {
   if (!Hooked(plan, layer, scale_site) && !Hooked(plan, layer, normalized_site)) {
-    return RmsNorm(x, weight, eps);
+    return RmsNorm(x, weight, eps, fused);
   }
   const at::Tensor x32 = x.to(at::kFloat);
   const at::Tensor mean_square = x32.pow(2).mean(-1, /*keepdim=*/true);  // [batch, pos, 1]
@@ -182,11 +183,24 @@ BlockInputs PrepareBlockInputs(const Positions& p, const at::Device& device, at:
 // choose ATen's autograd-aware ops here, and nowhere else.
 struct Kernels {
   bool onednn = true;
+  bool differentiable = false;  // ATen's autograd-aware ops only
+
+  bool fused() const { return onednn && !differentiable; }
   at::Tensor Linear(const at::Tensor& x, const at::Tensor& w) const {
-    return remotelens::Linear(x, w, onednn);
+    return remotelens::Linear(x, w, fused());
   }
   at::Tensor BatchedMatmul(const at::Tensor& a, const at::Tensor& b, double alpha) const {
-    return remotelens::BatchedMatmul(a, b, alpha, onednn);
+    return remotelens::BatchedMatmul(a, b, alpha, fused());
+  }
+  at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& w, double eps) const {
+    return remotelens::RmsNorm(x, w, eps, !differentiable);
+  }
+  at::Tensor Rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const {
+    return remotelens::Rotary(x, cos, sin, !differentiable);
+  }
+  // silu(gate) * up; in place on the fresh silu output unless autograd needs that output.
+  at::Tensor SwiGlu(const at::Tensor& gate, const at::Tensor& up) const {
+    return differentiable ? at::silu(gate) * up : at::silu(gate).mul_(up);
   }
 };
 
@@ -239,8 +253,8 @@ absl::StatusOr<at::Tensor> Attention(const at::Tensor& h, const LayerWeights& w,
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnQ, q));
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnK, k));
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnV, v));
-  q = Rotary(q, in.cos, in.sin);  // [batch, pos, H, d_head]
-  k = Rotary(k, in.cos, in.sin);  // [batch, pos, Hkv, d_head]
+  q = kernels.Rotary(q, in.cos, in.sin);  // [batch, pos, H, d_head]
+  k = kernels.Rotary(k, in.cos, in.sin);  // [batch, pos, Hkv, d_head]
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnRotQ, q));
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnRotK, k));
 
@@ -252,7 +266,7 @@ absl::StatusOr<at::Tensor> Attention(const at::Tensor& h, const LayerWeights& w,
   at::Tensor z;  // [batch, pos, H, d_head]
   const bool want_pattern =
       Hooked(plan, layer, HookSite::kAttnScores) || Hooked(plan, layer, HookSite::kAttnPattern);
-  if (!want_pattern && kernels.onednn && q.device().is_cpu()) {
+  if (!want_pattern && kernels.fused() && q.device().is_cpu()) {
     // CPU float32: one fused pass; undefined for other dtypes, which take the paths below.
     z = FusedAttention(q.transpose(1, 2).contiguous(), keys, values, in.mask, inv_sqrt_dh);
   }
@@ -309,7 +323,7 @@ absl::StatusOr<at::Tensor> Mlp(const at::Tensor& h, const LayerWeights& w, const
   at::Tensor pre_linear = gate_up.narrow(-1, c.d_mlp, c.d_mlp);
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpPre, pre));
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpPreLinear, pre_linear));
-  at::Tensor post = at::silu(pre).mul_(pre_linear);  // [batch, pos, d_mlp]
+  at::Tensor post = kernels.SwiGlu(pre, pre_linear);  // [batch, pos, d_mlp]
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpPost, post));
   return kernels.Linear(post, w.w_down);  // [batch, pos, d_model]
 }
@@ -321,13 +335,15 @@ absl::StatusOr<at::Tensor> Block(at::Tensor x, const LayerWeights& w, const Llam
                                  int64_t layer) {
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kResidPre, x));
   ASSIGN_OR_RETURN(at::Tensor h, HookedRmsNorm(x, w.ln1, c.rms_norm_eps, plan, layer,
-                                               HookSite::kLn1Scale, HookSite::kLn1Normalized));
+                                               HookSite::kLn1Scale, HookSite::kLn1Normalized,
+                                               !kernels.differentiable));
   ASSIGN_OR_RETURN(at::Tensor attn_out, Attention(h, w, c, p, in, kv, kernels, plan, layer));
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnOut, attn_out));
   at::Tensor resid_mid = x + attn_out;
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kResidMid, resid_mid));
   ASSIGN_OR_RETURN(at::Tensor h2, HookedRmsNorm(resid_mid, w.ln2, c.rms_norm_eps, plan, layer,
-                                                HookSite::kLn2Scale, HookSite::kLn2Normalized));
+                                                HookSite::kLn2Scale, HookSite::kLn2Normalized,
+                                                !kernels.differentiable));
   ASSIGN_OR_RETURN(at::Tensor mlp_out, Mlp(h2, w, c, kernels, plan, layer));
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpOut, mlp_out));
   at::Tensor resid_post = resid_mid + mlp_out;
@@ -395,7 +411,20 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(LlamaConfig confi
 
 absl::StatusOr<at::Tensor> LlamaModel::Forward(const ForwardInput& input, HookPlan* plan,
                                                KvCache* kv_cache) const {
-  c10::InferenceMode inference_mode;
+  if (input.differentiable && kv_cache != nullptr) {
+    return absl::InvalidArgumentError("a differentiable forward cannot use a key/value cache");
+  }
+  if (!input.differentiable && plan != nullptr && plan->has_backward()) {
+    return absl::InvalidArgumentError(
+        "backward hooks and gradient caches need a differentiable forward (a gradient request)");
+  }
+  std::optional<c10::InferenceMode> inference_mode;
+  std::optional<at::AutoGradMode> grad_mode;
+  if (input.differentiable) {
+    grad_mode.emplace(true);
+  } else {
+    inference_mode.emplace();
+  }
   try {
     absl::StatusOr<at::Tensor> logits = ForwardImpl(input, plan, kv_cache);
     // Cache copies still in flight (CUDA -> pinned host) land before the caller reads them.
@@ -418,6 +447,36 @@ absl::StatusOr<at::Tensor> LlamaModel::Forward(const ForwardInput& input, HookPl
     }
     return absl::InternalError(absl::StrCat("forward failed: ", what));
   }
+}
+
+absl::Status LlamaModel::Backward(const at::Tensor& output, const at::Tensor& output_grad,
+                                  HookPlan* plan) const {
+  if (!output.defined() || !output.requires_grad()) {
+    return absl::FailedPreconditionError(
+        "no graph to back-propagate through: run the forward with differentiable set");
+  }
+  if (!output_grad.defined() || output_grad.sizes() != output.sizes() ||
+      !at::isFloatingType(output_grad.scalar_type())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the output gradient must be a floating tensor of the output's shape [",
+        absl::StrJoin(output.sizes(), ", "), "], got ",
+        output_grad.defined() ? absl::StrCat(c10::toString(output_grad.scalar_type()), " [",
+                                             absl::StrJoin(output_grad.sizes(), ", "), "]")
+                              : std::string("none")));
+  }
+  try {
+    at::AutoGradMode grad_mode(true);
+    output.backward(output_grad.to(output.device(), output.scalar_type()));
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    if (absl::StrContains(what, "out of memory") || absl::StrContains(what, "can't allocate")) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "device out of memory during the backward pass; send fewer rows or positions: ", what));
+    }
+    return absl::InternalError(absl::StrCat("backward failed: ", what));
+  }
+  if (plan != nullptr) RETURN_IF_ERROR(plan->backward_status());
+  return absl::OkStatus();
 }
 
 absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, HookPlan* plan,
@@ -443,6 +502,7 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
   if (start == 0) {
     RETURN_IF_ERROR(CheckTokens(input.tokens, c));
     x = at::embedding(weights_.embed, input.tokens.to(weights_.embed.device(), at::kLong));
+    if (input.differentiable) x.requires_grad_(true);  // the graph starts here
     RETURN_IF_ERROR(Hook(plan, -1, HookSite::kEmbed, x));
   } else {
     const at::Tensor& r = input.residual;
@@ -455,6 +515,7 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
     const at::Device device = start < n_layers ? weights_.layers[start].w_qkv.device()
                                                : weights_.unembed.device();
     x = r.to(device, weights_.embed.scalar_type());
+    if (input.differentiable) x = x.detach().requires_grad_(true);
   }
   const int64_t batch = x.size(0), pos = x.size(1);
   const int64_t past = kv != nullptr ? kv->length_ : 0;
@@ -474,6 +535,7 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
   const at::ScalarType dtype = weights_.embed.scalar_type();
   Kernels kernels;
   kernels.onednn = options_.onednn_gemm;
+  kernels.differentiable = input.differentiable;
   std::optional<BlockInputs> inputs;  // for the device of the current block
 
   if (kv != nullptr && kv->keys_.empty()) {
@@ -504,7 +566,8 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
   if (x.device() != weights_.unembed.device()) x = x.to(weights_.unembed.device());
   ASSIGN_OR_RETURN(at::Tensor final_normed,
                    HookedRmsNorm(x, weights_.ln_final, c.rms_norm_eps, plan, -1,
-                                 HookSite::kLnFinalScale, HookSite::kLnFinalNormalized));
+                                 HookSite::kLnFinalScale, HookSite::kLnFinalNormalized,
+                                 !kernels.differentiable));
   return kernels.Linear(final_normed, weights_.unembed);  // [batch, pos, d_vocab]
 }
 

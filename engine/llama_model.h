@@ -55,6 +55,11 @@ struct ForwardInput {
   // [batch, pos, d_model] instead of logits.
   int64_t start_at_layer = 0;
   std::optional<int64_t> stop_at_layer;
+  // Run under autograd with respect to activations, so that Backward can follow: the graph
+  // starts at hook_embed (or at the residual input), weights never require gradients and are
+  // never written. Takes ATen's differentiable kernels instead of the fused inference ones (about
+  // 2x the memory of the activations, kept until the output is freed). No key/value cache.
+  bool differentiable = false;
 };
 
 class LlamaModel {
@@ -71,6 +76,16 @@ class LlamaModel {
   // device runs out of memory.
   absl::StatusOr<at::Tensor> Forward(const ForwardInput& input, HookPlan* plan = nullptr,
                                      KvCache* kv_cache = nullptr) const;
+
+  // After a differentiable Forward: back-propagates `output_grad` (d(metric)/d(output), the
+  // output's shape) from `output` (the Forward's result, or any tensor computed from it, e.g. a
+  // loss with output_grad 1), firing the plan's backward ops and gradient cache requests as the
+  // pass reaches each hook. `plan` must be the Forward's plan, still alive. Errors:
+  // FAILED_PRECONDITION when `output` has no graph; INVALID_ARGUMENT for a gradient of another
+  // shape or a non-floating dtype; the first error of a backward op; RESOURCE_EXHAUSTED when the
+  // device runs out of memory.
+  absl::Status Backward(const at::Tensor& output, const at::Tensor& output_grad,
+                        HookPlan* plan = nullptr) const;
 
   const LlamaConfig& config() const { return config_; }
   const LlamaWeights& weights() const { return weights_; }
