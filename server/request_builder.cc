@@ -291,6 +291,12 @@ absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, boo
     return Invalid(absl::StrCat(what, ".selector.heads"),
                    absl::StrCat("hook \"", Echo(op.hook_name()), "\" has no head dimension"));
   }
+  if (op.backward() &&
+      (op.op_case() == v1::HookOp::kPatchFromCache || op.op_case() == v1::HookOp::kClientCallback)) {
+    return Invalid(absl::StrCat(what, ".backward"),
+                   "backward ops are zero, set, add, scale or mean (patch_from_cache and "
+                   "client_callback rewrite activations only)");
+  }
   switch (op.op_case()) {
     case v1::HookOp::kZero:
     case v1::HookOp::kMean:
@@ -357,6 +363,7 @@ absl::StatusOr<InterventionOp> BuildInterventionOp(const v1::HookOp& op, const L
   ASSIGN_OR_RETURN(out.hook, ParseHookName(op.hook_name(), config.n_layers));
   out.selector.positions.assign(op.selector().positions().begin(), op.selector().positions().end());
   out.selector.heads.assign(op.selector().heads().begin(), op.selector().heads().end());
+  out.backward = op.backward();
   switch (op.op_case()) {
     case v1::HookOp::kZero:
       out.kind = OpKind::kZero;
@@ -453,6 +460,79 @@ at::Tensor NextTokenLoss(const at::Tensor& logits, const at::Tensor& tokens,
   const at::Tensor m = attention_mask.to(loss.device(), at::kFloat);
   const at::Tensor valid = m.narrow(1, 1, pos - 1) * m.narrow(1, 0, pos - 1);
   return (loss * valid).sum() / valid.sum().clamp_min(1);
+}
+
+absl::StatusOr<BackwardSpec> BuildBackwardSpec(const v1::BackwardRequest& request,
+                                               const ForwardInput& input, const LlamaConfig& config) {
+  BackwardSpec spec;
+  const bool full_model = !input.stop_at_layer.has_value();
+  switch (request.metric_case()) {
+    case v1::BackwardRequest::kLoss:
+      if (!full_model || !input.tokens.defined() || input.start_at_layer != 0) {
+        return Invalid("backward.loss", "needs token input and the full model (no start_at_layer or "
+                                        "stop_at_layer); send output_grad for other outputs");
+      }
+      if (input.tokens.size(1) < 2) return Invalid("backward.loss", "needs at least 2 positions");
+      spec.metric = BackwardSpec::Metric::kLoss;
+      break;
+    case v1::BackwardRequest::kLogitDiff: {
+      const v1::LogitDiffMetric& m = request.logit_diff();
+      if (!full_model) return Invalid("backward.logit_diff", "needs the full model (no stop_at_layer)");
+      const int64_t batch = input.tokens.defined() ? input.tokens.size(0) : input.residual.size(0);
+      const int64_t pos = input.tokens.defined() ? input.tokens.size(1) : input.residual.size(1);
+      for (const auto& [field, ids] :
+           {std::make_pair("backward.logit_diff.correct", &m.correct()),
+            std::make_pair("backward.logit_diff.incorrect", &m.incorrect())}) {
+        if (ids->size() != 1 && ids->size() != batch) {
+          return Invalid(field, absl::StrCat("has ", ids->size(), " ids; send one, or one per row (",
+                                             batch, ")"));
+        }
+        for (int64_t id : *ids) {
+          if (id < 0 || id >= config.d_vocab) {
+            return Invalid(field, absl::StrCat("token id ", id, " is outside the vocabulary (0..",
+                                               config.d_vocab - 1, ")"));
+          }
+        }
+      }
+      spec.correct.assign(m.correct().begin(), m.correct().end());
+      spec.incorrect.assign(m.incorrect().begin(), m.incorrect().end());
+      spec.position = m.has_position() ? m.position() : -1;
+      if (spec.position < -pos || spec.position >= pos) {
+        return Invalid("backward.logit_diff.position",
+                       absl::StrCat(spec.position, " is outside the sequence (valid: ", -pos, "..",
+                                    pos - 1, ")"));
+      }
+      spec.metric = BackwardSpec::Metric::kLogitDiff;
+      break;
+    }
+    case v1::BackwardRequest::kOutputGrad: {
+      ASSIGN_OR_RETURN(spec.output_grad, TensorFromProto(request.output_grad(), "backward.output_grad"));
+      if (!at::isFloatingType(spec.output_grad.scalar_type())) {
+        return Invalid("backward.output_grad", "must be a floating dtype");
+      }
+      spec.metric = BackwardSpec::Metric::kOutputGrad;
+      break;
+    }
+    case v1::BackwardRequest::METRIC_NOT_SET:
+      return Invalid("backward", "no metric set; one of loss, logit_diff, output_grad");
+  }
+  if (request.cache().store()) {
+    return Invalid("backward.cache.store", "gradients are streamed; storing them is not supported");
+  }
+  ASSIGN_OR_RETURN(spec.gradients, BuildCacheRequests(request.cache(), config));
+  for (CacheRequest& r : spec.gradients) r.gradient = true;
+  return spec;
+}
+
+at::Tensor LogitDifference(const at::Tensor& logits, const std::vector<int64_t>& correct,
+                           const std::vector<int64_t>& incorrect, int64_t position) {
+  const int64_t batch = logits.size(0), pos = logits.size(1);
+  const at::Tensor row = logits.select(1, position < 0 ? position + pos : position).to(at::kFloat);
+  auto ids = [&](const std::vector<int64_t>& v) {
+    const at::Tensor t = at::tensor(v, at::kLong).to(row.device());
+    return (v.size() == 1 ? t.expand({batch}) : t).unsqueeze(1);
+  };
+  return (row.gather(1, ids(correct)) - row.gather(1, ids(incorrect))).mean();
 }
 
 }  // namespace remotelens

@@ -98,6 +98,28 @@ absl::StatusOr<std::vector<CacheRequest>> BuildCacheRequests(const v1::CacheSele
 at::Tensor NextTokenLoss(const at::Tensor& logits, const at::Tensor& tokens,
                          const at::Tensor& attention_mask, bool per_token);
 
+// RunRequest.backward, validated against the request's input: the metric to back-propagate and
+// the gradients to return.
+struct BackwardSpec {
+  enum class Metric { kLoss, kLogitDiff, kOutputGrad };
+  Metric metric = Metric::kLoss;
+  std::vector<int64_t> correct, incorrect;  // kLogitDiff: one per row, or one for all rows
+  int64_t position = -1;                    // kLogitDiff
+  at::Tensor output_grad;                   // kOutputGrad (its shape is checked by the engine)
+  std::vector<CacheRequest> gradients;      // CacheRequest::gradient set
+};
+
+// INVALID_ARGUMENT naming the field for a missing metric, a loss or logit difference without
+// the full model (stop_at_layer) or tokens, ids outside the vocabulary, row counts that are
+// neither 1 nor the batch, a position outside the sequence, or a stored gradient cache.
+absl::StatusOr<BackwardSpec> BuildBackwardSpec(const v1::BackwardRequest& request,
+                                               const ForwardInput& input, const LlamaConfig& config);
+
+// Mean over rows of logits[row, position, correct] - logits[row, position, incorrect];
+// differentiable. Vectors of one entry apply to every row.
+at::Tensor LogitDifference(const at::Tensor& logits, const std::vector<int64_t>& correct,
+                           const std::vector<int64_t>& incorrect, int64_t position);
+
 }  // namespace remotelens
 
 #endif  // REMOTELENS_SERVER_REQUEST_BUILDER_H_

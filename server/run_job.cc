@@ -47,8 +47,13 @@ class QuotaStreamer {
   int64_t sent_ = 0;
 };
 
-absl::Status BuildPlan(HookPlan& plan, std::vector<InterventionOp>& ops) {
-  for (InterventionOp& op : ops) RETURN_IF_ERROR(plan.AddIntervention(op));
+// Backward ops apply only to a run with a backward pass, as TransformerLens's bwd hooks fire
+// only when one runs.
+absl::Status BuildPlan(HookPlan& plan, std::vector<InterventionOp>& ops, bool differentiable = false) {
+  for (InterventionOp& op : ops) {
+    if (op.backward && !differentiable) continue;
+    RETURN_IF_ERROR(plan.AddIntervention(op));
+  }
   return absl::OkStatus();
 }
 
@@ -118,10 +123,19 @@ absl::StatusOr<v1::RunResponse::Summary> ExecuteRun(const LlamaModel& model, Pre
         kept += CacheRequestBytes(r, config, model.weights().embed.scalar_type(), size);
       }
     }
+    // Autograd keeps every block's activations until the backward: about one block's working
+    // set per layer.
+    if (run.backward) {
+      kept += config.n_layers *
+              ForwardWorkingBytes(config, model.weights().embed.scalar_type(), size);
+    }
     RETURN_IF_ERROR(CheckJobFits(model, size, kept, run.host_memory_limit_bytes));
   }
   HookPlan plan(config.n_layers);
-  RETURN_IF_ERROR(BuildPlan(plan, run.ops));
+  RETURN_IF_ERROR(BuildPlan(plan, run.ops, run.input.differentiable));
+  if (run.backward) {
+    for (const CacheRequest& request : run.backward->gradients) plan.AddCache(request);
+  }
   QuotaStreamer streamer(emit, run.chunk_bytes, run.max_streamed_bytes);
   StoredCache stored;
   for (const CacheRequest& request : run.cache) plan.AddCache(request);
@@ -158,11 +172,40 @@ absl::StatusOr<v1::RunResponse::Summary> ExecuteRun(const LlamaModel& model, Pre
       return absl::InvalidArgumentError("return_type loss needs at least 2 positions");
     }
     const at::Tensor loss = NextTokenLoss(logits, run.input.tokens, run.input.attention_mask, run.loss_per_token);
-    RETURN_IF_ERROR(streamer.Send("loss", loss.to(at::kCPU, at::kFloat)));
+    RETURN_IF_ERROR(streamer.Send("loss", loss.detach().to(at::kCPU, at::kFloat)));
   }
-  if (want_logits) RETURN_IF_ERROR(streamer.Send("logits", logits.to(at::kCPU, run.logits_dtype)));
+  if (want_logits) {
+    RETURN_IF_ERROR(streamer.Send("logits", logits.detach().to(at::kCPU, run.logits_dtype)));
+  }
 
   v1::RunResponse::Summary summary;
+  if (run.backward) {
+    const auto backward_start = std::chrono::steady_clock::now();
+    const BackwardSpec& spec = *run.backward;
+    at::Tensor output, output_grad;
+    switch (spec.metric) {
+      case BackwardSpec::Metric::kLoss:
+        output = NextTokenLoss(logits, run.input.tokens, run.input.attention_mask, false);
+        break;
+      case BackwardSpec::Metric::kLogitDiff:
+        output = LogitDifference(logits, spec.correct, spec.incorrect, spec.position);
+        break;
+      case BackwardSpec::Metric::kOutputGrad:
+        output = logits;
+        output_grad = spec.output_grad;
+        break;
+    }
+    if (!output_grad.defined()) {
+      output_grad = at::ones({}, output.options().requires_grad(false));
+      RETURN_IF_ERROR(streamer.Send("metric", output.detach().to(at::kCPU, at::kFloat)));
+    }
+    plan.SetGradientSink([&](HookId id, at::Tensor t) -> absl::Status {
+      if (cancelled()) return absl::CancelledError("client cancelled the run");
+      return streamer.Send(absl::StrCat(HookName(id), "_grad"), t);
+    });
+    RETURN_IF_ERROR(model.Backward(output, output_grad, &plan));
+    summary.set_backward_ms(SecondsSince(backward_start) * 1e3);
+  }
   if (run.store_cache) {
     ASSIGN_OR_RETURN(std::string handle, run.store(std::move(stored)));
     summary.set_cache_handle(handle);

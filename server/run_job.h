@@ -10,6 +10,7 @@
 #define REMOTELENS_SERVER_RUN_JOB_H_
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,7 @@
 #include "engine/llama_model.h"
 #include "remotelens/v1/remotelens.pb.h"
 #include "server/metrics.h"
+#include "server/request_builder.h"
 #include "server/session_store.h"
 
 namespace remotelens {
@@ -41,6 +43,9 @@ struct PreparedRun {
   int64_t chunk_bytes = 1 << 20;
   int64_t max_streamed_bytes = int64_t{4} << 30;  // the user's quota for one response
   int64_t host_memory_limit_bytes = 0;  // the server's bound on host memory (0: none)
+  // RunRequest.backward: the forward is differentiable (input.differentiable) and the metric's
+  // gradients stream after the forward's tensors, named "<hook>_grad".
+  std::optional<BackwardSpec> backward;
 };
 
 // Before any forward, both refuse a job that cannot fit (CheckJobFits): RESOURCE_EXHAUSTED.

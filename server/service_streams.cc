@@ -248,6 +248,11 @@ absl::Status SubmitRun(RemoteLensService& service, grpc::CallbackServerContext* 
   run->chunk_bytes = deps.limits.chunk_bytes();
   run->max_streamed_bytes = quota.max_streamed_bytes_per_request();
   run->host_memory_limit_bytes = deps.host_memory_limit_bytes;
+  if (request.has_backward()) {
+    ASSIGN_OR_RETURN(run->backward, BuildBackwardSpec(request.backward(), run->input,
+                                                      deps.model->config()));
+    run->input.differentiable = true;
+  }
 
   auto shared_lease = std::make_shared<ConcurrencyLimiter::Lease>(std::move(lease));
   auto shared_done = std::make_shared<decltype(done)>(std::move(done));

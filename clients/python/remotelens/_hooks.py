@@ -16,6 +16,10 @@ from typing import Any, Callable, Dict, List, Optional
 __all__ = ["HookPoint", "LensHandle", "build_module_tree"]
 
 
+# remotelens.ops kinds the server can apply to gradients (HookOp.backward).
+_BACKWARD_OPS = frozenset({"zero", "set", "add", "scale", "mean"})
+
+
 @dataclasses.dataclass
 class LensHandle:
     """One hook function registered on a HookPoint."""
@@ -32,7 +36,8 @@ class HookPoint:
         name: the TransformerLens hook name.
         shape: the activation's shape from the server, -1 for batch and position dimensions.
         fwd_hooks: the registered hook functions, in application order.
-        bwd_hooks: always empty: the server runs no backward pass.
+        bwd_hooks: backward ops (remotelens.ops zero/set/add/scale/mean), run on the server when a
+            call asks for gradients (run_with_cache(incl_bwd=True)).
         ctx: a dict hook functions may use to keep state between calls (clear_contexts empties it).
     """
 
@@ -53,24 +58,30 @@ class HookPoint:
 
         Args:
             hook: the hook function or op.
-            dir: "fwd"; "bwd" raises NotImplementedError (no backward pass on the server).
+            dir: "fwd", or "bwd" for a remotelens.ops op that rewrites the gradient at this point
+                when a call runs a backward pass (Python functions: NotImplementedError).
             is_permanent: survive reset_hooks() unless including_permanent=True.
             level: the hooks() context level that owns it (None: added directly).
             prepend: run before the hooks already registered here.
         """
-        if dir == "bwd":
-            raise NotImplementedError(
-                "backward hooks need gradients, and the remotelens server runs forward passes only")
-        if dir != "fwd":
+        if dir not in ("fwd", "bwd"):
             raise ValueError(f"Invalid direction {dir!r}")
+        if dir == "bwd" and getattr(hook, "kind", None) not in _BACKWARD_OPS:
+            # The server runs backward ops itself; a Python function would need a round trip per
+            # hook during the backward pass, which the server does not offer yet.
+            raise NotImplementedError(
+                f"backward hooks must be remotelens.ops ops ({', '.join(sorted(_BACKWARD_OPS))}) "
+                f"run on the server; Python backward hook functions are not supported yet. To read "
+                f"gradients, use run_with_cache(..., return_type='loss', incl_bwd=True)")
         if not callable(hook):
             raise TypeError(f"hook for {self.name} must be callable or a remotelens.ops op, "
                             f"got {type(hook).__name__}")
         handle = LensHandle(hook, is_permanent, level)
+        hooks = self.fwd_hooks if dir == "fwd" else self.bwd_hooks
         if prepend:
-            self.fwd_hooks.insert(0, handle)
+            hooks.insert(0, handle)
         else:
-            self.fwd_hooks.append(handle)
+            hooks.append(handle)
 
     def add_perma_hook(self, hook: Callable, dir: str = "fwd") -> None:
         """add_hook with is_permanent=True."""

@@ -87,7 +87,8 @@ def execute_run(stub, request: pb.RunRequest, callbacks: Callbacks, call_kwargs:
 
 def pos_dim(name: str) -> int:
     """The position dimension of a hook's activation, counted from the end."""
-    return -3 if name.rsplit(".", 1)[-1] in _POS_DIM_3 else -2
+    base = name[:-len("_grad")] if name.endswith("_grad") else name  # a gradient: its hook
+    return -3 if base.rsplit(".", 1)[-1] in _POS_DIM_3 else -2
 
 
 def server_pos_slice(pos_slice: Optional[Slice]) -> Optional[Tuple[Optional[int], Optional[int]]]:

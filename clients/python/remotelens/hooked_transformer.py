@@ -239,7 +239,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
         Args:
             name: a hook name, or a function of hook names selecting several.
             hook: fn(activation, hook) returning None or a replacement, or a remotelens.ops op.
-            dir: "fwd" only.
+            dir: "fwd", or "bwd" for a remotelens.ops op applied to gradients.
             is_permanent: survive reset_hooks() unless including_permanent=True.
             level: the hooks() context level owning it (None: added directly).
             prepend: apply before the hooks already on that point.
@@ -284,17 +284,17 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
 
         Args:
             fwd_hooks: [(name or name filter, hook fn or op)].
-            bwd_hooks: must be empty (no backward pass on the server).
+            bwd_hooks: [(name or name filter, remotelens.ops op)] applied to gradients when the
+                call runs a backward pass (run_with_cache(incl_bwd=True)).
             reset_hooks_end: remove this block's hooks on exit.
             clear_contexts: also clear hook contexts on exit.
         """
-        if bwd_hooks:
-            raise NotImplementedError("backward hooks are not supported: the server runs no "
-                                      "backward pass")
         try:
             self.context_level += 1
             for name, hook in fwd_hooks:
                 self._enable_hook(name, hook, "fwd")
+            for name, hook in bwd_hooks:
+                self._enable_hook(name, hook, "bwd")
             yield self
         finally:
             if reset_hooks_end:
@@ -309,6 +309,16 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
 
     def _active_hooks(self) -> List[Tuple[HookPoint, Callable]]:
         return [(hp, h.hook) for hp in self.hook_dict.values() for h in hp.fwd_hooks]
+
+    def _backward_ops(self) -> List[hooks_pb2.HookOp]:
+        """HookOps (backward = True) for the registered backward ops, in forward order."""
+        messages = []
+        for hp in self.hook_dict.values():
+            for h in hp.bwd_hooks:
+                op = h.hook.to_proto(hp.name, self._session_id)
+                op.backward = True
+                messages.append(op)
+        return messages
 
     @staticmethod
     def _is_op(fn: Callable) -> bool:
@@ -382,8 +392,12 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
                       attention_mask: Optional[torch.Tensor] = None,
                       stop_at_layer: Optional[int] = None, past_kv_cache=None,
                       shortformer_pos_embed=None, cache_names: Sequence[str] = (),
-                      pos_slice: Optional[Slice] = None, store: bool = False, download: bool = True):
-        """forward() plus caching; returns (model output, {name: tensor}, summary)."""
+                      pos_slice: Optional[Slice] = None, store: bool = False, download: bool = True,
+                      backward: Optional[pb.BackwardRequest] = None):
+        """forward() plus caching; returns (model output, {name: tensor}, summary).
+
+        With `backward`, the server also back-propagates its metric and the returned dict holds
+        the gradients it selects as "<name>_grad" (with the backward ops registered here)."""
         if return_type not in _RETURN_TYPES:
             raise ValueError(f"Invalid return_type {return_type!r}; one of 'logits', 'loss', 'both', None")
         if past_kv_cache is not None:
@@ -460,12 +474,18 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
                     request.cache.pos_start = server_slice[0]
                 if server_slice[1] is not None:
                     request.cache.pos_stop = server_slice[1]
+        if backward is not None:
+            request.backward.CopyFrom(backward)
+            request.hooks.extend(self._backward_ops())
         if store or needs_session:
             request.session_id = self._open_session()
         expected = self._expected_bytes(request, names, loss_tokens)
         outputs, summary = self._execute(request, callbacks, expected)
 
         cache = {n: outputs[n] for n in names if n in outputs}
+        if backward is not None:
+            cache.update({f"{n}_grad": outputs[f"{n}_grad"] for n in backward.cache.names
+                          if f"{n}_grad" in outputs})
         if pos_slice is not None and server_slice is None:
             cache = {n: pos_slice.apply(t, dim=pos_dim(n)) for n, t in cache.items()}
         logits = outputs.get("logits")
@@ -549,22 +569,40 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
             store: also keep the cache on the server (cache.handle) so ops.patch_from(cache)
                 patches without re-sending it.
             download: with store, False leaves the tensors on the server until first read.
-            incl_bwd: unsupported (must be False).
+            incl_bwd: also back-propagate the output, which must then be the scalar loss
+                (return_type="loss", as torch's backward() needs), on the server, and add the
+                gradient of every cached hook as "<name>_grad" (TransformerLens's names).
+                Backward ops registered with dir="bwd" rewrite gradients on the way.
             reset_hooks_end, clear_contexts: accepted for TransformerLens compatibility.
 
         Returns:
             (model output, ActivationCache or dict).
         """
-        if incl_bwd:
-            raise NotImplementedError("incl_bwd needs a backward pass, which the server does not run")
         if not download and not store:
             raise ValueError("download=False needs store=True (the tensors must be kept somewhere)")
         names = self._cache_names(names_filter)
         pos_slice = Slice.unwrap(pos_slice) if pos_slice is not None else None
+        backward = None
+        if incl_bwd:
+            if model_kwargs.get("return_type", "logits") != "loss" or model_kwargs.get("loss_per_token"):
+                # What TransformerLens's out.backward() raises for a non-scalar output.
+                raise RuntimeError("grad can be implicitly created only for scalar outputs: "
+                                   "incl_bwd=True needs return_type='loss' (the mean loss)")
+            if store:
+                raise ValueError("incl_bwd=True streams gradients; store=True is not supported with it")
+            backward = pb.BackwardRequest(loss=pb.LossMetric(),
+                                          cache=pb.CacheSelection(names=names, stream=True))
+            server_slice = server_pos_slice(pos_slice)
+            if server_slice is not None:
+                if server_slice[0] is not None:
+                    backward.cache.pos_start = server_slice[0]
+                if server_slice[1] is not None:
+                    backward.cache.pos_stop = server_slice[1]
         with self.hooks((), (), reset_hooks_end, clear_contexts):
             out, cache_dict, summary = self._forward_impl(*model_args, cache_names=names,
                                                           pos_slice=pos_slice, store=store,
-                                                          download=download, **model_kwargs)
+                                                          download=download, backward=backward,
+                                                          **model_kwargs)
         handle = summary.cache_handle or None
         if store and not download:
             session_id = self._session_id
