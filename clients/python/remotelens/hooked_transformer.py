@@ -28,6 +28,7 @@ import grpc
 import grpc.experimental
 import torch
 
+from . import metrics as metrics_module
 from . import ops as ops_module
 from ._generation import GenerationMixin
 from ._run import Progress, execute_run, pos_dim, server_pos_slice
@@ -553,7 +554,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
                        remove_batch_dim: bool = False, incl_bwd: bool = False,
                        reset_hooks_end: bool = True, clear_contexts: bool = False,
                        pos_slice=None, return_cache_object: bool = True, store: bool = False,
-                       download: bool = True, **model_kwargs):
+                       download: bool = True, metric=None, **model_kwargs):
         """forward() that also returns the activations selected by names_filter.
 
         Args:
@@ -573,6 +574,8 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
                 (return_type="loss", as torch's backward() needs), on the server, and add the
                 gradient of every cached hook as "<name>_grad" (TransformerLens's names).
                 Backward ops registered with dir="bwd" rewrite gradients on the way.
+            metric: with incl_bwd, back-propagate this remotelens.metrics metric (computed on
+                the server, e.g. metrics.logit_diff) instead of the loss; any return_type.
             reset_hooks_end, clear_contexts: accepted for TransformerLens compatibility.
 
         Returns:
@@ -583,15 +586,23 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
         names = self._cache_names(names_filter)
         pos_slice = Slice.unwrap(pos_slice) if pos_slice is not None else None
         backward = None
+        if metric is not None and not incl_bwd:
+            raise ValueError("metric is what incl_bwd=True back-propagates; pass incl_bwd=True")
         if incl_bwd:
-            if model_kwargs.get("return_type", "logits") != "loss" or model_kwargs.get("loss_per_token"):
+            if metric is None and (model_kwargs.get("return_type", "logits") != "loss"
+                                   or model_kwargs.get("loss_per_token")):
                 # What TransformerLens's out.backward() raises for a non-scalar output.
                 raise RuntimeError("grad can be implicitly created only for scalar outputs: "
                                    "incl_bwd=True needs return_type='loss' (the mean loss)")
             if store:
                 raise ValueError("incl_bwd=True streams gradients; store=True is not supported with it")
-            backward = pb.BackwardRequest(loss=pb.LossMetric(),
-                                          cache=pb.CacheSelection(names=names, stream=True))
+            backward = pb.BackwardRequest(cache=pb.CacheSelection(names=names, stream=True))
+            if metric is None:
+                backward.loss.SetInParent()
+            elif isinstance(metric, metrics_module.LogitDiff):
+                backward.logit_diff.CopyFrom(metric.to_proto())
+            else:
+                raise TypeError(f"metric must be a remotelens.metrics metric, got {type(metric).__name__}")
             server_slice = server_pos_slice(pos_slice)
             if server_slice is not None:
                 if server_slice[0] is not None:
