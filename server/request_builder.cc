@@ -291,11 +291,10 @@ absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, boo
     return Invalid(absl::StrCat(what, ".selector.heads"),
                    absl::StrCat("hook \"", Echo(op.hook_name()), "\" has no head dimension"));
   }
-  if (op.backward() &&
-      (op.op_case() == v1::HookOp::kPatchFromCache || op.op_case() == v1::HookOp::kClientCallback)) {
+  if (op.backward() && op.op_case() == v1::HookOp::kPatchFromCache) {
     return Invalid(absl::StrCat(what, ".backward"),
-                   "backward ops are zero, set, add, scale or mean (patch_from_cache and "
-                   "client_callback rewrite activations only)");
+                   "backward ops are zero, set, add, scale, mean or client_callback "
+                   "(patch_from_cache rewrites activations only)");
   }
   switch (op.op_case()) {
     case v1::HookOp::kZero:
@@ -518,6 +517,13 @@ absl::StatusOr<BackwardSpec> BuildBackwardSpec(const v1::BackwardRequest& reques
   }
   if (request.cache().store()) {
     return Invalid("backward.cache.store", "gradients are streamed; storing them is not supported");
+  }
+  if (request.has_metric_grad()) {
+    if (spec.metric == BackwardSpec::Metric::kOutputGrad) {
+      return Invalid("backward.metric_grad", "applies to loss and logit_diff, not output_grad");
+    }
+    if (!std::isfinite(request.metric_grad())) return Invalid("backward.metric_grad", "must be finite");
+    spec.metric_grad = request.metric_grad();
   }
   ASSIGN_OR_RETURN(spec.gradients, BuildCacheRequests(request.cache(), config));
   for (CacheRequest& r : spec.gradients) r.gradient = true;

@@ -106,6 +106,7 @@ struct BackwardSpec {
   std::vector<int64_t> correct, incorrect;  // kLogitDiff: one per row, or one for all rows
   int64_t position = -1;                    // kLogitDiff
   at::Tensor output_grad;                   // kOutputGrad (its shape is checked by the engine)
+  double metric_grad = 1.0;                 // kLoss, kLogitDiff: d(value)/d(metric)
   std::vector<CacheRequest> gradients;      // CacheRequest::gradient set
 };
 

@@ -196,7 +196,7 @@ absl::StatusOr<v1::RunResponse::Summary> ExecuteRun(const LlamaModel& model, Pre
         break;
     }
     if (!output_grad.defined()) {
-      output_grad = at::ones({}, output.options().requires_grad(false));
+      output_grad = at::full({}, spec.metric_grad, output.options().requires_grad(false));
       RETURN_IF_ERROR(streamer.Send("metric", output.detach().to(at::kCPU, at::kFloat)));
     }
     plan.SetGradientSink([&](HookId id, at::Tensor t) -> absl::Status {

@@ -175,8 +175,8 @@ def test_hook_exceptions_and_bad_returns_surface_in_python(model):
         model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_z", ops.add(torch.ones(3)))])
     with pytest.raises(ValueError, match="no head dimension"):
         ops.zero(head=1)(torch.zeros(1, 2, 3), model.hook_dict["blocks.0.hook_resid_pre"])
-    with pytest.raises(NotImplementedError):
-        model.add_hook("hook_embed", lambda x, hook: None, dir="bwd")
+    with pytest.raises(ValueError, match="Invalid direction"):
+        model.add_hook("hook_embed", lambda x, hook: None, dir="sideways")
 
 
 def test_bfloat16_server_round_trips_python_hooks(demo_model_dir):

@@ -105,11 +105,11 @@ def test_backward_op_zeroing_resid_pre_zeroes_every_gradient_upstream(model, ref
     assert plain.shape == (2, 7, reference.config.d_vocab)
 
 
-def test_python_backward_hook_functions_are_refused_with_the_alternative(model):
-    with pytest.raises(NotImplementedError, match="incl_bwd"):
-        model.add_hook("blocks.0.hook_resid_pre", lambda grad, hook: None, dir="bwd")
+def test_incl_bwd_needs_a_scalar_and_patching_is_no_backward_op(model):
     with pytest.raises(RuntimeError, match="scalar outputs"):
         model.run_with_cache(TOKENS, incl_bwd=True)
+    with pytest.raises(ValueError, match="cannot be a backward hook"):
+        model.add_hook("blocks.0.hook_resid_pre", ops.patch_from({"blocks.0.hook_resid_pre": TOKENS}), dir="bwd")
 
 
 def _stub_run(model, request):
@@ -258,3 +258,68 @@ def test_attribution_patching_example_matches_the_reference(model, reference, de
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "resid_pre attribution per layer" in result.stdout and "largest head attributions" in result.stdout
+
+
+def test_transformer_lens_backward_hook_idiom_matches_the_reference(model, reference):
+    """The idiom from TransformerLens's docs (Exploratory Analysis Demo, attribution patching):
+    forward and backward Python hooks, any metric of the logits computed in the notebook, and
+    value.backward()."""
+    act_cache, grad_cache = {}, {}
+
+    def fwd_cache_hook(act, hook):
+        act_cache[hook.name] = act.detach().clone()
+
+    def bwd_cache_hook(grad, hook):
+        grad_cache[hook.name] = grad.detach().clone()
+
+    def name_filter(name):
+        return name.endswith("hook_resid_pre") or name.endswith("attn.hook_pattern")
+
+    def metric(logits):
+        return torch.log_softmax(logits[:, -1], -1)[:, 5].sum() + logits[:, 2, 7].mean()
+
+    model.add_hook(name_filter, fwd_cache_hook, "fwd")
+    model.add_hook(name_filter, bwd_cache_hook, "bwd")
+    value = metric(model(TOKENS))
+    value.backward()
+    model.reset_hooks()
+
+    ref_value, ref_grads = _reference_grads(reference, TOKENS, metric)
+    assert abs(float(value) - float(ref_value)) < 1e-4
+    names = [n for n in ref_grads if name_filter(n)]
+    assert sorted(grad_cache) == sorted(names) and sorted(act_cache) == sorted(names)
+    _assert_grads_close({f"{n}_grad": g for n, g in grad_cache.items()}, ref_grads, names)
+
+
+def test_backward_through_the_loss_and_a_stop_at_layer_output(model, reference):
+    grads = {}
+    model.add_hook("blocks.0.hook_resid_pre", lambda g, hook: grads.__setitem__("loss", g.clone()), dir="bwd")
+    loss = model(TOKENS, return_type="loss")
+    (2.5 * loss).backward()
+    _, ref_grads = _reference_grads(reference, TOKENS, lambda logits: 2.5 * _loss(TOKENS)(logits))
+    _assert_grads_close({"x_grad": grads["loss"]}, {"x": ref_grads["blocks.0.hook_resid_pre"]}, ["x"])
+
+    model.reset_hooks()
+    model.add_hook("blocks.0.hook_resid_pre", lambda g, hook: grads.__setitem__("stop", g.clone()), dir="bwd")
+    resid = model(TOKENS, stop_at_layer=2)
+    (resid ** 2).sum().backward()
+    batch, pos = TOKENS.shape
+    anchor = torch.zeros(batch, pos, reference.config.d_model, requires_grad=True)
+    _, cache = reference.forward(TOKENS, ops=[{"hook": "hook_embed", "op": "add", "tensor": "a"}],
+                                 hook_tensors={"a": anchor}, stop_at_layer=2)
+    ref_resid = cache["blocks.1.hook_resid_post"]
+    (expected,) = torch.autograd.grad((ref_resid ** 2).sum(), [cache["blocks.0.hook_resid_pre"]])
+    _assert_grads_close({"x_grad": grads["stop"]}, {"x": expected}, ["x"])
+
+
+def test_python_backward_hook_returning_zeros_stops_the_gradient_upstream(model):
+    seen = {}
+    model.add_hook("blocks.1.hook_resid_pre", lambda g, hook: torch.zeros_like(g), dir="bwd")
+    model.add_hook("blocks.0.attn.hook_z", lambda g, hook: seen.__setitem__("z", g.clone()), dir="bwd")
+    model.add_hook("blocks.1.hook_resid_mid", lambda g, hook: seen.__setitem__("mid", g.clone()), dir="bwd")
+    model(TOKENS).sum().backward()
+    assert float(seen["z"].abs().max()) == 0
+    assert float(seen["mid"].abs().max()) > 0
+    # Without grad mode there is no graph, as with TransformerLens under torch.no_grad().
+    with torch.no_grad():
+        assert not model(TOKENS).requires_grad

@@ -36,8 +36,9 @@ class HookPoint:
         name: the TransformerLens hook name.
         shape: the activation's shape from the server, -1 for batch and position dimensions.
         fwd_hooks: the registered hook functions, in application order.
-        bwd_hooks: backward ops (remotelens.ops zero/set/add/scale/mean), run on the server when a
-            call asks for gradients (run_with_cache(incl_bwd=True)).
+        bwd_hooks: backward hooks: fn(grad, hook) returning None or a replacement gradient, or
+            remotelens.ops zero/set/add/scale/mean (run on the server); they fire when a backward
+            pass runs (output.backward(), run_with_cache(incl_bwd=True)).
         ctx: a dict hook functions may use to keep state between calls (clear_contexts empties it).
     """
 
@@ -58,21 +59,17 @@ class HookPoint:
 
         Args:
             hook: the hook function or op.
-            dir: "fwd", or "bwd" for a remotelens.ops op that rewrites the gradient at this point
-                when a call runs a backward pass (Python functions: NotImplementedError).
+            dir: "fwd", or "bwd" for a hook on the gradient at this point (fn(grad, hook), or a
+                remotelens.ops op), fired when a backward pass runs.
             is_permanent: survive reset_hooks() unless including_permanent=True.
             level: the hooks() context level that owns it (None: added directly).
             prepend: run before the hooks already registered here.
         """
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"Invalid direction {dir!r}")
-        if dir == "bwd" and getattr(hook, "kind", None) not in _BACKWARD_OPS:
-            # The server runs backward ops itself; a Python function would need a round trip per
-            # hook during the backward pass, which the server does not offer yet.
-            raise NotImplementedError(
-                f"backward hooks must be remotelens.ops ops ({', '.join(sorted(_BACKWARD_OPS))}) "
-                f"run on the server; Python backward hook functions are not supported yet. To read "
-                f"gradients, use run_with_cache(..., return_type='loss', incl_bwd=True)")
+        if dir == "bwd" and hasattr(hook, "to_proto") and getattr(hook, "kind", None) not in _BACKWARD_OPS:
+            raise ValueError(f"ops.{hook.kind} cannot be a backward hook; backward ops are "
+                             f"{', '.join(sorted(_BACKWARD_OPS))}, or a Python function")
         if not callable(hook):
             raise TypeError(f"hook for {self.name} must be callable or a remotelens.ops op, "
                             f"got {type(hook).__name__}")

@@ -45,6 +45,22 @@ from .v1 import hooks_pb2, remotelens_pb2 as pb, remotelens_pb2_grpc
 
 __all__ = ["HookedTransformer", "Output"]
 
+class _ServerBackward(torch.autograd.Function):
+    """The model's output as a node of the notebook's torch graph. Its backward hands
+    d(value)/d(output) to `run_backward`, which has the server back-propagate it through the
+    model; nothing upstream of the output is a torch tensor, so it returns no gradients."""
+
+    @staticmethod
+    def forward(ctx, anchor, output, run_backward):  # noqa: D102
+        ctx.run_backward = run_backward
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        ctx.run_backward(grad_output)
+        return None, None, None
+
+
 _RETURN_TYPES = {"logits": pb.RETURN_TYPE_LOGITS, "loss": pb.RETURN_TYPE_LOSS,
                  "both": pb.RETURN_TYPE_BOTH, None: pb.RETURN_TYPE_NONE}
 
@@ -311,15 +327,26 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
     def _active_hooks(self) -> List[Tuple[HookPoint, Callable]]:
         return [(hp, h.hook) for hp in self.hook_dict.values() for h in hp.fwd_hooks]
 
-    def _backward_ops(self) -> List[hooks_pb2.HookOp]:
-        """HookOps (backward = True) for the registered backward ops, in forward order."""
-        messages = []
+    def _has_backward_hooks(self) -> bool:
+        return any(hp.bwd_hooks for hp in self.hook_dict.values())
+
+    def _backward_ops(self, first_callback_id: int
+                      ) -> Tuple[List[hooks_pb2.HookOp], Dict[int, Tuple[Callable, HookPoint]]]:
+        """HookOps (backward = True) for the registered backward hooks, in forward order: ops
+        run on the server; Python functions become callbacks numbered from first_callback_id."""
+        messages, callbacks = [], {}
         for hp in self.hook_dict.values():
             for h in hp.bwd_hooks:
-                op = h.hook.to_proto(hp.name, self._session_id)
+                if self._is_op(h.hook):
+                    op = h.hook.to_proto(hp.name, self._session_id)
+                else:
+                    callback_id = first_callback_id + len(callbacks)
+                    callbacks[callback_id] = (h.hook, hp)
+                    op = hooks_pb2.HookOp(hook_name=hp.name, client_callback=hooks_pb2.ClientCallbackOp(
+                        callback_id=callback_id))
                 op.backward = True
                 messages.append(op)
-        return messages
+        return messages, callbacks
 
     @staticmethod
     def _is_op(fn: Callable) -> bool:
@@ -368,14 +395,18 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
 
         Returns:
             Logits [batch, pos, d_vocab] (float32), the loss, Output(logits, loss), the residual
-            stream (with stop_at_layer), or None.
+            stream (with stop_at_layer), or None. When backward hooks are registered and grad
+            mode is on, logits, the residual and the mean loss come in a torch graph:
+            metric(output).backward() runs the backward on the server and fires those hooks
+            (TransformerLens's bwd hook idiom; forward hook functions run again for it).
         """
         return self._forward_impl(input, return_type=return_type, loss_per_token=loss_per_token,
                                   prepend_bos=prepend_bos, padding_side=padding_side,
                                   start_at_layer=start_at_layer, tokens=tokens,
                                   attention_mask=attention_mask, stop_at_layer=stop_at_layer,
                                   past_kv_cache=past_kv_cache,
-                                  shortformer_pos_embed=shortformer_pos_embed)[0]
+                                  shortformer_pos_embed=shortformer_pos_embed,
+                                  attach_backward=torch.is_grad_enabled() and self._has_backward_hooks())[0]
 
     def _layer_index(self, layer: Optional[int], what: str) -> Optional[int]:
         if layer is None:
@@ -394,11 +425,13 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
                       stop_at_layer: Optional[int] = None, past_kv_cache=None,
                       shortformer_pos_embed=None, cache_names: Sequence[str] = (),
                       pos_slice: Optional[Slice] = None, store: bool = False, download: bool = True,
-                      backward: Optional[pb.BackwardRequest] = None):
+                      backward: Optional[pb.BackwardRequest] = None, attach_backward: bool = False):
         """forward() plus caching; returns (model output, {name: tensor}, summary).
 
         With `backward`, the server also back-propagates its metric and the returned dict holds
-        the gradients it selects as "<name>_grad" (with the backward ops registered here)."""
+        the gradients it selects as "<name>_grad" (with the backward ops registered here).
+        With `attach_backward`, a logits, residual or mean-loss output is returned in a torch
+        graph whose backward runs on the server (_ServerBackward)."""
         if return_type not in _RETURN_TYPES:
             raise ValueError(f"Invalid return_type {return_type!r}; one of 'logits', 'loss', 'both', None")
         if past_kv_cache is not None:
@@ -477,7 +510,9 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
                     request.cache.pos_stop = server_slice[1]
         if backward is not None:
             request.backward.CopyFrom(backward)
-            request.hooks.extend(self._backward_ops())
+            backward_ops, backward_callbacks = self._backward_ops(len(callbacks))
+            request.hooks.extend(backward_ops)
+            callbacks.update(backward_callbacks)
         if store or needs_session:
             request.session_id = self._open_session()
         expected = self._expected_bytes(request, names, loss_tokens)
@@ -507,7 +542,35 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
             out = Output(self._to_device(logits), self._to_device(loss))
         else:
             out = None
+        if attach_backward and (stop is not None or return_type == "logits"
+                                or (return_type == "loss" and server_loss and not loss_per_token)):
+            out = self._attach_backward(out, request, callbacks, metric_is_loss=(
+                stop is None and return_type == "loss"))
         return out, cache, summary
+
+    def _attach_backward(self, out: torch.Tensor, request: pb.RunRequest,
+                         callbacks: Dict[int, Tuple[Callable, HookPoint]], metric_is_loss: bool) -> torch.Tensor:
+        """`out` in a torch graph: its backward sends d(value)/d(out) to the server, which re-runs
+        this forward (same request, same hooks: forward hook functions run again) differentiably,
+        back-propagates, and calls the backward hooks registered now."""
+        backward_ops, backward_callbacks = self._backward_ops(len(callbacks))
+        all_callbacks = {**callbacks, **backward_callbacks}
+
+        def run_backward(grad: torch.Tensor) -> None:
+            rerun = pb.RunRequest()
+            rerun.CopyFrom(request)
+            rerun.ClearField("cache")
+            rerun.return_type = pb.RETURN_TYPE_NONE
+            rerun.hooks.extend(backward_ops)
+            if metric_is_loss:
+                rerun.backward.loss.SetInParent()
+                rerun.backward.metric_grad = float(grad)
+            else:
+                rerun.backward.output_grad.CopyFrom(tensor_to_proto(grad.detach().cpu(), float_only=True))
+            self._execute(rerun, all_callbacks, None)
+
+        anchor = torch.zeros((), requires_grad=True)  # gives the output a graph to live in
+        return _ServerBackward.apply(anchor, out, run_backward)
 
     def _expected_bytes(self, request: pb.RunRequest, names: Sequence[str],
                         tokens: Optional[torch.Tensor]) -> Optional[int]:
