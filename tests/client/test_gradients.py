@@ -323,3 +323,21 @@ def test_python_backward_hook_returning_zeros_stops_the_gradient_upstream(model)
     # Without grad mode there is no graph, as with TransformerLens under torch.no_grad().
     with torch.no_grad():
         assert not model(TOKENS).requires_grad
+
+
+def test_logit_difference_gradients_at_every_hook_through_the_client(model, reference):
+    from remotelens import metrics
+    correct, incorrect = [250, 12], [3, 8]
+
+    def logit_diff(logits):
+        rows = torch.arange(logits.shape[0])
+        return (logits[rows, -1, torch.tensor(correct)] - logits[rows, -1, torch.tensor(incorrect)]).mean()
+
+    logits, cache = model.run_with_cache(TOKENS, incl_bwd=True, metric=metrics.logit_diff(correct, incorrect))
+    _, ref_grads = _reference_grads(reference, TOKENS, logit_diff)
+    names = [n for n in all_hook_names(reference.config.n_layers) if n in ref_grads and n in cache]
+    assert len(names) >= 20 * reference.config.n_layers
+    _assert_grads_close(cache, ref_grads, names)
+    assert logits.shape == (2, 7, reference.config.d_vocab)
+    with pytest.raises(ValueError, match="incl_bwd=True"):
+        model.run_with_cache(TOKENS, metric=metrics.logit_diff(1, 2))
