@@ -33,6 +33,9 @@ ABSL_FLAG(std::string, tokens_file, "", "optional: raw int64 token ids [batch, p
 ABSL_FLAG(std::string, modes, "none,resid_post,all", "comma-separated: none, resid_post, all, decode");
 ABSL_FLAG(std::string, device, "cpu", "device(s), comma-separated: cpu, cuda:0, cuda:0,cuda:1");
 ABSL_FLAG(std::string, dtype, "float32", "compute dtype: float32, bfloat16 or float16");
+ABSL_FLAG(bool, copy_weights, false,
+          "copy CPU weights into process memory instead of using them in place from the mapped "
+          "checkpoint (load.copy_weights)");
 
 namespace remotelens {
 namespace {
@@ -41,6 +44,7 @@ int Main() {
   if (absl::GetFlag(FLAGS_threads) > 0) at::set_num_threads(absl::GetFlag(FLAGS_threads));
   LoadOptions load;
   load.onednn_gemm = absl::GetFlag(FLAGS_onednn_gemm);
+  load.map_cpu_weights = !absl::GetFlag(FLAGS_copy_weights);
   auto dtype = ParseDtype(absl::GetFlag(FLAGS_dtype));
   auto devices = ParseDevices(absl::GetFlag(FLAGS_device));
   if (!dtype.ok() || !devices.ok()) {
