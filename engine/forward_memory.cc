@@ -18,18 +18,24 @@ int64_t SliceLength(std::optional<int64_t> start, std::optional<int64_t> stop, i
 
 }  // namespace
 
-int64_t ForwardWorkingBytes(const LlamaConfig& c, at::ScalarType dtype, const ForwardSize& size) {
+int64_t BlockActivationBytes(const LlamaConfig& c, at::ScalarType dtype, const ForwardSize& size) {
   const int64_t e = static_cast<int64_t>(c10::elementSize(dtype));
   const int64_t rows = size.batch * size.pos;
   const int64_t keys = size.pos + size.past;
-  const int64_t residual = rows * c.d_model * e;
   // resid_pre, normalized, attn_out, resid_mid (and their successors of the next block).
-  int64_t block = 4 * residual;
+  int64_t block = 4 * rows * c.d_model * e;
   block += 2 * rows * (c.n_heads + 2 * c.n_kv_heads) * c.d_head * e;  // q/k/v, rotated
   block += 2 * size.batch * c.n_heads * size.pos * keys * 4;          // scores, pattern (float32)
   block += rows * c.n_heads * c.d_head * e;                            // z
   block += 3 * rows * c.d_mlp * e;                                     // gate/up, post
-  int64_t total = block;
+  return block;
+}
+
+int64_t ForwardWorkingBytes(const LlamaConfig& c, at::ScalarType dtype, const ForwardSize& size) {
+  const int64_t e = static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t rows = size.batch * size.pos;
+  const int64_t keys = size.pos + size.past;
+  int64_t total = BlockActivationBytes(c, dtype, size);
   if (size.past > 0) {
     total += 2 * c.n_layers * size.batch * c.n_kv_heads * c.d_head * keys * e;  // key/value cache
   }

@@ -33,6 +33,11 @@ struct ForwardSize {
 int64_t ForwardWorkingBytes(const LlamaConfig& config, at::ScalarType dtype,
                             const ForwardSize& size);
 
+// Activation bytes of one block of that forward (the block term above): what autograd keeps
+// per layer until the backward of a differentiable forward.
+int64_t BlockActivationBytes(const LlamaConfig& config, at::ScalarType dtype,
+                             const ForwardSize& size);
+
 // Bytes of the copy a cache request makes: its hook's shape for `size`, its position slice
 // applied, in its dtype (else `model_dtype`).
 int64_t CacheRequestBytes(const CacheRequest& request, const LlamaConfig& config,

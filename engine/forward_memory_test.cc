@@ -55,6 +55,10 @@ TEST(ForwardMemory, WorkingBytesCoverLogitsScoresAndTheKeyValueCache) {
   // Rows scale it linearly; positions at least linearly (scores quadratically).
   EXPECT_EQ(ForwardWorkingBytes(c, at::kFloat, ForwardSize{4, 16, 0}), 4 * one);
   EXPECT_GT(ForwardWorkingBytes(c, at::kFloat, ForwardSize{1, 64, 0}), 4 * one);
+  // One block's activations are part of it, without the logits.
+  const int64_t block = BlockActivationBytes(c, at::kFloat, ForwardSize{1, 16, 0});
+  EXPECT_GE(block, 2 * 4 * 16 * 16 * 4);
+  EXPECT_LE(block + 16 * 1000 * 8, one);
   // A narrower dtype needs less; a key/value cache needs more.
   EXPECT_LT(ForwardWorkingBytes(c, at::kBFloat16, ForwardSize{1, 16, 0}), one);
   EXPECT_GE(ForwardWorkingBytes(c, at::kFloat, ForwardSize{1, 1, 100}) -

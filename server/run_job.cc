@@ -123,11 +123,10 @@ absl::StatusOr<v1::RunResponse::Summary> ExecuteRun(const LlamaModel& model, Pre
         kept += CacheRequestBytes(r, config, model.weights().embed.scalar_type(), size);
       }
     }
-    // Autograd keeps every block's activations until the backward: about one block's working
-    // set per layer.
+    // Autograd keeps every block's activations until the backward.
     if (run.backward) {
       kept += config.n_layers *
-              ForwardWorkingBytes(config, model.weights().embed.scalar_type(), size);
+              BlockActivationBytes(config, model.weights().embed.scalar_type(), size);
     }
     RETURN_IF_ERROR(CheckJobFits(model, size, kept, run.host_memory_limit_bytes));
   }
