@@ -17,10 +17,11 @@ import subprocess
 import sys
 
 
-def run(binary, args):
+def run(binary, args, extra):
     out = subprocess.run([binary, f"--model_dir={args.model_dir}", f"--batch={args.batch}",
                           f"--pos={args.pos}", f"--iters={args.iters}", "--warmup=2",
-                          f"--modes={args.modes}"], capture_output=True, text=True, check=True)
+                          f"--modes={args.modes}", *extra.split()], capture_output=True, text=True,
+                         check=True)
     return {r["mode"]: float(r["median_ms"]) for r in map(json.loads, out.stdout.splitlines())
             if r.get("mode")}
 
@@ -35,11 +36,13 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--modes", default="none,resid_post,decode")
+    ap.add_argument("--a_flags", default="", help="extra flags for A, e.g. --copy_weights")
+    ap.add_argument("--b_flags", default="", help="extra flags for B")
     args = ap.parse_args()
     results = {"a": [], "b": []}
     for _ in range(args.rounds):
         for side in ("a", "b"):
-            results[side].append(run(getattr(args, side), args))
+            results[side].append(run(getattr(args, side), args, getattr(args, f"{side}_flags")))
     print(f"| mode | A median ms | B median ms | B/A |  ({args.rounds} alternating runs of "
           f"{args.iters}; batch {args.batch}, pos {args.pos})")
     print("|---|---|---|---|")
