@@ -72,6 +72,11 @@ class LlamaModel {
   absl::StatusOr<at::Tensor> Forward(const ForwardInput& input, HookPlan* plan = nullptr,
                                      KvCache* kv_cache = nullptr) const;
 
+  // The logit lens: the final RMSNorm and the unembedding, without hooks, applied to residual-
+  // stream rows [..., d_model] on any device. Returns [..., d_vocab] in the model's dtype on the
+  // unembedding's device. HookPlan readouts call it through a LensFn.
+  at::Tensor Lens(const at::Tensor& residual) const;
+
   const LlamaConfig& config() const { return config_; }
   const LlamaWeights& weights() const { return weights_; }
   const LoadOptions& options() const { return options_; }
