@@ -29,6 +29,7 @@ import grpc.experimental
 import torch
 
 from . import ops as ops_module
+from . import readouts as readouts_module
 from ._generation import GenerationMixin
 from ._run import Progress, execute_run, pos_dim, server_pos_slice
 from ._tokens import TokensMixin
@@ -382,8 +383,10 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
                       attention_mask: Optional[torch.Tensor] = None,
                       stop_at_layer: Optional[int] = None, past_kv_cache=None,
                       shortformer_pos_embed=None, cache_names: Sequence[str] = (),
-                      pos_slice: Optional[Slice] = None, store: bool = False, download: bool = True):
-        """forward() plus caching; returns (model output, {name: tensor}, summary)."""
+                      pos_slice: Optional[Slice] = None, store: bool = False, download: bool = True,
+                      readouts: Sequence["readouts_module.Readout"] = ()):
+        """forward() plus caching and readouts; returns (model output, {name: tensor}, summary,
+        [readout results])."""
         if return_type not in _RETURN_TYPES:
             raise ValueError(f"Invalid return_type {return_type!r}; one of 'logits', 'loss', 'both', None")
         if past_kv_cache is not None:
@@ -460,12 +463,14 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
                     request.cache.pos_start = server_slice[0]
                 if server_slice[1] is not None:
                     request.cache.pos_stop = server_slice[1]
+        request.readouts.extend(r.to_proto() for r in readouts)
         if store or needs_session:
             request.session_id = self._open_session()
         expected = self._expected_bytes(request, names, loss_tokens)
         outputs, summary = self._execute(request, callbacks, expected)
 
         cache = {n: outputs[n] for n in names if n in outputs}
+        readout_results = [r.decode(outputs, i) for i, r in enumerate(readouts)]
         if pos_slice is not None and server_slice is None:
             cache = {n: pos_slice.apply(t, dim=pos_dim(n)) for n, t in cache.items()}
         logits = outputs.get("logits")
@@ -486,7 +491,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
             out = Output(self._to_device(logits), self._to_device(loss))
         else:
             out = None
-        return out, cache, summary
+        return out, cache, summary, readout_results
 
     def _expected_bytes(self, request: pb.RunRequest, names: Sequence[str],
                         tokens: Optional[torch.Tensor]) -> Optional[int]:
@@ -562,9 +567,9 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
         names = self._cache_names(names_filter)
         pos_slice = Slice.unwrap(pos_slice) if pos_slice is not None else None
         with self.hooks((), (), reset_hooks_end, clear_contexts):
-            out, cache_dict, summary = self._forward_impl(*model_args, cache_names=names,
-                                                          pos_slice=pos_slice, store=store,
-                                                          download=download, **model_kwargs)
+            out, cache_dict, summary, _ = self._forward_impl(*model_args, cache_names=names,
+                                                             pos_slice=pos_slice, store=store,
+                                                             download=download, **model_kwargs)
         handle = summary.cache_handle or None
         if store and not download:
             session_id = self._session_id
@@ -581,6 +586,33 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
             return out, cache_dict
         return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim,
                                     handle=handle, session_id=self._session_id if handle else None)
+
+    def run_with_readouts(self, *model_args, readouts: Sequence["readouts_module.Readout"],
+                          fwd_hooks: Sequence = (), **model_kwargs):
+        """forward() that also computes readouts and reductions on the server (one round trip,
+        a small answer): logit lens top-k or logits, norms, means (see remotelens.readouts).
+
+        Args:
+            *model_args, **model_kwargs: forward()'s arguments (return_type=None skips the
+                logits download when only the readouts are wanted).
+            readouts: remotelens.readouts.lens(...), norm(...), mean(...); each sees its hooks'
+                activations after the active hooks (ops, Python hooks) have run there.
+            fwd_hooks: hooks added for this call only, as run_with_hooks.
+
+        Returns:
+            (model output, [one result per readout, in order]): a float32 tensor, or a
+            readouts.LensTopK(values, indices) for a lens with top_k.
+
+        Raises:
+            ValueError: a bad hook name, top_k or position (the server's INVALID_ARGUMENT,
+                naming what is valid).
+        """
+        for r in readouts:
+            if not isinstance(r, readouts_module.Readout):
+                raise TypeError(f"readouts must be remotelens.readouts.lens/norm/mean, got {r!r}")
+        with self.hooks(fwd_hooks):
+            out, _, _, results = self._forward_impl(*model_args, readouts=readouts, **model_kwargs)
+        return out, results
 
     def _fetch_cache(self, session_id: str, handle: str, names: Sequence[str],
                      pos_slice: Optional[Slice] = None) -> Dict[str, torch.Tensor]:
