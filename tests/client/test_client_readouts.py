@@ -173,3 +173,19 @@ def test_bad_readouts_and_scale_by_are_invalid_argument_naming_what_is_valid(mod
         model.run_with_readouts(tokens, readouts=[ops.zero()])
     # The model still serves after every refusal.
     assert model(tokens).shape == (1, n_pos, vocab)
+
+
+def test_generate_with_cache_streams_each_steps_activations(model, reference):
+    tokens = model.to_tokens(PROMPT)
+    name = "blocks.1.hook_resid_post"
+    out, steps = model.generate_with_cache(tokens, max_new_tokens=5, names_filter=name)
+    expected = reference_greedy(reference, tokens, 5)
+    assert torch.equal(out, expected)
+    assert len(steps) == 5
+    _, cache = reference.forward(out[:, :-1])
+    n = tokens.shape[1]
+    assert_close(steps[0][name], cache[name][:, :n], atol=1e-3, what="prefill")
+    for k in range(1, 5):
+        assert_close(steps[k][name], cache[name][:, n + k - 1:n + k], atol=1e-3, what=f"step {k}")
+    with pytest.raises(KeyError, match="not a hook point"):
+        model.generate_with_cache(tokens, max_new_tokens=1, names_filter="blocks.1.hook_resid")
