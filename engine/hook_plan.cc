@@ -154,7 +154,6 @@ absl::Status HookPlan::AddReadout(ReadoutRequest request) {
   }
   PendingReadout pending;
   pending.values.resize(request.hooks.size());
-  pending.indices.resize(request.hooks.size());
   pending.request = std::move(request);
   readouts_.push_back(std::move(pending));
   return absl::OkStatus();
@@ -171,24 +170,15 @@ absl::Status HookPlan::ServeReadout(int readout, int slot, const at::Tensor& act
                                                       "position", hook, activation.device()));
     selected = activation.index_select(pos_dim, index);
   }
-  at::Tensor values, indices;
+  at::Tensor values;
   switch (request.kind) {
-    case ReadoutKind::kLens: {
-      // Logits in the model's dtype, ranked in float32 so ties break as in the reference.
-      const at::Tensor logits = request.lens(selected).to(at::kFloat);  // [batch, n_pos, d_vocab]
-      if (request.top_k > logits.size(-1)) {
-        return absl::InvalidArgumentError(absl::StrCat("lens top_k ", request.top_k,
-                                                       " exceeds d_vocab = ", logits.size(-1)));
-      }
-      if (request.top_k == 0) {
-        values = logits;
-      } else {
-        auto top = at::topk(logits, request.top_k, /*dim=*/-1, /*largest=*/true, /*sorted=*/true);
-        values = std::get<0>(top);
-        indices = std::get<1>(top);
-      }
-      break;
-    }
+    case ReadoutKind::kLens:
+      // The residual rows are kept (a private copy: the stream is written in place later) and
+      // unembedded together in TakeReadouts: one pass over W_U for every hook and position
+      // instead of one per hook, which dominates on CPU (W_U is read once per product).
+      values = request.positions.empty() ? selected.clone() : selected;
+      pending.values[slot] = std::move(values);
+      return absl::OkStatus();
     case ReadoutKind::kNorm:
       values = at::linalg_vector_norm(selected.to(at::kFloat), 2, at::IntArrayRef{-1});
       break;
@@ -197,7 +187,6 @@ absl::Status HookPlan::ServeReadout(int readout, int slot, const at::Tensor& act
       break;
   }
   pending.values[slot] = values.to(at::kCPU).contiguous();
-  if (indices.defined()) pending.indices[slot] = indices.to(at::kCPU).contiguous();
   return absl::OkStatus();
 }
 
@@ -212,9 +201,28 @@ absl::StatusOr<std::vector<ReadoutResult>> HookPlan::TakeReadouts() {
       }
     }
     ReadoutResult result;
-    result.values = at::stack(pending.values);
-    if (pending.request.kind == ReadoutKind::kLens && pending.request.top_k > 0) {
-      result.indices = at::stack(pending.indices);
+    if (pending.request.kind != ReadoutKind::kLens) {
+      result.values = at::stack(pending.values);
+      results.push_back(std::move(result));
+      continue;
+    }
+    // Hooks may sit on different devices (layers split across GPUs): gather on the last one's.
+    const at::Device device = pending.values.back().device();
+    std::vector<at::Tensor> rows;
+    for (const at::Tensor& v : pending.values) rows.push_back(v.to(device));
+    // [n_hooks, batch, n_pos, d_model] -> [n_hooks, batch, n_pos, d_vocab], ranked in float32.
+    const at::Tensor logits = pending.request.lens(at::stack(rows)).to(at::kFloat);
+    const int64_t top_k = pending.request.top_k;
+    if (top_k > logits.size(-1)) {
+      return absl::InvalidArgumentError(absl::StrCat("lens top_k ", top_k, " exceeds d_vocab = ",
+                                                     logits.size(-1)));
+    }
+    if (top_k == 0) {
+      result.values = logits.to(at::kCPU).contiguous();
+    } else {
+      auto top = at::topk(logits, top_k, /*dim=*/-1, /*largest=*/true, /*sorted=*/true);
+      result.values = std::get<0>(top).to(at::kCPU).contiguous();
+      result.indices = std::get<1>(top).to(at::kCPU).contiguous();
     }
     results.push_back(std::move(result));
   }

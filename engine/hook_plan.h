@@ -161,8 +161,9 @@ class HookPlan {
   };
   struct PendingReadout {
     ReadoutRequest request;
-    std::vector<at::Tensor> values;   // per hook, filled as the forward reaches it
-    std::vector<at::Tensor> indices;
+    // Per hook, filled as the forward reaches it: the reduction on the host, or for a lens the
+    // selected residual rows on their device (unembedded together in TakeReadouts).
+    std::vector<at::Tensor> values;
   };
   absl::Status ApplyIntervention(const InterventionOp& op, at::Tensor& activation) const;
   absl::Status ServeCache(const CacheRequest& request, const at::Tensor& activation);

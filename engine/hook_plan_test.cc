@@ -237,6 +237,7 @@ TEST(HookPlan, ReadoutsStackNormsMeansAndLensTopK) {
   at::Tensor x1 = at::tensor({1.0f, 0.5f, 0.0f, 5.0f, -1.0f, 7.0f}).view({1, 2, 3});
   ASSERT_TRUE(plan.Apply(kResid, x0).ok());
   ASSERT_TRUE(plan.Apply(resid1, x1).ok());
+  x1.zero_();  // the residual stream is written in place later; a lens keeps its own copy
   auto results = plan.TakeReadouts();
   ASSERT_TRUE(results.ok()) << results.status();
   ASSERT_EQ(results->size(), 3u);
