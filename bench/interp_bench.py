@@ -10,8 +10,9 @@ L/2 and 3L/4):
                       mean residual norm and by each token's norm; read the next-token logits
   gen_steering        the same at L/2 at every step of an 8-token greedy generation
   activation_patching clean resid_post into the corrupt run at L/4 and 3L/4, all positions and
-                      the last position (IOI-style pairs of equal length; two calls: store the
-                      clean activation on the server, then patch from it)
+                      the last position (IOI-style pairs of equal length), as two calls (store
+                      the clean activation on the server, then patch from it: nnbench's
+                      two-trace recipe) and as one call (the pair as one batch, ops.copy_row)
   ablation            zero hook_mlp_out / hook_attn_out at layer 1
   attention_pattern   the last query row of every head and layer
   attribution_patching needs gradients (issue 9): reported, not run
@@ -256,6 +257,27 @@ class Bench:
                 out.append(Cell("activation_patching", f"layer {layer}, {where} positions",
                                 patch_call, patch_check,
                                 note="2 calls: store clean, patch corrupt"))
+
+                def batch_call(i, hook=hook, pos=pos):
+                    clean, corrupt = self.pairs[i % len(self.pairs)]
+                    both = torch.cat([clean, corrupt])
+                    return self.next_logits(both, [(hook, ops.copy_row(0, pos=pos))])[1:]
+
+                def batch_check(hook=hook, pos=pos, batch_call=batch_call):
+                    cases = []
+                    for i, (clean, corrupt) in enumerate(self.pairs):
+                        _, cache = self.ref.forward(clean)
+                        value = cache[hook] if pos is None else cache[hook][:, [pos]]
+                        op = [{"hook": hook, "op": "set", "tensor": "v"}]
+                        if pos is not None:
+                            op[0]["positions"] = [pos]
+                        cases.append((batch_call(i), self.ref_next(corrupt, op, {"v": value}),
+                                      self.ref_next(corrupt)))
+                    return self.write_check(cases)
+
+                out.append(Cell("activation_patching", f"layer {layer}, {where} positions, one call",
+                                batch_call, batch_check,
+                                note="1 call: batch [clean; corrupt], ops.copy_row(0)"))
 
         # zero ablation at layer 1
         for target, hook in (("mlp", "blocks.1.hook_mlp_out"), ("attn", "blocks.1.hook_attn_out")):

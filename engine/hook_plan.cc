@@ -321,6 +321,17 @@ absl::Status HookPlan::ApplyIntervention(const InterventionOp& op, at::Tensor& a
     case OpKind::kMean:
       region.copy_(region.mean(0, /*keepdim=*/true).expand(region.sizes()));
       break;
+    case OpKind::kCopyRow: {
+      const int64_t batch = region.size(0);
+      const int64_t row = op.source_row < 0 ? op.source_row + batch : op.source_row;
+      if (row < 0 || row >= batch) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "copy_row source_row ", op.source_row, " is out of range for hook \"", HookName(op.hook),
+            "\" with a batch of ", batch, " rows (valid: ", -batch, "..", batch - 1, ")"));
+      }
+      region.copy_(region.narrow(0, row, 1).clone().expand(region.sizes()));
+      break;
+    }
     case OpKind::kCallback:
       break;
   }

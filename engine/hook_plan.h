@@ -48,6 +48,7 @@ enum class OpKind {
   kScale,     // region *= factor
   kMean,      // region = its mean over the batch
   kCallback,  // region-free: callback(hook, activation) returns a replacement or nullopt
+  kCopyRow,   // region = the region of batch row `source_row`, in every row
 };
 
 // What an add op's value is multiplied by (nnbench's relative steering strength): the L2 norm of
@@ -67,6 +68,7 @@ struct InterventionOp {
   at::Tensor value;     // kSet, kAdd: broadcastable to the selected region
   double factor = 1.0;  // kScale
   AddScale scale_by = AddScale::kNone;  // kAdd
+  int64_t source_row = 0;  // kCopyRow; negative counts from the end
   HookCallback callback;  // kCallback
 };
 

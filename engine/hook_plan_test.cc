@@ -213,6 +213,28 @@ TEST(HookPlan, AddScaledByTokenNormAndMeanNorm) {
   EXPECT_NE(status.message().find("[batch, pos, d_model]"), std::string::npos) << status;
 }
 
+TEST(HookPlan, CopyRowPatchesEveryRowFromTheSourceRow) {
+  HookPlan plan(kLayers);
+  InterventionOp copy = Op(kResid, OpKind::kCopyRow, {{-1}, {}});
+  copy.source_row = 0;
+  ASSERT_TRUE(plan.AddIntervention(copy).ok());
+  at::Tensor x = Arange({2, 3, 4});
+  const at::Tensor original = x.clone();
+  ASSERT_TRUE(plan.Apply(kResid, x).ok());
+  at::Tensor expected = original.clone();
+  expected[1][2].copy_(original[0][2]);
+  EXPECT_TRUE(at::equal(x, expected));
+
+  HookPlan bad(kLayers);
+  copy.source_row = -3;
+  ASSERT_TRUE(bad.AddIntervention(copy).ok());
+  at::Tensor y = Arange({2, 3, 4});
+  absl::Status status = bad.Apply(kResid, y);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("source_row -3 is out of range"), std::string::npos) << status;
+  EXPECT_NE(status.message().find("valid: -2..1"), std::string::npos) << status;
+}
+
 TEST(HookPlan, ReadoutsStackNormsMeansAndLensTopK) {
   HookPlan plan(kLayers);
   const HookId resid1{1, HookSite::kResidPost};

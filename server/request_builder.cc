@@ -294,6 +294,7 @@ absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, boo
   switch (op.op_case()) {
     case v1::HookOp::kZero:
     case v1::HookOp::kMean:
+    case v1::HookOp::kCopyRow:  // the row is checked against the batch when the op runs
       return absl::OkStatus();
     case v1::HookOp::kScale:
       if (!std::isfinite(op.scale().factor())) return Invalid(absl::StrCat(what, ".scale.factor"), "must be finite");
@@ -351,7 +352,7 @@ absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, boo
       }
       return absl::OkStatus();
     case v1::HookOp::OP_NOT_SET:
-      return Invalid(what, "no op set; one of zero, set, add, scale, mean, patch_from_cache, client_callback");
+      return Invalid(what, "no op set; one of zero, set, add, scale, mean, patch_from_cache, client_callback, copy_row");
   }
   return absl::OkStatus();
 }
@@ -371,6 +372,10 @@ absl::StatusOr<InterventionOp> BuildInterventionOp(const v1::HookOp& op, const L
       break;
     case v1::HookOp::kMean:
       out.kind = OpKind::kMean;
+      break;
+    case v1::HookOp::kCopyRow:
+      out.kind = OpKind::kCopyRow;
+      out.source_row = op.copy_row().source_row();
       break;
     case v1::HookOp::kScale:
       out.kind = OpKind::kScale;

@@ -40,7 +40,7 @@ def test_every_cell_ran_and_matches_the_reference(cells):
                      "activation_patching", "ablation", "attention_pattern",
                      "attribution_patching", "capture_mid", "capture_all", "capture_gen32",
                      "lens_top10_all_rows"}
-    assert len(cells) == 20
+    assert len(cells) == 24
     for (name, params), cell in cells.items():
         r = cell.result
         if name == "attribution_patching":
@@ -60,7 +60,7 @@ def test_every_cell_ran_and_matches_the_reference(cells):
 def test_every_write_moves_the_reference_so_the_match_is_not_vacuous(cells):
     writes = [c for (name, _), c in cells.items()
               if name in ("steering", "gen_steering", "activation_patching", "ablation")]
-    assert len(writes) == 12
+    assert len(writes) == 16
     for cell in writes:
         # nnbench's guard: strong when it flips the top-1 or moves TV past 0.2. On the random demo
         # model a one-token patch or a layer-1 MLP ablation moves less, so require a measurable

@@ -189,3 +189,25 @@ def test_generate_with_cache_streams_each_steps_activations(model, reference):
         assert_close(steps[k][name], cache[name][:, n + k - 1:n + k], atol=1e-3, what=f"step {k}")
     with pytest.raises(KeyError, match="not a hook point"):
         model.generate_with_cache(tokens, max_new_tokens=1, names_filter="blocks.1.hook_resid")
+
+
+def test_copy_row_patches_the_clean_row_into_the_corrupt_one_in_one_forward(model, reference):
+    clean = model.to_tokens("The cat sat on the mat.")
+    corrupt = clean.clone()
+    corrupt[0, 2] = (int(corrupt[0, 2]) + 1) % model.cfg.d_vocab
+    hook = "blocks.1.hook_resid_post"
+    logits = model.run_with_hooks(torch.cat([clean, corrupt]), fwd_hooks=[(hook, ops.copy_row(0, pos=[2, -1]))])
+    _, cache = reference.forward(clean)
+    op = {"hook": hook, "op": "set", "tensor": "v", "positions": [2, -1]}
+    patched, _ = reference.forward(corrupt, ops=[op], hook_tensors={"v": cache[hook][:, [2, -1]]})
+    plain_clean, _ = reference.forward(clean)
+    plain_corrupt, _ = reference.forward(corrupt)
+    assert_close(logits[1:], patched, atol=1e-3, what="patched corrupt row")
+    assert_close(logits[:1], plain_clean, atol=1e-3, what="clean row")
+    assert (patched - plain_corrupt).abs().max() > 1e-2  # the patch moved the corrupt row
+    # Locally, as a TransformerLens hook, the op does the same.
+    both = torch.cat([cache[hook], cache[hook] + 1.0])
+    local = ops.copy_row(0, pos=-1)(both, model.hook_dict[hook])
+    assert torch.equal(local[1, -1], both[0, -1]) and torch.equal(local[1, :-1], both[1, :-1])
+    with pytest.raises(remotelens.InvalidArgumentError, match=r"source_row 2 is out of range .*valid: -2..1"):
+        model.run_with_hooks(torch.cat([clean, corrupt]), fwd_hooks=[(hook, ops.copy_row(2))])

@@ -27,7 +27,7 @@ import torch
 from ._wire import tensor_to_proto
 from .v1 import hooks_pb2
 
-__all__ = ["HookOperation", "zero", "set", "add", "scale", "mean", "patch_from"]
+__all__ = ["HookOperation", "zero", "set", "add", "scale", "mean", "patch_from", "copy_row"]
 
 Index = Optional[Union[int, Sequence[int], torch.Tensor]]
 
@@ -74,13 +74,15 @@ class HookOperation:
 
     def __init__(self, kind: str, pos: Index = None, head: Index = None,
                  value: Optional[torch.Tensor] = None, factor: Optional[float] = None,
-                 cache=None, name: Optional[str] = None, scale_by: Optional[str] = None):
+                 cache=None, name: Optional[str] = None, scale_by: Optional[str] = None,
+                 source_row: int = 0):
         if scale_by not in _SCALE_BY:
             raise ValueError(f"scale_by={scale_by!r}; valid: None, 'mean_norm', 'token_norm'")
         if scale_by is not None and kind != "add":
             raise ValueError("scale_by applies to ops.add only")
         self.kind = kind
         self.scale_by = scale_by
+        self.source_row = int(source_row)
         self.pos = _as_index_list(pos, "pos")
         self.head = _as_index_list(head, "head")
         self.value = value
@@ -96,6 +98,8 @@ class HookOperation:
             parts.append(f"scale_by={self.scale_by!r}")
         if self.kind == "scale":
             parts.append(f"factor={self.factor}")
+        if self.kind == "copy_row":
+            parts.append(f"source_row={self.source_row}")
         if self.kind == "patch_from" and self.source_name:
             parts.append(f"name={self.source_name!r}")
         if self.pos:
@@ -121,6 +125,8 @@ class HookOperation:
             op.zero.SetInParent()
         elif self.kind == "mean":
             op.mean.SetInParent()
+        elif self.kind == "copy_row":
+            op.copy_row.source_row = self.source_row
         elif self.kind == "scale":
             op.scale.factor = float(self.factor)
         elif self.kind == "set":
@@ -195,6 +201,11 @@ class HookOperation:
             new = region * float(self.factor)
         elif self.kind == "mean":
             new = region.mean(dim=0, keepdim=True).expand_as(region)
+        elif self.kind == "copy_row":
+            batch = region.shape[0]
+            if not -batch <= self.source_row < batch:
+                raise IndexError(f"source_row {self.source_row} is out of range for a batch of {batch}")
+            new = region[self.source_row:self.source_row + 1 or None].expand_as(region).clone()
         elif self.kind in ("set", "add", "patch_from"):
             value = (self._patch_source(name) if self.kind == "patch_from"
                      else torch.as_tensor(self.value))
@@ -278,6 +289,22 @@ def scale(factor: float, pos: Index = None, head: Index = None) -> HookOperation
 def mean(pos: Index = None, head: Index = None) -> HookOperation:
     """Mean-ablation: region = its mean over the batch."""
     return HookOperation("mean", pos=pos, head=head)
+
+
+def copy_row(source_row: int = 0, pos: Index = None, head: Index = None) -> HookOperation:
+    """Activation patching in one forward: region = the region of batch row `source_row`, in
+    every row. Run [clean, corrupt] as one batch with copy_row(0) and the corrupt row sees the
+    clean activation (one call and one batched forward instead of two).
+
+    Args:
+        source_row: the batch row to copy from (negative counts from the end).
+        pos: positions to copy (default all).
+        head: heads to copy (default all).
+
+    Returns:
+        The op.
+    """
+    return HookOperation("copy_row", pos=pos, head=head, source_row=source_row)
 
 
 def patch_from(cache, name: Optional[str] = None, pos: Index = None,
