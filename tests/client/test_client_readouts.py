@@ -211,3 +211,26 @@ def test_copy_row_patches_the_clean_row_into_the_corrupt_one_in_one_forward(mode
     assert torch.equal(local[1, -1], both[0, -1]) and torch.equal(local[1, :-1], both[1, :-1])
     with pytest.raises(remotelens.InvalidArgumentError, match=r"source_row 2 is out of range .*valid: -2..1"):
         model.run_with_hooks(torch.cat([clean, corrupt]), fwd_hooks=[(hook, ops.copy_row(2))])
+
+
+def test_scale_by_on_a_session_hook_and_an_undefined_scale_by_number(model, reference):
+    import grpc
+    from remotelens.v1 import hooks_pb2
+    from remotelens._wire import tensor_to_proto
+    tokens = model.to_tokens(PROMPT)
+    direction = 6.0 * unit_unembed_direction(model, 7)
+    model.add_hook("blocks.1.hook_resid_post", ops.add(direction, scale_by="token_norm"), is_permanent=True)
+    try:
+        logits = model(tokens)
+    finally:
+        model.reset_hooks(including_permanent=True)
+    op = {"hook": "blocks.1.hook_resid_post", "op": "add", "tensor": "d", "scale_by": "token_norm"}
+    expected, _ = reference.forward(tokens, ops=[op], hook_tensors={"d": direction})
+    assert_close(logits, expected, atol=1e-3)
+    bad = hooks_pb2.HookOp(hook_name="blocks.1.hook_resid_post",
+                           add=hooks_pb2.AddOp(value=tensor_to_proto(direction), scale_by=7))
+    with pytest.raises(grpc.RpcError) as info:
+        list(model._stub.Run(pb.RunRequest(tokens=tensor_to_proto(tokens), hooks=[bad])))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "scale_by: 7 is not a valid ScaleBy" in info.value.details()
+    assert "SCALE_BY_TOKEN_NORM (2)" in info.value.details()
