@@ -467,8 +467,9 @@ absl::StatusOr<std::vector<CacheRequest>> BuildCacheRequests(const v1::CacheSele
 
 absl::StatusOr<std::vector<ReadoutRequest>> BuildReadouts(
     const google::protobuf::RepeatedPtrField<v1::Readout>& readouts, const LlamaConfig& config,
-    const ForwardInput& input, const LensFn& lens) {
+    const ForwardInput& input, const LensFn& lens, int64_t max_lens_bytes) {
   constexpr int kMaxReadouts = 64;
+  const int64_t batch = input.tokens.defined() ? input.tokens.size(0) : input.residual.size(0);
   const int64_t n_pos = input.tokens.defined() ? input.tokens.size(1) : input.residual.size(1);
   // Blocks [first_block, end_block) run; hooks outside them never fire.
   const int64_t n_layers = config.n_layers;
@@ -549,6 +550,17 @@ absl::StatusOr<std::vector<ReadoutRequest>> BuildReadouts(
       }
     }
     request.positions.assign(r.positions().begin(), r.positions().end());
+    if (request.kind == ReadoutKind::kLens) {
+      // The lens computes float32 logits for every row before any top-k: bound them up front.
+      const int64_t rows = static_cast<int64_t>(request.hooks.size()) * batch *
+                           (request.positions.empty() ? n_pos : static_cast<int64_t>(request.positions.size()));
+      const int64_t bytes = rows * config.d_vocab * 4;
+      if (bytes > max_lens_bytes) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            what, ": the lens over ", rows, " rows needs ", bytes, " bytes of float32 logits; your limit is ",
+            max_lens_bytes, " (max_streamed_bytes_per_request); select fewer hooks or positions"));
+      }
+    }
     out.push_back(std::move(request));
   }
   return out;

@@ -281,7 +281,7 @@ TEST_F(RequestBuilderTest, ReadoutsValidateHooksTopKAndPositions) {
   v1::Readout* norm = readouts.Add();
   norm->add_hook_names("blocks.0.attn.hook_z");
   norm->mutable_norm();
-  auto built = BuildReadouts(readouts, c, input, lens);
+  auto built = BuildReadouts(readouts, c, input, lens, int64_t{1} << 30);
   ASSERT_TRUE(built.ok()) << built.status();
   ASSERT_EQ(built->size(), 2u);
   EXPECT_EQ((*built)[0].kind, ReadoutKind::kLens);
@@ -292,7 +292,7 @@ TEST_F(RequestBuilderTest, ReadoutsValidateHooksTopKAndPositions) {
 
   auto expect_invalid = [&](const google::protobuf::RepeatedPtrField<v1::Readout>& r,
                             const ForwardInput& in, const std::string& needle) {
-    auto result = BuildReadouts(r, c, in, lens);
+    auto result = BuildReadouts(r, c, in, lens, int64_t{1} << 30);
     EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument) << needle;
     EXPECT_NE(result.status().message().find(needle), std::string::npos) << result.status();
   };
@@ -337,6 +337,17 @@ TEST_F(RequestBuilderTest, ReadoutsValidateHooksTopKAndPositions) {
     m->mutable_norm();
   }
   expect_invalid(many, input, "65 readouts; at most 64");
+
+  // Five positions of every layer's lens: n_layers * 5 rows of float32 logits, bounded up front.
+  r = one("blocks.0.hook_resid_post");
+  r[0].add_hook_names("blocks.1.hook_resid_post");
+  r[0].mutable_lens()->set_top_k(1);
+  const int64_t need = 2 * 5 * c.d_vocab * 4;
+  EXPECT_TRUE(BuildReadouts(r, c, input, lens, need).ok());
+  auto too_big = BuildReadouts(r, c, input, lens, need - 1);
+  EXPECT_EQ(too_big.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(too_big.status().message().find(absl::StrCat("needs ", need, " bytes")), std::string::npos)
+      << too_big.status();
 }
 
 }  // namespace

@@ -225,7 +225,8 @@ absl::Status SubmitRun(RemoteLensService& service, grpc::CallbackServerContext* 
     const LlamaModel* model = deps.model;
     ASSIGN_OR_RETURN(run->readouts,
                      BuildReadouts(request.readouts(), model->config(), run->input,
-                                   [model](const at::Tensor& residual) { return model->Lens(residual); }));
+                                   [model](const at::Tensor& residual) { return model->Lens(residual); },
+                                   quota.max_streamed_bytes_per_request()));
   }
   run->stream_cache = cache.stream();
   run->store_cache = cache.store();
