@@ -31,7 +31,7 @@ lens, or attention) distributions; for writes, nnbench's effect-size guard on th
 
 Usage:
   bazel build //server:remotelens_server //tools:make_demo_model //tools:make_checkpoint
-  /usr/bin/python3 bench/interp_bench.py --model demo
+  /usr/bin/python3 bench/interp_bench.py                     # the demo model
   bazel-bin/tools/make_checkpoint --preset 100m --dtype float32 --shards 1 --out /tmp/m100
   /usr/bin/python3 bench/interp_bench.py --model_dir /tmp/m100 --iters 15
 """
@@ -42,7 +42,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -461,8 +461,8 @@ def table(cells: List[Cell]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="demo", choices=["demo"], help="the demo model (made here)")
-    ap.add_argument("--model_dir", default=None, help="a checkpoint directory instead (e.g. make_checkpoint's)")
+    ap.add_argument("--model_dir", default=None,
+                    help="a checkpoint directory (e.g. make_checkpoint's); default: the demo model, made here")
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
