@@ -6,9 +6,10 @@ Cells (layer numbers scale with the model: nnbench's 28-layer rows use 7, 14 and
 L/2 and 3L/4):
   logit_lens          every layer's resid_post at the last token, full logits (server-side lens)
   logit_lens_top10    the same as top-10 ids and logits (the small answer)
-  steering            alpha 6 toward " Rome" (a unit W_U column) at L/4 and L/2, scaled by the
-                      mean residual norm and by each token's norm; read the next-token logits
-  gen_steering        the same at L/2 at every step of an 8-token greedy generation
+  steering            alpha 6 toward " Rome" (a unit W_U column) at L/4 and L/2, and alpha 0.1
+                      and 0.5 at L/2, scaled by the mean residual norm and by each token's norm;
+                      read the next-token logits
+  gen_steering        alpha 6 and 0.5 at L/2 at every step of an 8-token greedy generation
   activation_patching clean resid_post into the corrupt run at L/4 and 3L/4, all positions and
                       the last position (IOI-style pairs of equal length), as two calls (store
                       the clean activation on the server, then patch from it: nnbench's
@@ -185,10 +186,12 @@ class Bench:
                         lambda i: lens_call(i, 10), lambda: lens_check(10)))
 
         # steering
-        for layer in (self.q1, self.half):
+        # alpha 6 saturates a trained model's output; nnbench adds weaker rows that stay graded.
+        for layer, alpha in ((self.q1, STEER_ALPHA), (self.half, STEER_ALPHA), (self.half, 0.1),
+                             (self.half, 0.5)):
             for scale_by in ("mean_norm", "token_norm"):
                 hook = f"blocks.{layer}.hook_resid_post"
-                vec = STEER_ALPHA * self.direction
+                vec = alpha * self.direction
 
                 def steer_call(i, hook=hook, vec=vec, scale_by=scale_by):
                     return self.next_logits(tok(i), [(hook, ops.add(vec, scale_by=scale_by))])
@@ -199,13 +202,14 @@ class Bench:
                         (self.next_logits(t, [(hook, ops.add(vec, scale_by=scale_by))]),
                          self.ref_next(t, op, {"v": vec}), self.ref_next(t)) for t in self.tokens])
 
-                out.append(Cell("steering", f"layer {layer}, alpha {STEER_ALPHA:g} x {scale_by}",
+                out.append(Cell("steering", f"layer {layer}, alpha {alpha:g} x {scale_by}",
                                 steer_call, steer_check))
 
         # steering at every step of an 8-token greedy generation
-        for scale_by in ("mean_norm", "token_norm"):
+        for alpha, scale_by in ((STEER_ALPHA, "mean_norm"), (STEER_ALPHA, "token_norm"),
+                                (0.5, "mean_norm"), (0.5, "token_norm")):
             hook = f"blocks.{self.half}.hook_resid_post"
-            vec = STEER_ALPHA * self.direction
+            vec = alpha * self.direction
 
             def gen_call(i, hook=hook, vec=vec, scale_by=scale_by):
                 with m.hooks([(hook, ops.add(vec, scale_by=scale_by))]):
@@ -225,7 +229,7 @@ class Bench:
                         "effect": f"{effect:.2f} of tokens changed ({'strong' if effect >= 0.5 else 'weak'})",
                         "effect_strong": effect >= 0.5, "effect_tv": effect}
 
-            out.append(Cell("gen_steering", f"layer {self.half}, alpha {STEER_ALPHA:g} x {scale_by}, "
+            out.append(Cell("gen_steering", f"layer {self.half}, alpha {alpha:g} x {scale_by}, "
                             f"every step of {GEN_STEPS} greedy tokens", gen_call, gen_check,
                             baseline=f"gen{GEN_STEPS}",
                             note="top-1 column: generated tokens identical to the reference's"))

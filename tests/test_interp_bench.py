@@ -40,7 +40,7 @@ def test_every_cell_ran_and_matches_the_reference(cells):
                      "activation_patching", "ablation", "attention_pattern",
                      "attribution_patching", "capture_mid", "capture_all", "capture_gen32",
                      "lens_top10_all_rows"}
-    assert len(cells) == 24
+    assert len(cells) == 30
     for (name, params), cell in cells.items():
         r = cell.result
         if name == "attribution_patching":
@@ -60,11 +60,11 @@ def test_every_cell_ran_and_matches_the_reference(cells):
 def test_every_write_moves_the_reference_so_the_match_is_not_vacuous(cells):
     writes = [c for (name, _), c in cells.items()
               if name in ("steering", "gen_steering", "activation_patching", "ablation")]
-    assert len(writes) == 16
+    assert len(writes) == 22
     for cell in writes:
         # nnbench's guard: strong when it flips the top-1 or moves TV past 0.2. On the random demo
-        # model a one-token patch or a layer-1 MLP ablation moves less, so require a measurable
-        # move for those and the full guard for steering, as nnbench's findings do.
+        # model a one-token patch, a layer-1 MLP ablation or a weak (alpha 0.1, 0.5) steer moves
+        # less, so require a measurable move for those and the full guard for alpha-6 steering.
         assert cell.result["effect_tv"] > 1e-2, (cell.name, cell.params, cell.result)
-        if cell.name in ("steering", "gen_steering"):
+        if cell.name in ("steering", "gen_steering") and "alpha 6 " in cell.params:
             assert cell.result["effect_strong"], (cell.name, cell.params, cell.result)
