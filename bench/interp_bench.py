@@ -35,6 +35,10 @@ Usage:
   /usr/bin/python3 bench/interp_bench.py                     # the demo model
   bazel-bin/tools/make_checkpoint --preset 100m --dtype float32 --shards 1 --out /tmp/m100
   /usr/bin/python3 bench/interp_bench.py --model_dir /tmp/m100 --iters 15
+  # on a GPU host, an 8B-shaped checkpoint (timing only: the float32 reference is too slow there)
+  bazel-bin/tools/make_checkpoint --preset llama3.1-8b --out /tmp/llama8b
+  /usr/bin/python3 bench/interp_bench.py --model_dir /tmp/llama8b --no_check \\
+      --server_config 'devices: "cuda:0" dtype: "bfloat16"'
 """
 
 import argparse
@@ -122,9 +126,12 @@ class Bench:
             corrupt[0, int(differ[0])] = other[0, int(differ[0])]
             self.pairs.append((clean[:, :length], corrupt[:, :length]))
         target = model.to_tokens(STEER_TARGET, prepend_bos=False)[0, -1].item()
-        direction = reference.W_U[target].float()
+        # The unembedding row of the target (nnbench: the head's weight row), unit length.
+        if reference is not None:
+            direction = reference.W_U[target].float()
+        else:
+            direction = model.get_weight("W_U")[:, target].float()  # unfolded, as the checkpoint's
         self.direction = direction / direction.norm()
-        self.W_U = reference.W_U
 
     # ------------------------------------------------------------------ reference helpers
 
@@ -429,12 +436,14 @@ def time_cells(bench: Bench, cells: List[Cell], iters: int, warmup: int) -> None
 
 
 def run(model: HookedTransformer, reference: LlamaReference, iters: int = 15, warmup: int = 3,
-        n_prompts: int = len(PROMPTS), timing: bool = True, only: Sequence[str] = ()) -> List[Cell]:
-    """Runs every cell (or those named in `only`): correctness, then timing when `timing`."""
+        n_prompts: int = len(PROMPTS), timing: bool = True, only: Sequence[str] = (),
+        check: bool = True) -> List[Cell]:
+    """Runs every cell (or those named in `only`): correctness (unless not `check`), then timing
+    when `timing`."""
     bench = Bench(model, reference, n_prompts)
     cells = [c for c in bench.cells() if not only or c.name in only]
     for cell in cells:
-        if cell.check is not None:
+        if check and cell.check is not None:
             cell.result.update(cell.check())
     if timing:
         time_cells(bench, cells, iters, warmup)
@@ -472,18 +481,23 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
     ap.add_argument("--cells", default="", help="comma-separated cell names (default: all)")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
+    ap.add_argument("--no_check", action="store_true",
+                    help="timing only: skip the float32 reference (for models too big to check on "
+                         "the CPU, e.g. an 8B-shaped checkpoint on a GPU server)")
+    ap.add_argument("--server_config", default="",
+                    help='extra ServerConfig textproto lines, e.g. \'devices: "cuda:0" dtype: "bfloat16"\'')
     args = ap.parse_args()
     model_dir = args.model_dir
     if model_dir is None:
         model_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "remotelens_bench_models", "demo")
         os.makedirs(model_dir, exist_ok=True)
         server_harness.make_demo_model(model_dir)
-    reference = LlamaReference.from_pretrained(model_dir)
-    server = server_harness.ServerProcess(model_dir).start()
+    reference = None if args.no_check else LlamaReference.from_pretrained(model_dir)
+    server = server_harness.ServerProcess(model_dir, config=args.server_config, startup_timeout=600).start()
     try:
         model = HookedTransformer.from_server(server.address)
         cells = run(model, reference, args.iters, args.warmup, args.prompts,
-                    only=[c for c in args.cells.split(",") if c])
+                    only=[c for c in args.cells.split(",") if c], check=not args.no_check)
         cfg = model.cfg
         model.close()
     finally:
