@@ -123,6 +123,21 @@ def time_reference(model: LlamaReference, args: argparse.Namespace) -> List[floa
     return times_ms
 
 
+def openblas_info() -> str:
+    """Which OpenBLAS kernel the Python baseline (torch's BLAS) runs, and the variables that pick
+    it: OPENBLAS_CORETYPE forces a core (an older one is slower); OPENBLAS_L2_SIZE sizes blocks."""
+    env = ", ".join(f"{v}={os.environ[v]!r}" if v in os.environ else f"{v} unset"
+                    for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"))
+    try:
+        import ctypes
+        lib = ctypes.CDLL("libblas.so.3")
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        core = lib.openblas_get_corename().decode()
+    except (OSError, AttributeError):
+        core = "not OpenBLAS"
+    return f"- BLAS for the reference and LibTorch products: OpenBLAS core {core} ({env})"
+
+
 def machine_info(threads: int) -> List[str]:
     cpu = platform.processor() or "unknown"
     try:
@@ -135,7 +150,8 @@ def machine_info(threads: int) -> List[str]:
         pass
     return [f"- CPU: {cpu} ({os.cpu_count()} logical cores)",
             f"- OS: {platform.platform()}",
-            f"- Python {platform.python_version()}, torch {torch.__version__}, torch threads {threads}"]
+            f"- Python {platform.python_version()}, torch {torch.__version__}, torch threads {threads}",
+            openblas_info()]
 
 
 def main() -> None:

@@ -44,6 +44,28 @@ bool BroadcastsTo(at::IntArrayRef value, at::IntArrayRef target) {
 
 }  // namespace
 
+bool IsResidualShaped(HookSite site) {
+  switch (site) {
+    case HookSite::kEmbed:
+    case HookSite::kResidPre:
+    case HookSite::kLn1Normalized:
+    case HookSite::kAttnOut:
+    case HookSite::kResidMid:
+    case HookSite::kLn2Normalized:
+    case HookSite::kMlpOut:
+    case HookSite::kResidPost:
+    case HookSite::kLnFinalNormalized:
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool IsResidualStream(HookSite site) {
+  return site == HookSite::kEmbed || site == HookSite::kResidPre || site == HookSite::kResidMid ||
+         site == HookSite::kResidPost;
+}
+
 HookPlan::HookPlan(int64_t n_layers) : n_layers_(n_layers), active_(NumHookIds(n_layers), 0) {}
 
 absl::Status HookPlan::AddIntervention(InterventionOp op) {
@@ -64,6 +86,12 @@ absl::Status HookPlan::AddIntervention(InterventionOp op) {
         return absl::InvalidArgumentError(absl::StrCat("value tensor for \"", name,
                                                        "\" must be floating point, got ",
                                                        c10::toString(op.value.scalar_type())));
+      }
+      if (op.scale_by != AddScale::kNone && (op.kind != OpKind::kAdd || !IsResidualShaped(op.hook.site))) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "scale_by on \"", name, "\": only an add op on a [batch, pos, d_model] hook (hook_embed, "
+            "hook_resid_pre/mid/post, hook_attn_out, hook_mlp_out, ln*.hook_normalized) can be "
+            "scaled by the activation's norm"));
       }
       break;
     case OpKind::kCallback:
@@ -100,12 +128,121 @@ void HookPlan::AddCache(CacheRequest request) {
   entries_.push_back(std::move(entry));
 }
 
+absl::Status HookPlan::AddReadout(ReadoutRequest request) {
+  if (request.hooks.empty()) return absl::InvalidArgumentError("readout has no hooks");
+  if (request.kind == ReadoutKind::kLens) {
+    if (!request.lens) return absl::InvalidArgumentError("lens readout has no lens function");
+    if (request.top_k < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("lens top_k ", request.top_k, " is negative"));
+    }
+    for (HookId hook : request.hooks) {
+      if (!IsResidualStream(hook.site)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "lens readout at \"", HookName(hook), "\": valid only at residual-stream hooks "
+            "(hook_embed, blocks.L.hook_resid_pre, hook_resid_mid, hook_resid_post)"));
+      }
+    }
+  }
+  const int index = static_cast<int>(readouts_.size());
+  for (size_t slot = 0; slot < request.hooks.size(); ++slot) {
+    const HookId hook = request.hooks[slot];
+    active_[HookIndex(hook, n_layers_)] = 1;
+    ++num_ops_;
+    Entry entry;
+    entry.hook = hook;
+    entry.readout = index;
+    entry.slot = static_cast<int>(slot);
+    entries_.push_back(std::move(entry));
+  }
+  PendingReadout pending;
+  pending.values.resize(request.hooks.size());
+  pending.request = std::move(request);
+  readouts_.push_back(std::move(pending));
+  return absl::OkStatus();
+}
+
+absl::Status HookPlan::ServeReadout(int readout, int slot, const at::Tensor& activation) {
+  PendingReadout& pending = readouts_[readout];
+  const ReadoutRequest& request = pending.request;
+  const HookId hook = request.hooks[slot];
+  const int pos_dim = PosDim(hook.site);
+  at::Tensor selected = activation;
+  if (!request.positions.empty()) {
+    ASSIGN_OR_RETURN(at::Tensor index, ResolveIndices(request.positions, activation.size(pos_dim),
+                                                      "position", hook, activation.device()));
+    selected = activation.index_select(pos_dim, index);
+  }
+  at::Tensor values;
+  switch (request.kind) {
+    case ReadoutKind::kLens:
+      // The residual rows are kept (a private copy: the stream is written in place later) and
+      // unembedded together in TakeReadouts: one pass over W_U for every hook and position
+      // instead of one per hook, which dominates on CPU (W_U is read once per product).
+      values = request.positions.empty() ? selected.clone() : selected;
+      pending.values[slot] = std::move(values);
+      return absl::OkStatus();
+    case ReadoutKind::kNorm:
+      values = at::linalg_vector_norm(selected.to(at::kFloat), 2, at::IntArrayRef{-1});
+      break;
+    case ReadoutKind::kMean:
+      values = selected.to(at::kFloat).mean(pos_dim);
+      break;
+  }
+  pending.values[slot] = values.to(at::kCPU).contiguous();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<ReadoutResult>> HookPlan::TakeReadouts() {
+  std::vector<ReadoutResult> results;
+  for (PendingReadout& pending : readouts_) {
+    for (size_t slot = 0; slot < pending.values.size(); ++slot) {
+      if (!pending.values[slot].defined()) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "readout at \"", HookName(pending.request.hooks[slot]),
+            "\" was not computed: the forward did not reach that hook"));
+      }
+    }
+    ReadoutResult result;
+    if (pending.request.kind != ReadoutKind::kLens) {
+      result.values = at::stack(pending.values);
+      results.push_back(std::move(result));
+      continue;
+    }
+    // Hooks may sit on different devices (layers split across GPUs): gather on the last one's.
+    const at::Device device = pending.values.back().device();
+    std::vector<at::Tensor> rows;
+    for (const at::Tensor& v : pending.values) rows.push_back(v.to(device));
+    // [n_hooks, batch, n_pos, d_model] -> [n_hooks, batch, n_pos, d_vocab], ranked in float32.
+    const at::Tensor logits = pending.request.lens(at::stack(rows)).to(at::kFloat);
+    const int64_t top_k = pending.request.top_k;
+    if (top_k > logits.size(-1)) {
+      return absl::InvalidArgumentError(absl::StrCat("lens top_k ", top_k, " exceeds d_vocab = ",
+                                                     logits.size(-1)));
+    }
+    if (top_k == 0) {
+      result.values = logits.to(at::kCPU).contiguous();
+    } else {
+      auto top = at::topk(logits, top_k, /*dim=*/-1, /*largest=*/true, /*sorted=*/true);
+      result.values = std::get<0>(top).to(at::kCPU).contiguous();
+      result.indices = std::get<1>(top).to(at::kCPU).contiguous();
+    }
+    results.push_back(std::move(result));
+  }
+  readouts_.clear();
+  return results;
+}
+
 absl::Status HookPlan::Apply(HookId id, at::Tensor& activation) {
   if (!Has(id)) return absl::OkStatus();
   bool owned = false;  // whether `activation` is already a private copy we may write in place
   bool backward = false;
   for (const Entry& entry : entries_) {
     if (entry.hook != id) continue;
+    if (entry.readout >= 0) {
+      // Readouts never hold on to a differentiable forward's graph.
+      RETURN_IF_ERROR(ServeReadout(entry.readout, entry.slot, activation.detach()));
+      continue;
+    }
     if (entry.is_cache ? entry.cache.gradient : entry.op.backward) {
       backward = true;
       continue;
@@ -232,8 +369,18 @@ absl::Status HookPlan::ApplyIntervention(const InterventionOp& op, at::Tensor& a
             ShapeString(region.sizes())));
       }
       at::Tensor value = op.value.to(region.device(), region.scalar_type());
-      if (op.kind == OpKind::kSet) region.copy_(value.expand(region.sizes()));
-      else region.add_(value);
+      if (op.kind == OpKind::kSet) {
+        region.copy_(value.expand(region.sizes()));
+      } else if (op.scale_by == AddScale::kNone) {
+        region.add_(value);
+      } else {
+        // Norms over d_model in float32, of the activation as it was before this op.
+        const at::Tensor norms = op.scale_by == AddScale::kTokenNorm
+            ? at::linalg_vector_norm(region.to(at::kFloat), 2, at::IntArrayRef{-1}, /*keepdim=*/true)  // [batch, n_pos, 1]
+            : at::linalg_vector_norm(act.to(at::kFloat), 2, at::IntArrayRef{-1}, /*keepdim=*/true)
+                  .mean(-2, /*keepdim=*/true);  // [batch, 1, 1]
+        region.add_((value.to(at::kFloat) * norms).to(region.scalar_type()));
+      }
       break;
     }
     case OpKind::kScale:
@@ -242,6 +389,17 @@ absl::Status HookPlan::ApplyIntervention(const InterventionOp& op, at::Tensor& a
     case OpKind::kMean:
       region.copy_(region.mean(0, /*keepdim=*/true).expand(region.sizes()));
       break;
+    case OpKind::kCopyRow: {
+      const int64_t batch = region.size(0);
+      const int64_t row = op.source_row < 0 ? op.source_row + batch : op.source_row;
+      if (row < 0 || row >= batch) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "copy_row source_row ", op.source_row, " is out of range for hook \"", HookName(op.hook),
+            "\" with a batch of ", batch, " rows (valid: ", -batch, "..", batch - 1, ")"));
+      }
+      region.copy_(region.narrow(0, row, 1).clone().expand(region.sizes()));
+      break;
+    }
     case OpKind::kCallback:
       break;
   }

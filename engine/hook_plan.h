@@ -50,7 +50,13 @@ enum class OpKind {
   kScale,     // region *= factor
   kMean,      // region = its mean over the batch
   kCallback,  // region-free: callback(hook, activation) returns a replacement or nullopt
+  kCopyRow,   // region = the region of batch row `source_row`, in every row
 };
+
+// What an add op's value is multiplied by (nnbench's relative steering strength): the L2 norm of
+// the activation over its last dimension, averaged over the row's positions (kMeanNorm) or per
+// position (kTokenNorm). Valid only on [batch, pos, d_model] hooks.
+enum class AddScale { kNone, kMeanNorm, kTokenNorm };
 
 // Runs at a hook with the activation; returns a replacement of the same shape and dtype, or
 // nullopt for "unchanged". The server implements remote Python hooks with this.
@@ -63,11 +69,40 @@ struct InterventionOp {
   Selector selector;
   at::Tensor value;     // kSet, kAdd: broadcastable to the selected region
   double factor = 1.0;  // kScale
+  AddScale scale_by = AddScale::kNone;  // kAdd
+  int64_t source_row = 0;  // kCopyRow; negative counts from the end
   HookCallback callback;  // kCallback
   // A backward op: it rewrites d(metric)/d(activation) as the backward pass reaches the hook,
   // before anything upstream receives it (TransformerLens's bwd hooks: returning zeros at one
   // block's resid_pre zeroes every gradient before it). Needs a differentiable forward.
   bool backward = false;
+};
+
+// Final RMSNorm + unembedding of residual-stream rows: [..., d_model] -> [..., d_vocab]
+// (LlamaModel::Lens). Kept as a function so the plan needs no weights.
+using LensFn = std::function<at::Tensor(const at::Tensor&)>;
+
+enum class ReadoutKind {
+  kLens,  // logits of the lens at the selected positions, or their top-k
+  kNorm,  // L2 norm over the last dimension, at the selected positions
+  kMean,  // mean over the selected positions
+};
+
+// A small answer computed at hook points during the forward (after the hook's interventions),
+// stacked over `hooks` in the order given. Results are float32 on the host.
+struct ReadoutRequest {
+  std::vector<HookId> hooks;        // non-empty; every hook's activation has the same shape
+  ReadoutKind kind = ReadoutKind::kNorm;
+  std::vector<int64_t> positions;   // along PosDim; negative from the end; empty: all
+  int64_t top_k = 0;                // kLens: 0 = full logits, else the k largest
+  LensFn lens;                      // kLens
+};
+
+struct ReadoutResult {
+  // kLens: [n_hooks, batch, n_pos, d_vocab or k]; kNorm: [n_hooks, <activation shape without
+  // its last dim, positions selected>]; kMean: [n_hooks, <activation shape without PosDim>].
+  at::Tensor values;
+  at::Tensor indices;  // kLens with top_k > 0: int64 token ids, the shape of `values`
 };
 
 struct CacheRequest {
@@ -85,6 +120,12 @@ struct CacheRequest {
 // Receives each cached activation as soon as it is computed, in forward order. When set, the
 // plan keeps nothing itself (the server streams activations out of here).
 using CacheSink = std::function<absl::Status(HookId, at::Tensor)>;
+
+// Sites whose activation is [batch, pos, d_model] (scale_by is valid there).
+bool IsResidualShaped(HookSite site);
+// The residual stream itself: hook_embed, hook_resid_pre, hook_resid_mid, hook_resid_post (a
+// lens readout is valid there).
+bool IsResidualStream(HookSite site);
 
 class HookPlan {
  public:
@@ -105,6 +146,9 @@ class HookPlan {
   // The first error a backward op or gradient delivery hit during the backward pass (autograd
   // hooks cannot return one); LlamaModel::Backward returns it.
   absl::Status backward_status() const;
+  // Registers a readout at each of its hooks (InvalidArgument without hooks, a lens without a
+  // LensFn or top_k < 0). Results come from TakeReadouts() after the forward.
+  absl::Status AddReadout(ReadoutRequest request);
 
   bool empty() const { return num_ops_ == 0; }
   // True when any op is registered at `id`.
@@ -125,17 +169,30 @@ class HookPlan {
   // Cached gradients in the order the backward pass reached them (empty with a gradient sink).
   const std::vector<std::pair<HookId, at::Tensor>>& gradient_cache() const { return gradient_cache_; }
 
+  // One result per AddReadout call, in order. FailedPrecondition when a readout's hook did not
+  // run (a forward cut short by start_at_layer / stop_at_layer).
+  absl::StatusOr<std::vector<ReadoutResult>> TakeReadouts();
+
  private:
   struct Entry {
     HookId hook;
     bool is_cache = false;
+    int readout = -1;  // index into readouts_ when this entry serves a readout
+    int slot = 0;      // which of that readout's hooks
     InterventionOp op;
     CacheRequest cache;
+  };
+  struct PendingReadout {
+    ReadoutRequest request;
+    // Per hook, filled as the forward reaches it: the reduction on the host, or for a lens the
+    // selected residual rows on their device (unembedded together in TakeReadouts).
+    std::vector<at::Tensor> values;
   };
   absl::Status ApplyIntervention(const InterventionOp& op, at::Tensor& activation) const;
   absl::Status ServeCache(const CacheRequest& request, const at::Tensor& activation);
   // Runs the backward entries at `id` on the gradient arriving there; returns what flows on.
   at::Tensor ApplyBackward(HookId id, const at::Tensor& gradient);
+  absl::Status ServeReadout(int readout, int slot, const at::Tensor& activation);
   absl::Status Deliver(HookId hook, at::Tensor tensor);
   // Delivers, in order, the leading pending copies that have completed; never waits.
   absl::Status DeliverCompleted();
@@ -154,6 +211,7 @@ class HookPlan {
   std::vector<uint8_t> active_;  // by HookIndex
   std::vector<Entry> entries_;   // registration order
   std::vector<std::pair<HookId, at::Tensor>> cache_;
+  std::vector<PendingReadout> readouts_;
   std::deque<PendingCopy> pending_;
   CacheSink sink_;
   CacheSink gradient_sink_;

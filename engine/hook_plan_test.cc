@@ -180,5 +180,125 @@ TEST(HookPlan, RejectsBadOps) {
   EXPECT_NE(status.message().find("position 7 is out of range"), std::string::npos) << status;
 }
 
+TEST(HookPlan, AddScaledByTokenNormAndMeanNorm) {
+  // x [1, 2, 2]: positions (3, 4) and (6, 8), with norms 5 and 10.
+  at::Tensor x = at::tensor({3.0f, 4.0f, 6.0f, 8.0f}).view({1, 2, 2});
+  const at::Tensor direction = at::tensor({1.0f, 0.0f});
+
+  HookPlan token(kLayers);
+  InterventionOp by_token = Op(kResid, OpKind::kAdd);
+  by_token.value = direction * 0.5;
+  by_token.scale_by = AddScale::kTokenNorm;
+  ASSERT_TRUE(token.AddIntervention(by_token).ok());
+  at::Tensor a = x;
+  ASSERT_TRUE(token.Apply(kResid, a).ok());
+  EXPECT_TRUE(at::allclose(a, at::tensor({3.0f + 2.5f, 4.0f, 6.0f + 5.0f, 8.0f}).view({1, 2, 2})));
+
+  HookPlan mean(kLayers);
+  InterventionOp by_mean = by_token;
+  by_mean.scale_by = AddScale::kMeanNorm;
+  by_mean.selector.positions = {-1};  // the mean is over every position, the add only at the last
+  ASSERT_TRUE(mean.AddIntervention(by_mean).ok());
+  at::Tensor b = x;
+  ASSERT_TRUE(mean.Apply(kResid, b).ok());
+  EXPECT_TRUE(at::allclose(b, at::tensor({3.0f, 4.0f, 6.0f + 3.75f, 8.0f}).view({1, 2, 2})));
+  EXPECT_TRUE(at::equal(x, at::tensor({3.0f, 4.0f, 6.0f, 8.0f}).view({1, 2, 2})));
+
+  HookPlan bad(kLayers);
+  InterventionOp on_z = Op(kZ, OpKind::kAdd);
+  on_z.value = at::ones({1});
+  on_z.scale_by = AddScale::kTokenNorm;
+  absl::Status status = bad.AddIntervention(on_z);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("[batch, pos, d_model]"), std::string::npos) << status;
+}
+
+TEST(HookPlan, CopyRowPatchesEveryRowFromTheSourceRow) {
+  HookPlan plan(kLayers);
+  InterventionOp copy = Op(kResid, OpKind::kCopyRow, {{-1}, {}});
+  copy.source_row = 0;
+  ASSERT_TRUE(plan.AddIntervention(copy).ok());
+  at::Tensor x = Arange({2, 3, 4});
+  const at::Tensor original = x.clone();
+  ASSERT_TRUE(plan.Apply(kResid, x).ok());
+  at::Tensor expected = original.clone();
+  expected[1][2].copy_(original[0][2]);
+  EXPECT_TRUE(at::equal(x, expected));
+
+  HookPlan bad(kLayers);
+  copy.source_row = -3;
+  ASSERT_TRUE(bad.AddIntervention(copy).ok());
+  at::Tensor y = Arange({2, 3, 4});
+  absl::Status status = bad.Apply(kResid, y);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("source_row -3 is out of range"), std::string::npos) << status;
+  EXPECT_NE(status.message().find("valid: -2..1"), std::string::npos) << status;
+}
+
+TEST(HookPlan, ReadoutsStackNormsMeansAndLensTopK) {
+  HookPlan plan(kLayers);
+  const HookId resid1{1, HookSite::kResidPost};
+  ReadoutRequest norm;
+  norm.hooks = {kResid, resid1};
+  norm.kind = ReadoutKind::kNorm;
+  norm.positions = {-1};
+  ASSERT_TRUE(plan.AddReadout(norm).ok());
+  ReadoutRequest mean;
+  mean.hooks = {resid1};
+  mean.kind = ReadoutKind::kMean;
+  ASSERT_TRUE(plan.AddReadout(mean).ok());
+  // A stand-in lens: logits = the residual itself (d_vocab = d_model = 3).
+  ReadoutRequest lens;
+  lens.hooks = {resid1};
+  lens.kind = ReadoutKind::kLens;
+  lens.top_k = 2;
+  lens.lens = [](const at::Tensor& r) { return r * 2; };
+  ASSERT_TRUE(plan.AddReadout(lens).ok());
+
+  at::Tensor x0 = at::tensor({3.0f, 4.0f, 0.0f, 0.0f, 0.0f, 2.0f}).view({1, 2, 3});
+  at::Tensor x1 = at::tensor({1.0f, 0.5f, 0.0f, 5.0f, -1.0f, 7.0f}).view({1, 2, 3});
+  ASSERT_TRUE(plan.Apply(kResid, x0).ok());
+  ASSERT_TRUE(plan.Apply(resid1, x1).ok());
+  x1.zero_();  // the residual stream is written in place later; a lens keeps its own copy
+  auto results = plan.TakeReadouts();
+  ASSERT_TRUE(results.ok()) << results.status();
+  ASSERT_EQ(results->size(), 3u);
+  EXPECT_TRUE(at::allclose((*results)[0].values, at::tensor({2.0f, std::sqrt(75.0f)}).view({2, 1, 1})));
+  EXPECT_FALSE((*results)[0].indices.defined());
+  EXPECT_TRUE(at::allclose((*results)[1].values, at::tensor({3.0f, -0.25f, 3.5f}).view({1, 1, 3})));
+  EXPECT_TRUE(at::equal((*results)[2].indices, at::tensor({0L, 1L, 2L, 0L}, at::kLong).view({1, 1, 2, 2})));
+  EXPECT_TRUE(at::allclose((*results)[2].values, at::tensor({2.0f, 1.0f, 14.0f, 10.0f}).view({1, 1, 2, 2})));
+}
+
+TEST(HookPlan, ReadoutsRejectBadRequestsAndUnreachedHooks) {
+  HookPlan plan(kLayers);
+  ReadoutRequest empty;
+  EXPECT_EQ(plan.AddReadout(empty).code(), absl::StatusCode::kInvalidArgument);
+  ReadoutRequest lens_on_z;
+  lens_on_z.hooks = {kZ};
+  lens_on_z.kind = ReadoutKind::kLens;
+  lens_on_z.lens = [](const at::Tensor& r) { return r; };
+  absl::Status status = plan.AddReadout(lens_on_z);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("residual-stream hooks"), std::string::npos) << status;
+  ReadoutRequest no_fn;
+  no_fn.hooks = {kResid};
+  no_fn.kind = ReadoutKind::kLens;
+  EXPECT_EQ(plan.AddReadout(no_fn).code(), absl::StatusCode::kInvalidArgument);
+
+  ReadoutRequest norm;
+  norm.hooks = {kResid};
+  norm.kind = ReadoutKind::kNorm;
+  norm.positions = {5};
+  ASSERT_TRUE(plan.AddReadout(norm).ok());
+  auto unreached = plan.TakeReadouts();
+  EXPECT_EQ(unreached.status().code(), absl::StatusCode::kFailedPrecondition);
+  HookPlan range(kLayers);
+  ASSERT_TRUE(range.AddReadout(norm).ok());
+  at::Tensor x = at::zeros({1, 2, 3});
+  status = range.Apply(kResid, x);
+  EXPECT_NE(status.message().find("position 5 is out of range"), std::string::npos) << status;
+}
+
 }  // namespace
 }  // namespace remotelens

@@ -571,4 +571,10 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
   return kernels.Linear(final_normed, weights_.unembed);  // [batch, pos, d_vocab]
 }
 
+at::Tensor LlamaModel::Lens(const at::Tensor& residual) const {
+  const at::Tensor x = residual.to(weights_.unembed.device(), weights_.ln_final.scalar_type());
+  return Linear(RmsNorm(x, weights_.ln_final, config_.rms_norm_eps), weights_.unembed,
+                options_.onednn_gemm);  // [..., d_vocab]
+}
+
 }  // namespace remotelens

@@ -87,6 +87,11 @@ class LlamaModel {
   absl::Status Backward(const at::Tensor& output, const at::Tensor& output_grad,
                         HookPlan* plan = nullptr) const;
 
+  // The logit lens: the final RMSNorm and the unembedding, without hooks, applied to residual-
+  // stream rows [..., d_model] on any device. Returns [..., d_vocab] in the model's dtype on the
+  // unembedding's device. HookPlan readouts call it through a LensFn.
+  at::Tensor Lens(const at::Tensor& residual) const;
+
   const LlamaConfig& config() const { return config_; }
   const LlamaWeights& weights() const { return weights_; }
   const LoadOptions& options() const { return options_; }

@@ -299,6 +299,7 @@ absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, boo
   switch (op.op_case()) {
     case v1::HookOp::kZero:
     case v1::HookOp::kMean:
+    case v1::HookOp::kCopyRow:  // the row is checked against the batch when the op runs
       return absl::OkStatus();
     case v1::HookOp::kScale:
       if (!std::isfinite(op.scale().factor())) return Invalid(absl::StrCat(what, ".scale.factor"), "must be finite");
@@ -309,6 +310,14 @@ absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, boo
       const std::string field = absl::StrCat(what, op.op_case() == v1::HookOp::kSet ? ".set.value" : ".add.value");
       ASSIGN_OR_RETURN(at::Tensor t, TensorFromProto(value, field));
       if (!at::isFloatingType(t.scalar_type())) return Invalid(field, "must be a floating dtype");
+      if (op.op_case() == v1::HookOp::kAdd && op.add().scale_by() != v1::SCALE_BY_NONE &&
+          !IsResidualShaped(id->site)) {
+        return Invalid(absl::StrCat(what, ".add.scale_by"),
+                       absl::StrCat("hook \"", Echo(op.hook_name()), "\" is not [batch, pos, d_model]; "
+                                    "scale_by is valid on hook_embed, blocks.L.hook_resid_pre, "
+                                    "hook_resid_mid, hook_resid_post, hook_attn_out, hook_mlp_out, "
+                                    "ln1/ln2.hook_normalized and ln_final.hook_normalized"));
+      }
       // Check what is known before any input exists: the hook's fixed dimensions (heads narrowed
       // by the selector); batch and positions are checked when the op is applied.
       std::vector<int64_t> region = HookShape(*id, config);
@@ -348,7 +357,7 @@ absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, boo
       }
       return absl::OkStatus();
     case v1::HookOp::OP_NOT_SET:
-      return Invalid(what, "no op set; one of zero, set, add, scale, mean, patch_from_cache, client_callback");
+      return Invalid(what, "no op set; one of zero, set, add, scale, mean, patch_from_cache, client_callback, copy_row");
   }
   return absl::OkStatus();
 }
@@ -370,6 +379,10 @@ absl::StatusOr<InterventionOp> BuildInterventionOp(const v1::HookOp& op, const L
     case v1::HookOp::kMean:
       out.kind = OpKind::kMean;
       break;
+    case v1::HookOp::kCopyRow:
+      out.kind = OpKind::kCopyRow;
+      out.source_row = op.copy_row().source_row();
+      break;
     case v1::HookOp::kScale:
       out.kind = OpKind::kScale;
       out.factor = op.scale().factor();
@@ -382,6 +395,17 @@ absl::StatusOr<InterventionOp> BuildInterventionOp(const v1::HookOp& op, const L
     case v1::HookOp::kAdd: {
       out.kind = OpKind::kAdd;
       ASSIGN_OR_RETURN(out.value, TensorFromProto(op.add().value(), absl::StrCat(what, ".add.value")));
+      switch (op.add().scale_by()) {
+        case v1::SCALE_BY_MEAN_NORM:
+          out.scale_by = AddScale::kMeanNorm;
+          break;
+        case v1::SCALE_BY_TOKEN_NORM:
+          out.scale_by = AddScale::kTokenNorm;
+          break;
+        default:  // ValidateEnums has rejected numbers ScaleBy does not define
+          out.scale_by = AddScale::kNone;
+          break;
+      }
       break;
     }
     case v1::HookOp::kPatchFromCache: {
@@ -445,6 +469,107 @@ absl::StatusOr<std::vector<CacheRequest>> BuildCacheRequests(const v1::CacheSele
     requests.push_back(r);
   }
   return requests;
+}
+
+absl::StatusOr<std::vector<ReadoutRequest>> BuildReadouts(
+    const google::protobuf::RepeatedPtrField<v1::Readout>& readouts, const LlamaConfig& config,
+    const ForwardInput& input, const LensFn& lens, int64_t max_lens_bytes) {
+  constexpr int kMaxReadouts = 64;
+  const int64_t batch = input.tokens.defined() ? input.tokens.size(0) : input.residual.size(0);
+  const int64_t n_pos = input.tokens.defined() ? input.tokens.size(1) : input.residual.size(1);
+  // Blocks [first_block, end_block) run; hooks outside them never fire.
+  const int64_t n_layers = config.n_layers;
+  const int64_t first_block = input.start_at_layer < 0 ? input.start_at_layer + n_layers : input.start_at_layer;
+  int64_t end_block = n_layers;
+  if (input.stop_at_layer.has_value()) {
+    end_block = *input.stop_at_layer < 0 ? *input.stop_at_layer + n_layers : *input.stop_at_layer;
+  }
+  if (readouts.size() > kMaxReadouts) {
+    return Invalid("readouts", absl::StrCat(readouts.size(), " readouts; at most ", kMaxReadouts));
+  }
+  std::vector<ReadoutRequest> out;
+  for (int i = 0; i < readouts.size(); ++i) {
+    const v1::Readout& r = readouts[i];
+    const std::string what = absl::StrCat("readouts[", i, "]");
+    ReadoutRequest request;
+    switch (r.kind_case()) {
+      case v1::Readout::kLens:
+        request.kind = ReadoutKind::kLens;
+        if (r.lens().top_k() < 0 || r.lens().top_k() > config.d_vocab) {
+          return Invalid(absl::StrCat(what, ".lens.top_k"),
+                         absl::StrCat(r.lens().top_k(), " is out of range; valid: 0 (full logits) or 1..",
+                                      config.d_vocab, " (d_vocab)"));
+        }
+        request.top_k = r.lens().top_k();
+        request.lens = lens;
+        break;
+      case v1::Readout::kNorm:
+        request.kind = ReadoutKind::kNorm;
+        break;
+      case v1::Readout::kMean:
+        request.kind = ReadoutKind::kMean;
+        break;
+      case v1::Readout::KIND_NOT_SET:
+        return Invalid(what, "no kind set; one of lens, norm, mean");
+    }
+    if (r.hook_names().empty()) return Invalid(absl::StrCat(what, ".hook_names"), "is empty; name at least one hook");
+    if (r.hook_names_size() > NumHookIds(config.n_layers)) {
+      return Invalid(absl::StrCat(what, ".hook_names"),
+                     absl::StrCat(r.hook_names_size(), " names; at most ", NumHookIds(config.n_layers),
+                                  " (the model's hook points)"));
+    }
+    std::vector<int64_t> first_shape;
+    for (int j = 0; j < r.hook_names_size(); ++j) {
+      const std::string field = absl::StrCat(what, ".hook_names[", j, "]");
+      auto id = ParseHookName(r.hook_names(j), config.n_layers);
+      if (!id.ok()) return Invalid(field, id.status().message());
+      if (request.kind == ReadoutKind::kLens && !IsResidualStream(id->site)) {
+        return Invalid(field, absl::StrCat("\"", Echo(r.hook_names(j)), "\" is not a residual-stream hook; "
+                                           "a lens readout is valid at hook_embed, blocks.L.hook_resid_pre, "
+                                           "hook_resid_mid and hook_resid_post"));
+      }
+      const bool fires = id->layer >= 0 ? (id->layer >= first_block && id->layer < end_block)
+                                         : (id->site == HookSite::kEmbed ? first_block == 0
+                                                                          : !input.stop_at_layer.has_value());
+      if (!fires) {
+        return Invalid(field, absl::StrCat("\"", Echo(r.hook_names(j)), "\" does not run in this forward (blocks ",
+                                           first_block, "..", end_block - 1,
+                                           " run, given start_at_layer / stop_at_layer)"));
+      }
+      const std::vector<int64_t> shape = HookShape(*id, config);
+      if (j == 0) {
+        first_shape = shape;
+      } else if (shape != first_shape) {
+        return Invalid(field, absl::StrCat("\"", Echo(r.hook_names(j)), "\" has shape [",
+                                           absl::StrJoin(shape, ", "), "], unlike \"",
+                                           Echo(r.hook_names(0)), "\" [", absl::StrJoin(first_shape, ", "),
+                                           "]; results are stacked, so one readout's hooks share a shape"));
+      }
+      request.hooks.push_back(*id);
+    }
+    RETURN_IF_ERROR(CheckIndexList(r.positions(), absl::StrCat(what, ".positions")));
+    for (int64_t p : r.positions()) {
+      if (p < -n_pos || p >= n_pos) {
+        return Invalid(absl::StrCat(what, ".positions"),
+                       absl::StrCat("position ", p, " is out of range for a sequence of ", n_pos,
+                                    " positions (valid: ", -n_pos, "..", n_pos - 1, ")"));
+      }
+    }
+    request.positions.assign(r.positions().begin(), r.positions().end());
+    if (request.kind == ReadoutKind::kLens) {
+      // The lens computes float32 logits for every row before any top-k: bound them up front.
+      const int64_t rows = static_cast<int64_t>(request.hooks.size()) * batch *
+                           (request.positions.empty() ? n_pos : static_cast<int64_t>(request.positions.size()));
+      const int64_t bytes = rows * config.d_vocab * 4;
+      if (bytes > max_lens_bytes) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            what, ": the lens over ", rows, " rows needs ", bytes, " bytes of float32 logits; your limit is ",
+            max_lens_bytes, " (max_streamed_bytes_per_request); select fewer hooks or positions"));
+      }
+    }
+    out.push_back(std::move(request));
+  }
+  return out;
 }
 
 at::Tensor NextTokenLoss(const at::Tensor& logits, const at::Tensor& tokens,

@@ -93,6 +93,16 @@ absl::StatusOr<InterventionOp> BuildInterventionOp(const v1::HookOp& op, const L
 absl::StatusOr<std::vector<CacheRequest>> BuildCacheRequests(const v1::CacheSelection& selection,
                                                              const LlamaConfig& config);
 
+// Converts RunRequest.readouts into engine readouts for `input`: hook names parsed (hooks that
+// run in this forward; a lens only at residual-stream hooks; one readout's hooks share a shape),
+// lens top_k within 0..d_vocab, positions within the input's -pos..pos-1, at most 64 readouts.
+// INVALID_ARGUMENT naming the field and what is valid; RESOURCE_EXHAUSTED when a lens's float32
+// logits (hooks x batch x positions x d_vocab x 4 bytes, computed before any top-k) exceed
+// `max_lens_bytes`.
+absl::StatusOr<std::vector<ReadoutRequest>> BuildReadouts(
+    const google::protobuf::RepeatedPtrField<v1::Readout>& readouts, const LlamaConfig& config,
+    const ForwardInput& input, const LensFn& lens, int64_t max_lens_bytes);
+
 // TransformerLens next-token loss. logits [batch, pos, d_vocab], tokens [batch, pos], mask
 // (optional) [batch, pos]. Per token: [batch, pos - 1]; otherwise the mean over real targets.
 at::Tensor NextTokenLoss(const at::Tensor& logits, const at::Tensor& tokens,

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include "absl/strings/str_cat.h"
 #include "engine/test_model.h"
 #include "gtest/gtest.h"
 #include "server/tensor_codec.h"
@@ -241,6 +242,112 @@ TEST_F(RequestBuilderTest, FloatTokensNameTheDtype) {
   EXPECT_EQ(input.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(input.status().message().find("dtype"), std::string::npos) << input.status();
   EXPECT_NE(input.status().message().find("DTYPE_FLOAT32"), std::string::npos) << input.status();
+}
+
+TEST_F(RequestBuilderTest, AddScaleByConvertsAndIsOnlyValidOnResidualShapedHooks) {
+  const LlamaConfig& c = model_->config();
+  v1::HookOp add;
+  add.set_hook_name("blocks.1.hook_resid_pre");
+  *add.mutable_add()->mutable_value() = Proto(at::ones({c.d_model}));
+  add.mutable_add()->set_scale_by(v1::SCALE_BY_TOKEN_NORM);
+  auto built = BuildInterventionOp(add, c, nullptr, nullptr, "hooks[0]");
+  ASSERT_TRUE(built.ok()) << built.status();
+  EXPECT_EQ(built->scale_by, AddScale::kTokenNorm);
+  add.mutable_add()->set_scale_by(v1::SCALE_BY_MEAN_NORM);
+  EXPECT_EQ(BuildInterventionOp(add, c, nullptr, nullptr, "hooks[0]")->scale_by, AddScale::kMeanNorm);
+
+  v1::HookOp on_mlp;
+  on_mlp.set_hook_name("blocks.0.mlp.hook_post");
+  *on_mlp.mutable_add()->mutable_value() = Proto(at::ones({1}));
+  on_mlp.mutable_add()->set_scale_by(v1::SCALE_BY_MEAN_NORM);
+  absl::Status status = ValidateHookOp(on_mlp, c, false, "op");
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("op.add.scale_by"), std::string::npos) << status;
+  EXPECT_NE(status.message().find("hook_resid_post"), std::string::npos) << status;
+}
+
+TEST_F(RequestBuilderTest, ReadoutsValidateHooksTopKAndPositions) {
+  const LlamaConfig& c = model_->config();
+  ForwardInput input;
+  input.tokens = at::zeros({1, 5}, at::kLong);
+  const LensFn lens = [](const at::Tensor& r) { return r; };
+  google::protobuf::RepeatedPtrField<v1::Readout> readouts;
+  v1::Readout* lens_readout = readouts.Add();
+  for (int layer = 0; layer < c.n_layers; ++layer) {
+    lens_readout->add_hook_names(absl::StrCat("blocks.", layer, ".hook_resid_post"));
+  }
+  lens_readout->add_positions(-1);
+  lens_readout->mutable_lens()->set_top_k(10);
+  v1::Readout* norm = readouts.Add();
+  norm->add_hook_names("blocks.0.attn.hook_z");
+  norm->mutable_norm();
+  auto built = BuildReadouts(readouts, c, input, lens, int64_t{1} << 30);
+  ASSERT_TRUE(built.ok()) << built.status();
+  ASSERT_EQ(built->size(), 2u);
+  EXPECT_EQ((*built)[0].kind, ReadoutKind::kLens);
+  EXPECT_EQ((*built)[0].top_k, 10);
+  EXPECT_EQ((*built)[0].hooks.size(), static_cast<size_t>(c.n_layers));
+  EXPECT_EQ((*built)[0].positions, std::vector<int64_t>{-1});
+  EXPECT_EQ((*built)[1].kind, ReadoutKind::kNorm);
+
+  auto expect_invalid = [&](const google::protobuf::RepeatedPtrField<v1::Readout>& r,
+                            const ForwardInput& in, const std::string& needle) {
+    auto result = BuildReadouts(r, c, in, lens, int64_t{1} << 30);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument) << needle;
+    EXPECT_NE(result.status().message().find(needle), std::string::npos) << result.status();
+  };
+  auto one = [](const std::string& hook) {
+    google::protobuf::RepeatedPtrField<v1::Readout> r;
+    r.Add()->add_hook_names(hook);
+    return r;
+  };
+  auto r = one("blocks.0.hook_resid_post");
+  r[0].mutable_lens()->set_top_k(c.d_vocab + 1);
+  expect_invalid(r, input, absl::StrCat("readouts[0].lens.top_k: ", c.d_vocab + 1,
+                                        " is out of range; valid: 0 (full logits) or 1..", c.d_vocab));
+  r[0].mutable_lens()->set_top_k(-1);
+  expect_invalid(r, input, "readouts[0].lens.top_k");
+  r[0].mutable_lens()->set_top_k(3);
+  r[0].add_positions(5);
+  expect_invalid(r, input, "position 5 is out of range for a sequence of 5 positions (valid: -5..4)");
+  r = one("blocks.0.hook_resid_postt");
+  r[0].mutable_norm();
+  expect_invalid(r, input, "readouts[0].hook_names[0]");
+  r = one("blocks.0.hook_mlp_out");
+  r[0].mutable_lens();
+  expect_invalid(r, input, "not a residual-stream hook");
+  r = one("blocks.0.hook_resid_post");
+  r[0].add_hook_names("blocks.0.attn.hook_z");
+  r[0].mutable_mean();
+  expect_invalid(r, input, "readouts[0].hook_names[1]");
+  r = one("blocks.0.hook_resid_post");
+  expect_invalid(r, input, "no kind set");
+  r = google::protobuf::RepeatedPtrField<v1::Readout>();
+  r.Add()->mutable_norm();
+  expect_invalid(r, input, "readouts[0].hook_names: is empty");
+  r = one("blocks.1.hook_resid_post");
+  r[0].mutable_norm();
+  ForwardInput stopped = input;
+  stopped.stop_at_layer = 1;
+  expect_invalid(r, stopped, "does not run in this forward");
+  google::protobuf::RepeatedPtrField<v1::Readout> many;
+  for (int i = 0; i < 65; ++i) {
+    v1::Readout* m = many.Add();
+    m->add_hook_names("hook_embed");
+    m->mutable_norm();
+  }
+  expect_invalid(many, input, "65 readouts; at most 64");
+
+  // Five positions of every layer's lens: n_layers * 5 rows of float32 logits, bounded up front.
+  r = one("blocks.0.hook_resid_post");
+  r[0].add_hook_names("blocks.1.hook_resid_post");
+  r[0].mutable_lens()->set_top_k(1);
+  const int64_t need = 2 * 5 * c.d_vocab * 4;
+  EXPECT_TRUE(BuildReadouts(r, c, input, lens, need).ok());
+  auto too_big = BuildReadouts(r, c, input, lens, need - 1);
+  EXPECT_EQ(too_big.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(too_big.status().message().find(absl::StrCat("needs ", need, " bytes")), std::string::npos)
+      << too_big.status();
 }
 
 }  // namespace

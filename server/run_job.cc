@@ -138,6 +138,7 @@ absl::StatusOr<v1::RunResponse::Summary> ExecuteRun(const LlamaModel& model, Pre
   QuotaStreamer streamer(emit, run.chunk_bytes, run.max_streamed_bytes);
   StoredCache stored;
   for (const CacheRequest& request : run.cache) plan.AddCache(request);
+  for (ReadoutRequest& request : run.readouts) RETURN_IF_ERROR(plan.AddReadout(std::move(request)));
   plan.SetCacheSink([&](HookId id, at::Tensor t) -> absl::Status {
     // Checked at every cached hook: a vanished client stops the forward pass early.
     if (cancelled()) return absl::CancelledError("client cancelled the run");
@@ -160,6 +161,14 @@ absl::StatusOr<v1::RunResponse::Summary> ExecuteRun(const LlamaModel& model, Pre
     metrics->AddTokens(tokens);
   }
   if (cancelled()) return absl::CancelledError("client cancelled the run");
+
+  ASSIGN_OR_RETURN(std::vector<ReadoutResult> readouts, plan.TakeReadouts());
+  for (size_t i = 0; i < readouts.size(); ++i) {
+    RETURN_IF_ERROR(streamer.Send(absl::StrCat("readouts.", i), readouts[i].values));
+    if (readouts[i].indices.defined()) {
+      RETURN_IF_ERROR(streamer.Send(absl::StrCat("readouts.", i, ".indices"), readouts[i].indices));
+    }
+  }
 
   const bool want_logits = run.return_type == v1::RETURN_TYPE_LOGITS || run.return_type == v1::RETURN_TYPE_BOTH;
   const bool want_loss = run.return_type == v1::RETURN_TYPE_LOSS || run.return_type == v1::RETURN_TYPE_BOTH;

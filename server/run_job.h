@@ -33,6 +33,7 @@ struct PreparedRun {
   ForwardInput input;
   std::vector<InterventionOp> ops;   // session hooks first, then one-shot hooks
   std::vector<CacheRequest> cache;
+  std::vector<ReadoutRequest> readouts;  // streamed as "readouts.{i}" after the forward
   bool stream_cache = false;
   bool store_cache = false;
   // Stores the cache in the caller's session and returns its handle (set when store_cache).

@@ -221,6 +221,13 @@ absl::Status SubmitRun(RemoteLensService& service, grpc::CallbackServerContext* 
   ASSIGN_OR_RETURN(run->ops, BuildOps(deps, user, request.session_id(), request.hooks(), callbacks));
   const v1::CacheSelection& cache = request.cache();
   ASSIGN_OR_RETURN(run->cache, BuildCacheRequests(cache, deps.model->config()));
+  if (!request.readouts().empty()) {
+    const LlamaModel* model = deps.model;
+    ASSIGN_OR_RETURN(run->readouts,
+                     BuildReadouts(request.readouts(), model->config(), run->input,
+                                   [model](const at::Tensor& residual) { return model->Lens(residual); },
+                                   quota.max_streamed_bytes_per_request()));
+  }
   run->stream_cache = cache.stream();
   run->store_cache = cache.store();
   if (!run->cache.empty() && !cache.stream() && !cache.store()) {

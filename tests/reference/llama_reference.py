@@ -235,6 +235,10 @@ class LlamaReference:
             if kind in ("set", "add") and op.get("tensor") not in hook_tensors:
                 raise ReferenceError(f"op on {name} names tensor {op.get('tensor')!r} "
                                      f"that is not in hook_tensors")
+            if op.get("scale_by") not in (None, "mean_norm", "token_norm"):
+                raise ReferenceError(f"scale_by {op['scale_by']!r}; valid: mean_norm, token_norm")
+            if op.get("scale_by") is not None and kind != "add":
+                raise ReferenceError("scale_by is only valid on an add op")
             if kind == "scale" and "factor" not in op:
                 raise ReferenceError(f"scale op on {name} needs 'factor'")
 
@@ -283,6 +287,12 @@ class LlamaReference:
             except RuntimeError as e:
                 raise ReferenceError(f"tensor {op['tensor']} of shape {tuple(tensor.shape)} does "
                                      f"not broadcast to region {tuple(region.shape)} of {name}") from e
+            if kind == "add" and op.get("scale_by") == "token_norm":
+                # Each position's L2 norm over d_model, before the op.
+                value = value * torch.sqrt((region * region).sum(dim=-1, keepdim=True))
+            elif kind == "add" and op.get("scale_by") == "mean_norm":
+                # The mean over the row's positions of those norms.
+                value = value * torch.sqrt((act * act).sum(dim=-1, keepdim=True)).mean(dim=1, keepdim=True)
             new_region = value.clone() if kind == "set" else region + value
         elif kind == "scale":
             new_region = region * float(op["factor"])
@@ -291,6 +301,12 @@ class LlamaReference:
         out = act.clone()
         out[index] = new_region
         return out
+
+    def lens(self, residual: torch.Tensor) -> torch.Tensor:
+        """Logit lens: the final RMSNorm and the unembedding of residual rows [..., d_model]."""
+        x = residual.to(torch.float32)
+        x = x / torch.sqrt(torch.mean(x * x, dim=-1, keepdim=True) + self.config.eps)
+        return (x * self.w["model.norm.weight"]) @ self.W_U.T  # [..., d_vocab]
 
     # ----------------------------------------------------------------- forward
 
@@ -305,7 +321,8 @@ class LlamaReference:
           tokens: [batch, pos] int64 token ids.
           attention_mask: optional [batch, pos] 0/1, 0 marking LEFT padding. Padded positions are
             never attended to; position ids count from each row's first real token.
-          ops: interventions, each {"hook", "op", optional "positions", "heads", "tensor", "factor"}.
+          ops: interventions, each {"hook", "op", optional "positions", "heads", "tensor", "factor",
+            "scale_by" ("mean_norm" | "token_norm": an add value times the activation's L2 norm)}.
           hook_tensors: tensors named by "set"/"add" ops.
           stop_at_layer: run blocks 0..N-1 only and return the residual stream after block N-1
             in place of the logits (TransformerLens semantics).

@@ -9,7 +9,7 @@ HookedTransformer.from_server(...); `from transformer_lens import utils` may bec
 `from remotelens import utils`.
 """
 
-from . import metrics, ops, utils
+from . import metrics, ops, readouts, utils
 from .activation_cache import ActivationCache
 from .config import HookedTransformerConfig
 from .errors import (CancelledError, DeadlineExceededError, FailedPreconditionError,
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HookedTransformer", "HookedTransformerConfig", "ActivationCache", "HookPoint", "Output",
-    "metrics", "ops", "utils", "get_act_name",
+    "metrics", "ops", "readouts", "utils", "get_act_name",
     "RemoteLensError", "InvalidArgumentError", "OutOfRangeError", "NotFoundError",
     "PermissionDeniedError", "UnauthenticatedError", "DeadlineExceededError", "UnavailableError",
     "ResourceExhaustedError", "CancelledError", "FailedPreconditionError",

@@ -18,7 +18,7 @@ import torch
 import tqdm
 
 from . import utils
-from ._wire import tensor_from_proto, tensor_to_proto
+from ._wire import ChunkAssembler, tensor_from_proto, tensor_to_proto
 from .errors import from_rpc_error
 from .v1 import remotelens_pb2 as pb
 
@@ -51,9 +51,10 @@ class GenerationMixin:
     def _iter_generate(self, tokens: torch.Tensor, mask: Optional[torch.Tensor],
                        max_new_tokens: int, stop_at_eos: bool, eos_ids: List[int],
                        do_sample: bool, top_k, top_p, temperature: float, freq_penalty: float,
-                       use_past_kv_cache: bool, seed: Optional[int]
-                       ) -> Iterator[Tuple[str, object]]:
-        """Yields ("step", new tokens [batch] plus their bytes) per step, then ("done", sequences)."""
+                       use_past_kv_cache: bool, seed: Optional[int],
+                       step_cache_names: Sequence[str] = ()) -> Iterator[Tuple[str, object]]:
+        """Yields ("step", new tokens [batch] plus their bytes) per step, then ("done", sequences).
+        With step_cache_names, each step's activations follow its step as ("tensor", (name, t))."""
         if temperature == 0.0:
             do_sample = False
         if do_sample and seed is None:
@@ -61,6 +62,9 @@ class GenerationMixin:
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())
         hooks = self._active_hooks()
         if freq_penalty or any(not self._is_op(fn) for _, fn in hooks):
+            if step_cache_names:
+                raise ValueError("caching during generation needs server-side generation: only "
+                                 "remotelens.ops hooks and no freq_penalty")
             yield from self._iter_generate_client(tokens, mask, max_new_tokens, stop_at_eos, eos_ids,
                                                   do_sample, top_k, top_p, temperature,
                                                   freq_penalty, seed)
@@ -78,11 +82,19 @@ class GenerationMixin:
             request.attention_mask.CopyFrom(tensor_to_proto(mask))
         if needs_session:
             request.session_id = self._session_id
+        if step_cache_names:
+            request.step_cache.names.extend(step_cache_names)
+            request.step_cache.stream = True
+        assembler = ChunkAssembler()
         call = self._stub.Generate(request, **self._call_kwargs())
         try:
             for response in call:
                 kind = response.WhichOneof("item")
-                if kind == "step":
+                if kind == "tensor":
+                    done = assembler.add(response.tensor)
+                    if done is not None:
+                        yield "tensor", done
+                elif kind == "step":
                     yield "step", (torch.tensor(list(response.step.tokens), dtype=torch.int64),
                                    list(response.step.texts))
                 elif kind == "done":
@@ -182,6 +194,47 @@ class GenerationMixin:
             rows = [[t for j, t in enumerate(r) if j >= width or mask[i, j]] for i, r in enumerate(rows)]
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return texts[0] if len(texts) == 1 else texts
+
+    def generate_with_cache(self, input: Union[str, List[str], torch.Tensor], max_new_tokens: int = 10,
+                            names_filter: Union[str, Sequence[str]] = (), stop_at_eos: bool = False,
+                            do_sample: bool = False, prepend_bos: Optional[bool] = None,
+                            use_past_kv_cache: bool = True, **sampling):
+        """Generates on the server and streams the named activations of every step.
+
+        Args:
+            input: a text, a list of texts (left-padded), or int64 tokens [batch, pos].
+            max_new_tokens: tokens to generate per row.
+            names_filter: a hook name or list of names to capture at every step.
+            stop_at_eos, do_sample, prepend_bos, use_past_kv_cache: as generate().
+            **sampling: top_k, top_p, temperature, seed, eos_token_id as generate().
+
+        Returns:
+            (tokens [batch, pos + generated], [one {name: activation} per step]). With the KV
+            cache, step 0's activations cover the prompt and each later step's only the new
+            position (the forward each step runs); without it, every position each step.
+
+        Raises:
+            ValueError: Python hook functions are active (they need client-driven steps).
+            KeyError: an unknown hook name.
+        """
+        names = [names_filter] if isinstance(names_filter, str) else list(names_filter)
+        for name in names:
+            self._hook_point(name)  # ValueError naming the valid hooks
+        tokens, mask, _ = self._generation_input(input, prepend_bos, None)
+        steps: List[dict] = []
+        sequences = None
+        for what, value in self._iter_generate(
+                tokens, mask, max_new_tokens, stop_at_eos, self._eos_ids(sampling.get("eos_token_id")),
+                do_sample, sampling.get("top_k"), sampling.get("top_p"),
+                sampling.get("temperature", 1.0), 0.0, use_past_kv_cache, sampling.get("seed"),
+                step_cache_names=names):
+            if what == "step":
+                steps.append({})
+            elif what == "tensor":
+                steps[-1][value[0]] = self._to_device(value[1])
+            else:
+                sequences = value
+        return self._to_device(sequences), steps
 
     def generate_stream(self, input: Union[str, torch.Tensor] = "", max_new_tokens: int = 10,
                         max_tokens_per_yield: int = 1, stop_at_eos: bool = True,

@@ -30,6 +30,7 @@ import torch
 
 from . import metrics as metrics_module
 from . import ops as ops_module
+from . import readouts as readouts_module
 from ._generation import GenerationMixin
 from ._run import Progress, execute_run, pos_dim, server_pos_slice
 from ._tokens import TokensMixin
@@ -425,8 +426,10 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
                       stop_at_layer: Optional[int] = None, past_kv_cache=None,
                       shortformer_pos_embed=None, cache_names: Sequence[str] = (),
                       pos_slice: Optional[Slice] = None, store: bool = False, download: bool = True,
+                      readouts: Sequence["readouts_module.Readout"] = (),
                       backward: Optional[pb.BackwardRequest] = None, attach_backward: bool = False):
-        """forward() plus caching; returns (model output, {name: tensor}, summary).
+        """forward() plus caching and readouts; returns (model output, {name: tensor}, summary,
+        [readout results]).
 
         With `backward`, the server also back-propagates its metric and the returned dict holds
         the gradients it selects as "<name>_grad" (with the backward ops registered here).
@@ -513,6 +516,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
             backward_ops, backward_callbacks = self._backward_ops(len(callbacks))
             request.hooks.extend(backward_ops)
             callbacks.update(backward_callbacks)
+        request.readouts.extend(r.to_proto() for r in readouts)
         if store or needs_session:
             request.session_id = self._open_session()
         expected = self._expected_bytes(request, names, loss_tokens)
@@ -522,6 +526,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
         if backward is not None:
             cache.update({f"{n}_grad": outputs[f"{n}_grad"] for n in backward.cache.names
                           if f"{n}_grad" in outputs})
+        readout_results = [r.decode(outputs, i) for i, r in enumerate(readouts)]
         if pos_slice is not None and server_slice is None:
             cache = {n: pos_slice.apply(t, dim=pos_dim(n)) for n, t in cache.items()}
         logits = outputs.get("logits")
@@ -546,7 +551,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
                                 or (return_type == "loss" and server_loss and not loss_per_token)):
             out = self._attach_backward(out, request, callbacks, metric_is_loss=(
                 stop is None and return_type == "loss"))
-        return out, cache, summary
+        return out, cache, summary, readout_results
 
     def _attach_backward(self, out: torch.Tensor, request: pb.RunRequest,
                          callbacks: Dict[int, Tuple[Callable, HookPoint]], metric_is_loss: bool) -> torch.Tensor:
@@ -673,10 +678,10 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
                 if server_slice[1] is not None:
                     backward.cache.pos_stop = server_slice[1]
         with self.hooks((), (), reset_hooks_end, clear_contexts):
-            out, cache_dict, summary = self._forward_impl(*model_args, cache_names=names,
-                                                          pos_slice=pos_slice, store=store,
-                                                          download=download, backward=backward,
-                                                          **model_kwargs)
+            out, cache_dict, summary, _ = self._forward_impl(*model_args, cache_names=names,
+                                                             pos_slice=pos_slice, store=store,
+                                                             download=download, backward=backward,
+                                                             **model_kwargs)
         handle = summary.cache_handle or None
         if store and not download:
             session_id = self._session_id
@@ -693,6 +698,33 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
             return out, cache_dict
         return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim,
                                     handle=handle, session_id=self._session_id if handle else None)
+
+    def run_with_readouts(self, *model_args, readouts: Sequence["readouts_module.Readout"],
+                          fwd_hooks: Sequence = (), **model_kwargs):
+        """forward() that also computes readouts and reductions on the server (one round trip,
+        a small answer): logit lens top-k or logits, norms, means (see remotelens.readouts).
+
+        Args:
+            *model_args, **model_kwargs: forward()'s arguments (return_type=None skips the
+                logits download when only the readouts are wanted).
+            readouts: remotelens.readouts.lens(...), norm(...), mean(...); each sees its hooks'
+                activations after the active hooks (ops, Python hooks) have run there.
+            fwd_hooks: hooks added for this call only, as run_with_hooks.
+
+        Returns:
+            (model output, [one result per readout, in order]): a float32 tensor, or a
+            readouts.LensTopK(values, indices) for a lens with top_k.
+
+        Raises:
+            ValueError: a bad hook name, top_k or position (the server's INVALID_ARGUMENT,
+                naming what is valid).
+        """
+        for r in readouts:
+            if not isinstance(r, readouts_module.Readout):
+                raise TypeError(f"readouts must be remotelens.readouts.lens/norm/mean, got {r!r}")
+        with self.hooks(fwd_hooks):
+            out, _, _, results = self._forward_impl(*model_args, readouts=readouts, **model_kwargs)
+        return out, results
 
     def _fetch_cache(self, session_id: str, handle: str, names: Sequence[str],
                      pos_slice: Optional[Slice] = None) -> Dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch
 from ._wire import tensor_to_proto
 from .v1 import hooks_pb2
 
-__all__ = ["HookOperation", "zero", "set", "add", "scale", "mean", "patch_from"]
+__all__ = ["HookOperation", "zero", "set", "add", "scale", "mean", "patch_from", "copy_row"]
 
 Index = Optional[Union[int, Sequence[int], torch.Tensor]]
 
@@ -74,8 +74,15 @@ class HookOperation:
 
     def __init__(self, kind: str, pos: Index = None, head: Index = None,
                  value: Optional[torch.Tensor] = None, factor: Optional[float] = None,
-                 cache=None, name: Optional[str] = None):
+                 cache=None, name: Optional[str] = None, scale_by: Optional[str] = None,
+                 source_row: int = 0):
+        if scale_by not in _SCALE_BY:
+            raise ValueError(f"scale_by={scale_by!r}; valid: None, 'mean_norm', 'token_norm'")
+        if scale_by is not None and kind != "add":
+            raise ValueError("scale_by applies to ops.add only")
         self.kind = kind
+        self.scale_by = scale_by
+        self.source_row = int(source_row)
         self.pos = _as_index_list(pos, "pos")
         self.head = _as_index_list(head, "head")
         self.value = value
@@ -87,8 +94,12 @@ class HookOperation:
         parts = []
         if self.kind in ("set", "add") and self.value is not None:
             parts.append(f"value shape={list(self.value.shape)}")
+        if self.scale_by:
+            parts.append(f"scale_by={self.scale_by!r}")
         if self.kind == "scale":
             parts.append(f"factor={self.factor}")
+        if self.kind == "copy_row":
+            parts.append(f"source_row={self.source_row}")
         if self.kind == "patch_from" and self.source_name:
             parts.append(f"name={self.source_name!r}")
         if self.pos:
@@ -114,12 +125,15 @@ class HookOperation:
             op.zero.SetInParent()
         elif self.kind == "mean":
             op.mean.SetInParent()
+        elif self.kind == "copy_row":
+            op.copy_row.source_row = self.source_row
         elif self.kind == "scale":
             op.scale.factor = float(self.factor)
         elif self.kind == "set":
             op.set.value.CopyFrom(tensor_to_proto(self.value, float_only=True))
         elif self.kind == "add":
             op.add.value.CopyFrom(tensor_to_proto(self.value, float_only=True))
+            op.add.scale_by = _SCALE_BY[self.scale_by]
         elif self.kind == "patch_from":
             handle = getattr(self.cache, "handle", None)
             if handle and session_id and getattr(self.cache, "session_id", None) == session_id:
@@ -187,15 +201,39 @@ class HookOperation:
             new = region * float(self.factor)
         elif self.kind == "mean":
             new = region.mean(dim=0, keepdim=True).expand_as(region)
+        elif self.kind == "copy_row":
+            batch = region.shape[0]
+            if not -batch <= self.source_row < batch:
+                raise IndexError(f"source_row {self.source_row} is out of range for a batch of {batch}")
+            new = region[self.source_row:self.source_row + 1 or None].expand_as(region).clone()
         elif self.kind in ("set", "add", "patch_from"):
             value = (self._patch_source(name) if self.kind == "patch_from"
                      else torch.as_tensor(self.value))
             value = torch.broadcast_to(value.to(region.dtype), region.shape)
+            if self.kind == "add" and self.scale_by is not None:
+                value = value * _norm_scale(activation, region, self.scale_by, name)
             new = region + value if self.kind == "add" else value
         else:
             raise ValueError(f"unknown op kind {self.kind!r}")
         out[index] = new
         return out
+
+
+# ops.add's scale_by -> AddOp.scale_by.
+_SCALE_BY = {None: hooks_pb2.SCALE_BY_NONE, "mean_norm": hooks_pb2.SCALE_BY_MEAN_NORM,
+             "token_norm": hooks_pb2.SCALE_BY_TOKEN_NORM}
+
+
+def _norm_scale(activation: torch.Tensor, region: torch.Tensor, scale_by: str,
+                hook_name: str) -> torch.Tensor:
+    """The L2 norm over d_model that scale_by multiplies an add's value by (float32)."""
+    if activation.dim() != 3:
+        raise ValueError(f"scale_by needs a [batch, pos, d_model] hook, not {hook_name!r}")
+    if scale_by == "token_norm":
+        norms = region.float().norm(dim=-1, keepdim=True)                   # [batch, n_pos, 1]
+    else:
+        norms = activation.float().norm(dim=-1, keepdim=True).mean(dim=-2, keepdim=True)  # [batch, 1, 1]
+    return norms.to(region.dtype)
 
 
 def _resolve(indices: List[int], size: int, what: str) -> torch.Tensor:
@@ -218,9 +256,26 @@ def set(value, pos: Index = None, head: Index = None) -> HookOperation:  # noqa:
     return HookOperation("set", pos=pos, head=head, value=torch.as_tensor(value))
 
 
-def add(value, pos: Index = None, head: Index = None) -> HookOperation:
-    """region += value (a [d_model] steering vector is added at every selected position)."""
-    return HookOperation("add", pos=pos, head=head, value=torch.as_tensor(value))
+def add(value, pos: Index = None, head: Index = None,
+        scale_by: Optional[str] = None) -> HookOperation:
+    """region += value (a [d_model] steering vector is added at every selected position).
+
+    Args:
+        value: broadcast (trailing-aligned) to the selected region.
+        pos: positions to add at (default all).
+        head: heads to add at (default all).
+        scale_by: None adds `value` as is. "token_norm" multiplies it, at each position, by
+            that position's L2 norm over d_model; "mean_norm" by the mean of those norms over
+            every position of the row in this forward (during generation with the KV cache a
+            step's forward holds only the new token). Norms are of the activation before this
+            op. So `add(alpha * unit_direction, scale_by="mean_norm")` steers with a strength
+            relative to the stream's own scale, as nnbench's steering cells do. Only on
+            [batch, pos, d_model] hooks (residual stream, attn_out, mlp_out, ln*.hook_normalized).
+
+    Returns:
+        The op.
+    """
+    return HookOperation("add", pos=pos, head=head, value=torch.as_tensor(value), scale_by=scale_by)
 
 
 def scale(factor: float, pos: Index = None, head: Index = None) -> HookOperation:
@@ -234,6 +289,22 @@ def scale(factor: float, pos: Index = None, head: Index = None) -> HookOperation
 def mean(pos: Index = None, head: Index = None) -> HookOperation:
     """Mean-ablation: region = its mean over the batch."""
     return HookOperation("mean", pos=pos, head=head)
+
+
+def copy_row(source_row: int = 0, pos: Index = None, head: Index = None) -> HookOperation:
+    """Activation patching in one forward: region = the region of batch row `source_row`, in
+    every row. Run [clean, corrupt] as one batch with copy_row(0) and the corrupt row sees the
+    clean activation (one call and one batched forward instead of two).
+
+    Args:
+        source_row: the batch row to copy from (negative counts from the end).
+        pos: positions to copy (default all).
+        head: heads to copy (default all).
+
+    Returns:
+        The op.
+    """
+    return HookOperation("copy_row", pos=pos, head=head, source_row=source_row)
 
 
 def patch_from(cache, name: Optional[str] = None, pos: Index = None,

@@ -14,13 +14,15 @@ _sym_db = _symbol_database.Default()
 from remotelens.v1 import tensor_pb2 as remotelens_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19remotelens/v1/hooks.proto\x12\rremotelens.v1\x1a\x1aremotelens/v1/tensor.proto\",\n\x08Selector\x12\x11\n\tpositions\x18\x01 \x03(\x03\x12\r\n\x05heads\x18\x02 \x03(\x03\"\x08\n\x06ZeroOp\"-\n\x05SetOp\x12$\n\x05value\x18\x01 \x01(\x0b\x32\x15.remotelens.v1.Tensor\"-\n\x05\x41\x64\x64Op\x12$\n\x05value\x18\x01 \x01(\x0b\x32\x15.remotelens.v1.Tensor\"\x19\n\x07ScaleOp\x12\x0e\n\x06\x66\x61\x63tor\x18\x01 \x01(\x01\"\x08\n\x06MeanOp\"B\n\x10PatchFromCacheOp\x12\x14\n\x0c\x63\x61\x63he_handle\x18\x01 \x01(\t\x12\x18\n\x10source_hook_name\x18\x02 \x01(\t\"\'\n\x10\x43lientCallbackOp\x12\x13\n\x0b\x63\x61llback_id\x18\x01 \x01(\x03\"\x98\x03\n\x06HookOp\x12\x11\n\thook_name\x18\x01 \x01(\t\x12)\n\x08selector\x18\x02 \x01(\x0b\x32\x17.remotelens.v1.Selector\x12%\n\x04zero\x18\n \x01(\x0b\x32\x15.remotelens.v1.ZeroOpH\x00\x12#\n\x03set\x18\x0b \x01(\x0b\x32\x14.remotelens.v1.SetOpH\x00\x12#\n\x03\x61\x64\x64\x18\x0c \x01(\x0b\x32\x14.remotelens.v1.AddOpH\x00\x12\'\n\x05scale\x18\r \x01(\x0b\x32\x16.remotelens.v1.ScaleOpH\x00\x12%\n\x04mean\x18\x0e \x01(\x0b\x32\x15.remotelens.v1.MeanOpH\x00\x12;\n\x10patch_from_cache\x18\x0f \x01(\x0b\x32\x1f.remotelens.v1.PatchFromCacheOpH\x00\x12:\n\x0f\x63lient_callback\x18\x10 \x01(\x0b\x32\x1f.remotelens.v1.ClientCallbackOpH\x00\x12\x10\n\x08\x62\x61\x63kward\x18\x1e \x01(\x08\x42\x04\n\x02opb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19remotelens/v1/hooks.proto\x12\rremotelens.v1\x1a\x1aremotelens/v1/tensor.proto\",\n\x08Selector\x12\x11\n\tpositions\x18\x01 \x03(\x03\x12\r\n\x05heads\x18\x02 \x03(\x03\"\x08\n\x06ZeroOp\"-\n\x05SetOp\x12$\n\x05value\x18\x01 \x01(\x0b\x32\x15.remotelens.v1.Tensor\"W\n\x05\x41\x64\x64Op\x12$\n\x05value\x18\x01 \x01(\x0b\x32\x15.remotelens.v1.Tensor\x12(\n\x08scale_by\x18\x02 \x01(\x0e\x32\x16.remotelens.v1.ScaleBy\"\x19\n\x07ScaleOp\x12\x0e\n\x06\x66\x61\x63tor\x18\x01 \x01(\x01\"\x08\n\x06MeanOp\"B\n\x10PatchFromCacheOp\x12\x14\n\x0c\x63\x61\x63he_handle\x18\x01 \x01(\t\x12\x18\n\x10source_hook_name\x18\x02 \x01(\t\"\x1f\n\tCopyRowOp\x12\x12\n\nsource_row\x18\x01 \x01(\x03\"\'\n\x10\x43lientCallbackOp\x12\x13\n\x0b\x63\x61llback_id\x18\x01 \x01(\x03\"\xc6\x03\n\x06HookOp\x12\x11\n\thook_name\x18\x01 \x01(\t\x12)\n\x08selector\x18\x02 \x01(\x0b\x32\x17.remotelens.v1.Selector\x12%\n\x04zero\x18\n \x01(\x0b\x32\x15.remotelens.v1.ZeroOpH\x00\x12#\n\x03set\x18\x0b \x01(\x0b\x32\x14.remotelens.v1.SetOpH\x00\x12#\n\x03\x61\x64\x64\x18\x0c \x01(\x0b\x32\x14.remotelens.v1.AddOpH\x00\x12\'\n\x05scale\x18\r \x01(\x0b\x32\x16.remotelens.v1.ScaleOpH\x00\x12%\n\x04mean\x18\x0e \x01(\x0b\x32\x15.remotelens.v1.MeanOpH\x00\x12;\n\x10patch_from_cache\x18\x0f \x01(\x0b\x32\x1f.remotelens.v1.PatchFromCacheOpH\x00\x12:\n\x0f\x63lient_callback\x18\x10 \x01(\x0b\x32\x1f.remotelens.v1.ClientCallbackOpH\x00\x12,\n\x08\x63opy_row\x18\x11 \x01(\x0b\x32\x18.remotelens.v1.CopyRowOpH\x00\x12\x10\n\x08\x62\x61\x63kward\x18\x1e \x01(\x08\x42\x04\n\x02op*M\n\x07ScaleBy\x12\x11\n\rSCALE_BY_NONE\x10\x00\x12\x16\n\x12SCALE_BY_MEAN_NORM\x10\x01\x12\x17\n\x13SCALE_BY_TOKEN_NORM\x10\x02\x62\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'remotelens.v1.hooks_pb2', globals())
 if _descriptor._USE_C_DESCRIPTORS == False:
 
   DESCRIPTOR._options = None
+  _SCALEBY._serialized_start=900
+  _SCALEBY._serialized_end=977
   _SELECTOR._serialized_start=72
   _SELECTOR._serialized_end=116
   _ZEROOP._serialized_start=118
@@ -28,15 +30,17 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _SETOP._serialized_start=128
   _SETOP._serialized_end=173
   _ADDOP._serialized_start=175
-  _ADDOP._serialized_end=220
-  _SCALEOP._serialized_start=222
-  _SCALEOP._serialized_end=247
-  _MEANOP._serialized_start=249
-  _MEANOP._serialized_end=257
-  _PATCHFROMCACHEOP._serialized_start=259
-  _PATCHFROMCACHEOP._serialized_end=325
-  _CLIENTCALLBACKOP._serialized_start=327
-  _CLIENTCALLBACKOP._serialized_end=366
-  _HOOKOP._serialized_start=369
-  _HOOKOP._serialized_end=777
+  _ADDOP._serialized_end=262
+  _SCALEOP._serialized_start=264
+  _SCALEOP._serialized_end=289
+  _MEANOP._serialized_start=291
+  _MEANOP._serialized_end=299
+  _PATCHFROMCACHEOP._serialized_start=301
+  _PATCHFROMCACHEOP._serialized_end=367
+  _COPYROWOP._serialized_start=369
+  _COPYROWOP._serialized_end=400
+  _CLIENTCALLBACKOP._serialized_start=402
+  _CLIENTCALLBACKOP._serialized_end=441
+  _HOOKOP._serialized_start=444
+  _HOOKOP._serialized_end=898
 # @@protoc_insertion_point(module_scope)
