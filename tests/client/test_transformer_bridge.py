@@ -367,3 +367,36 @@ def test_start_at_layer_caches_only_hooks_that_fire(bridge, reference):
     assert list(cache.keys()) == ["blocks.0.hook_in"] and "embed.hook_out" not in cache
     assert_close(cache["blocks.0.hook_in"], resid)
     assert_close(logits, reference.forward(tokens)[0])
+
+
+def test_readme_snippet_runs(demo_server, model):
+    # README's Python section shows both entry points; the TransformerBridge block must run.
+    import os
+    import re
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "TransformerBridge.from_server" in b]
+    assert len(blocks) == 1
+    namespace = {}
+    exec(blocks[0].replace("127.0.0.1:50051", demo_server.address), namespace)
+    bridge, cache = namespace["bridge"], namespace["cache"]
+    try:
+        assert bridge.compatibility_mode
+        assert sorted(cache.keys()) == ["blocks.1.hook_out", "blocks.1.hook_resid_post"]
+        _, ht = model.run_with_cache("The cat sat", names_filter="blocks.1.hook_resid_post")
+        assert torch.equal(namespace["resid"], ht["blocks.1.hook_resid_post"])
+    finally:
+        bridge.close()
+
+
+def test_generate_with_a_hook_on_a_tl4_name(bridge, model):
+    # Ops registered by TL4 name run on the server at every decode step, as by the TL3 name.
+    tokens = bridge.to_tokens(CLEAN)
+    steer = torch.linspace(-1, 1, bridge.cfg.d_model)
+    with bridge.hooks(fwd_hooks=[("blocks.1.hook_out", ops.add(steer))]):
+        got = bridge.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False)
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", ops.add(steer))]):
+        want = model.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False)
+    plain = model.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False)
+    assert torch.equal(got, want)
+    assert got.shape == (1, tokens.shape[1] + 4)
+    assert not torch.equal(got, plain)  # the hook did change what was generated
