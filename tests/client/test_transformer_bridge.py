@@ -258,6 +258,11 @@ def test_unknown_names_give_a_clear_error(bridge):
         bridge.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_zz", ops.zero())])
     assert "'blocks.0.attn.hook_zz' is not a hook point" in str(typo.value)
     assert "enable_compatibility_mode" not in str(typo.value)
+    # A TL4 name whose server hook point this server does not list (issue 12 item 1 adds it).
+    if "blocks.0.hook_mlp_in" not in bridge._wire_shapes:
+        with pytest.raises(KeyError) as unlisted:
+            bridge.add_hook("blocks.0.hook_mlp_in", ops.zero())
+        assert "stands for the server hook point 'blocks.0.hook_mlp_in'" in str(unlisted.value)
     assert not any(hp.fwd_hooks for hp in bridge.hook_points())  # nothing half-added
 
 
@@ -400,3 +405,36 @@ def test_generate_with_a_hook_on_a_tl4_name(bridge, model):
     assert torch.equal(got, want)
     assert got.shape == (1, tokens.shape[1] + 4)
     assert not torch.equal(got, plain)  # the hook did change what was generated
+
+
+def test_optional_hook_points_get_their_tl4_names_when_the_server_lists_them():
+    # Issue 12 item 1 adds hook_attn_in, hook_q/k/v_input, hook_mlp_in and unembed.hook_in/out
+    # on the server; the bridge names them as TL4 does (BlockBridge / AttentionBridge aliases,
+    # bridge.py hook_unembed) as soon as they are listed. No server needed: the table alone.
+    from types import SimpleNamespace
+    from remotelens.transformer_bridge import TransformerBridge
+    block = ["hook_resid_pre", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input",
+             "attn.hook_z", "hook_attn_out", "hook_resid_mid", "hook_mlp_in", "hook_mlp_out",
+             "hook_resid_post"]
+    wire = ["hook_embed"] + [f"blocks.0.{s}" for s in block] + [
+        "ln_final.hook_scale", "unembed.hook_in", "unembed.hook_out"]
+    fake = object.__new__(TransformerBridge)
+    fake.cfg = SimpleNamespace(n_layers=1)
+    fake._wire_shapes = {w: (-1, -1, 8) for w in wire}
+    fake.compatibility_mode = True
+    hook_dict = fake._make_hook_dict()
+    assert fake.unmapped_server_hooks == []
+    for tl4, tl3 in [("blocks.0.attn.hook_attn_in", "blocks.0.hook_attn_in"),
+                     ("blocks.0.attn.hook_q_input", "blocks.0.hook_q_input"),
+                     ("blocks.0.attn.hook_v_input", "blocks.0.hook_v_input"),
+                     ("unembed.hook_out", "hook_unembed")]:
+        assert hook_dict[tl4] is hook_dict[tl3], tl4
+        assert hook_dict[tl4].wire_name == (tl3 if tl3 != "hook_unembed" else "unembed.hook_out")
+    assert hook_dict["blocks.0.hook_mlp_in"].wire_name == "blocks.0.hook_mlp_in"
+    assert hook_dict["unembed.hook_in"].wire_name == "unembed.hook_in"
+    assert list(fake._native_hooks)[-4:] == ["ln_final.hook_in", "ln_final.hook_scale",
+                                             "unembed.hook_in", "unembed.hook_out"]  # forward order
+    # A server hook point the client has no TL4 name for is listed, not guessed at.
+    fake._wire_shapes["blocks.0.hook_something_new"] = (-1, -1, 8)
+    fake._make_hook_dict()
+    assert fake.unmapped_server_hooks == ["blocks.0.hook_something_new"]

@@ -136,6 +136,14 @@ LEFT_OUT = (
 )
 
 
+# Every TL4 name this client knows, as a pattern -> the server hook point it needs.
+_ALL_SITES: Dict[str, str] = {
+    **dict(_TOP_SITES_BEFORE),
+    **{f"blocks.{{i}}.{site}": f"blocks.{{i}}.{wire}" for site, wire in _BLOCK_SITES},
+    **dict(_TOP_SITES_AFTER),
+}
+
+
 def _pattern(name: str) -> str:
     """'blocks.3.attn.hook_z' -> 'blocks.{i}.attn.hook_z'."""
     parts = name.split(".")
@@ -324,6 +332,11 @@ class TransformerBridge(HookedTransformer):
             if pattern in LEFT_OUT:
                 hints.append(f"{name!r} is a TransformerLens 4 hook point that this server does "
                              f"not expose (no server hook point holds its value)")
+            elif pattern in _ALL_SITES:
+                wire = _ALL_SITES[pattern].format(i=name.split(".")[1] if "{i}" in pattern else "",
+                                                  last=self.cfg.n_layers - 1)
+                hints.append(f"{name!r} stands for the server hook point {wire!r}, which this "
+                             f"server does not list")
             elif not self.compatibility_mode and (name in self._wire_shapes
                                                   or name in self._legacy_aliases()):
                 hints.append(f"{name!r} is a HookedTransformer name: call "
