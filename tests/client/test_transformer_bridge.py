@@ -438,3 +438,22 @@ def test_optional_hook_points_get_their_tl4_names_when_the_server_lists_them():
     fake._wire_shapes["blocks.0.hook_something_new"] = (-1, -1, 8)
     fake._make_hook_dict()
     assert fake.unmapped_server_hooks == ["blocks.0.hook_something_new"]
+
+
+def test_backward_hooks_by_tl4_name(bridge, model):
+    # A backward op on blocks.1.hook_in (hook_resid_pre) zeroes every gradient upstream; a Python
+    # backward hook sees the gradient under its TL4 name, equal to HookedTransformer's.
+    tokens = bridge.to_tokens(CLEAN)
+    names = ["embed.hook_out", "blocks.0.hook_out", "blocks.1.ln2.hook_in"]
+    bridge.add_hook("blocks.1.hook_in", ops.zero(), dir="bwd")
+    _, cache = bridge.run_with_cache(tokens, return_type="loss", incl_bwd=True, names_filter=names)
+    assert float(cache["embed.hook_out_grad"].abs().max()) == 0
+    assert float(cache["blocks.0.hook_out_grad"].abs().max()) == 0
+    assert float(cache["blocks.1.ln2.hook_in_grad"].abs().max()) > 0
+    bridge.reset_hooks()
+    seen = {}
+    bridge.add_hook("blocks.2.attn.o.hook_in", lambda g, hook: seen.__setitem__(hook.name, g.clone()), dir="bwd")
+    bridge.run_with_cache(tokens, return_type="loss", incl_bwd=True, names_filter=[])
+    _, ht = model.run_with_cache(tokens, return_type="loss", incl_bwd=True, names_filter="blocks.2.attn.hook_z")
+    assert list(seen) == ["blocks.2.attn.o.hook_in"]
+    assert_close(seen["blocks.2.attn.o.hook_in"], ht["blocks.2.attn.hook_z_grad"])
