@@ -6,7 +6,8 @@
 
 Porting a TransformerLens notebook: replace HookedTransformer.from_pretrained(...) with
 HookedTransformer.from_server(...); `from transformer_lens import utils` may become
-`from remotelens import utils`.
+`from remotelens import utils`. A TransformerLens 4 notebook replaces
+TransformerBridge.boot_transformers(...) with TransformerBridge.from_server(...).
 """
 
 from . import metrics, ops, readouts, utils
@@ -18,12 +19,13 @@ from .errors import (CancelledError, DeadlineExceededError, FailedPreconditionEr
                      UnavailableError)
 from ._hooks import HookPoint
 from .hooked_transformer import HookedTransformer, Output
+from .transformer_bridge import TransformerBridge
 from .utils import get_act_name
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "HookedTransformer", "HookedTransformerConfig", "ActivationCache", "HookPoint", "Output",
+    "HookedTransformer", "TransformerBridge", "HookedTransformerConfig", "ActivationCache", "HookPoint", "Output",
     "metrics", "ops", "readouts", "utils", "get_act_name",
     "RemoteLensError", "InvalidArgumentError", "OutOfRangeError", "NotFoundError",
     "PermissionDeniedError", "UnauthenticatedError", "DeadlineExceededError", "UnavailableError",

@@ -33,7 +33,9 @@ class HookPoint:
     """A named hook point of the remote model.
 
     Attributes:
-        name: the TransformerLens hook name.
+        name: the hook name the notebook uses (what hook functions see as hook.name).
+        wire_name: the server's hook point it stands for (its TransformerLens 3 name); equal to
+            name except for TransformerBridge's TransformerLens 4 names.
         shape: the activation's shape from the server, -1 for batch and position dimensions.
         fwd_hooks: the registered hook functions, in application order.
         bwd_hooks: backward hooks: fn(grad, hook) returning None or a replacement gradient, or
@@ -42,8 +44,9 @@ class HookPoint:
         ctx: a dict hook functions may use to keep state between calls (clear_contexts empties it).
     """
 
-    def __init__(self, name: str, shape=()):
+    def __init__(self, name: str, shape=(), wire_name: Optional[str] = None):
         self.name = name
+        self.wire_name = wire_name or name
         self.shape = tuple(shape)
         self.fwd_hooks: List[LensHandle] = []
         self.bwd_hooks: List[LensHandle] = []

@@ -75,16 +75,30 @@ class ActivationCache:
         has_batch_dim: False after remove_batch_dim().
         handle: the server-side cache handle when stored with store=True.
         session_id: the session that holds `handle`.
+        wire_names: key -> the server's hook name, when keys are not the server's names
+            (TransformerBridge's TransformerLens 4 names); None: keys are the server's names.
     """
 
     def __init__(self, cache_dict: Union[Dict[str, torch.Tensor], MutableMapping], model: Any,
                  has_batch_dim: bool = True, handle: Optional[str] = None,
-                 session_id: Optional[str] = None):
+                 session_id: Optional[str] = None, wire_names: Optional[Dict[str, str]] = None):
         self.cache_dict = cache_dict
         self.model = model
         self.has_batch_dim = has_batch_dim
         self.handle = handle
         self.session_id = session_id
+        self.wire_names = dict(wire_names or {})
+
+    def wire_name_of(self, key: str) -> str:
+        """The server's hook name behind a cache key (the key itself for HookedTransformer)."""
+        return self.wire_names.get(key, key)
+
+    def tensor_for_wire_name(self, wire_name: str) -> torch.Tensor:
+        """The cached activation of a server hook point, whatever key it is cached under."""
+        for key, wire in self.wire_names.items():
+            if wire == wire_name and key in self.cache_dict:
+                return self.cache_dict[key]
+        return self[wire_name]
 
     @property
     def has_embed(self) -> bool:
@@ -147,8 +161,9 @@ class ActivationCache:
         return self.cache_dict.items()
 
     def _fetch_all(self) -> None:
-        if isinstance(self.cache_dict, _RemoteTensors):
-            self.cache_dict.fetch_all()
+        fetch_all = getattr(self.cache_dict, "fetch_all", None)  # a stored cache's lazy tensors
+        if fetch_all is not None:
+            fetch_all()
 
     # ------------------------------------------------------------------ whole-cache transforms
 

@@ -95,8 +95,10 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
         info = self._unary("GetModelInfo", pb.GetModelInfoRequest())
         self.cfg = HookedTransformerConfig.from_model_info(info, fold_ln)
         self._init_weights_cache()
-        self.hook_dict: Dict[str, HookPoint] = {h.name: HookPoint(h.name, h.shape) for h in info.hooks}
-        self._hook_index = {name: i for i, name in enumerate(self.hook_dict)}
+        # The server's hook points (TransformerLens 3 names, forward order): what goes on the wire.
+        self._hook_index = {h.name: i for i, h in enumerate(info.hooks)}
+        self._wire_shapes = {h.name: tuple(h.shape) for h in info.hooks}
+        self.hook_dict: Dict[str, HookPoint] = self._make_hook_dict()
         self.mod_dict = build_module_tree(self, self.hook_dict, self.cfg.n_layers, self._weight_attr)
         self.tokenizer = RemoteTokenizer(self)
         self.context_level = 0
@@ -223,8 +225,25 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
 
     # ------------------------------------------------------------------ hooks
 
+    def _make_hook_dict(self) -> Dict[str, HookPoint]:
+        """name -> HookPoint as the notebook sees them; here the server's names themselves."""
+        return {name: HookPoint(name, shape) for name, shape in self._wire_shapes.items()}
+
     def hook_points(self):
+        """Every HookPoint once, in forward order."""
         return self.hook_dict.values()
+
+    def _matching_hook_points(self, name: Union[str, Callable[[str], bool]]) -> List[Tuple[str, HookPoint]]:
+        """(name, HookPoint) for a hook name or a name filter; each HookPoint at most once."""
+        if isinstance(name, str):
+            return [(name, self._hook_point(name))]
+        out, seen = [], set()
+        for n in self._firing_names():
+            hp = self.hook_dict[n]
+            if id(hp) not in seen and name(n):
+                seen.add(id(hp))
+                out.append((n, hp))
+        return out
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """Whether attn.hook_result (per-head outputs) is cached by default and may be hooked."""
@@ -262,9 +281,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
             level: the hooks() context level owning it (None: added directly).
             prepend: apply before the hooks already on that point.
         """
-        names = [name] if isinstance(name, str) else [n for n in self._firing_names() if name(n)]
-        for n in names:
-            hp = self._hook_point(n)
+        for n, hp in self._matching_hook_points(name):
             self.check_hooks_to_add(hp, n, hook, dir=dir, is_permanent=is_permanent, prepend=prepend)
             hp.add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
@@ -290,9 +307,8 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
         self.remove_all_hook_fns(direction, including_permanent, level=level)
 
     def _enable_hook(self, name: Union[str, Callable[[str], bool]], hook: Callable, dir: str) -> None:
-        names = [name] if isinstance(name, str) else [n for n in self._firing_names() if name(n)]
-        for n in names:
-            self._hook_point(n).add_hook(hook, dir=dir, level=self.context_level)
+        for _, hp in self._matching_hook_points(name):
+            hp.add_hook(hook, dir=dir, level=self.context_level)
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Sequence[Tuple[Union[str, Callable], Callable]] = (),
@@ -326,24 +342,24 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
             return self.forward(*model_args, **model_kwargs)
 
     def _active_hooks(self) -> List[Tuple[HookPoint, Callable]]:
-        return [(hp, h.hook) for hp in self.hook_dict.values() for h in hp.fwd_hooks]
+        return [(hp, h.hook) for hp in self.hook_points() for h in hp.fwd_hooks]
 
     def _has_backward_hooks(self) -> bool:
-        return any(hp.bwd_hooks for hp in self.hook_dict.values())
+        return any(hp.bwd_hooks for hp in self.hook_points())
 
     def _backward_ops(self, first_callback_id: int
                       ) -> Tuple[List[hooks_pb2.HookOp], Dict[int, Tuple[Callable, HookPoint]]]:
         """HookOps (backward = True) for the registered backward hooks, in forward order: ops
         run on the server; Python functions become callbacks numbered from first_callback_id."""
         messages, callbacks = [], {}
-        for hp in self.hook_dict.values():
+        for hp in self.hook_points():
             for h in hp.bwd_hooks:
                 if self._is_op(h.hook):
-                    op = h.hook.to_proto(hp.name, self._session_id)
+                    op = h.hook.to_proto(hp.wire_name, self._session_id)
                 else:
                     callback_id = first_callback_id + len(callbacks)
                     callbacks[callback_id] = (h.hook, hp)
-                    op = hooks_pb2.HookOp(hook_name=hp.name, client_callback=hooks_pb2.ClientCallbackOp(
+                    op = hooks_pb2.HookOp(hook_name=hp.wire_name, client_callback=hooks_pb2.ClientCallbackOp(
                         callback_id=callback_id))
                 op.backward = True
                 messages.append(op)
@@ -359,13 +375,13 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
         messages, callbacks, needs_session = [], {}, False
         for hp, fn in hooks:
             if self._is_op(fn):
-                messages.append(fn.to_proto(hp.name, self._session_id))
+                messages.append(fn.to_proto(hp.wire_name, self._session_id))
                 needs_session |= fn.needs_session(self._session_id)
             else:
                 callback_id = len(callbacks)
                 callbacks[callback_id] = (fn, hp)
                 messages.append(hooks_pb2.HookOp(
-                    hook_name=hp.name, client_callback=hooks_pb2.ClientCallbackOp(callback_id=callback_id)))
+                    hook_name=hp.wire_name, client_callback=hooks_pb2.ClientCallbackOp(callback_id=callback_id)))
         return messages, callbacks, needs_session
 
     # ------------------------------------------------------------------ forward
@@ -497,7 +513,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
             request.return_type = _RETURN_TYPES[return_type]
         request.loss_per_token = bool(loss_per_token)
 
-        hooks = [(hp, fn) for hp, fn in self._active_hooks() if self._hook_index[hp.name] >= first_hook]
+        hooks = [(hp, fn) for hp, fn in self._active_hooks() if self._hook_index[hp.wire_name] >= first_hook]
         hook_ops, callbacks, needs_session = self._hook_ops(hooks)
         request.hooks.extend(extra_ops + hook_ops)
         names = [n for n in cache_names if self._hook_index[n] >= first_hook]
@@ -587,7 +603,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
         total = 0
         for name in names:
             numel = 1
-            dims = list(self.hook_dict[name].shape)
+            dims = list(self._wire_shapes[name])
             for i, d in enumerate(dims):
                 numel *= batch if (d == -1 and i == 0) else (pos if d == -1 else d)
             total += numel * itemsize
@@ -612,7 +628,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
             return [n for n in self._firing_names() if names_filter(n)]
         else:
             raise ValueError("names_filter must be a string, list of strings, or function")
-        unknown = [n for n in names if n not in self.hook_dict]
+        unknown = [n for n in names if n not in self._hook_index]
         if unknown:
             raise ValueError(f"names_filter names {unknown}, which are not hook points of "
                              f"{self.cfg.model_name}; see model.hook_dict")

@@ -138,7 +138,8 @@ class HookOperation:
             handle = getattr(self.cache, "handle", None)
             if handle and session_id and getattr(self.cache, "session_id", None) == session_id:
                 op.patch_from_cache.cache_handle = handle
-                op.patch_from_cache.source_hook_name = self.source_name or ""
+                op.patch_from_cache.source_hook_name = (
+                    _wire_name(self.cache, self.source_name) if self.source_name else "")
             else:
                 source = self._patch_source(hook_name)
                 op.set.value.CopyFrom(tensor_to_proto(source, float_only=True))
@@ -153,10 +154,21 @@ class HookOperation:
                 and getattr(self.cache, "session_id", None) == session_id)
 
     def _patch_source(self, hook_name: str) -> torch.Tensor:
-        """The selected region of the cached activation this op patches in."""
-        name = self.source_name or hook_name
-        source = self.cache[name]
-        pos_dim, head_dim = pos_and_head_dims(name)
+        """The selected region of the cached activation this op patches in.
+
+        Args:
+            hook_name: the server's name of the hook point the op is attached to.
+        """
+        if self.source_name:
+            source = self.cache[self.source_name]
+            wire = _wire_name(self.cache, self.source_name)
+        else:
+            # A TransformerBridge cache is keyed by TransformerLens 4 names; find the tensor of
+            # the server's hook point through the cache's own name table.
+            by_wire = getattr(self.cache, "tensor_for_wire_name", None)
+            source = by_wire(hook_name) if by_wire is not None else self.cache[hook_name]
+            wire = hook_name
+        pos_dim, head_dim = pos_and_head_dims(wire)
         has_batch = getattr(self.cache, "has_batch_dim", True)
         if not has_batch:
             pos_dim, head_dim = pos_dim - 1, (None if head_dim is None else head_dim - 1)
@@ -178,7 +190,8 @@ class HookOperation:
         Returns:
             A new tensor with the op applied to the selected region.
         """
-        name = getattr(hook, "name", None) or ""
+        # The server's name tells the dimensions (a TransformerBridge hook's name is a TL4 name).
+        name = getattr(hook, "wire_name", None) or getattr(hook, "name", None) or ""
         pos_dim, head_dim = pos_and_head_dims(name)
         if self.head and head_dim is None:
             raise ValueError(f"hook {name!r} has no head dimension; head= is not allowed")
@@ -234,6 +247,12 @@ def _norm_scale(activation: torch.Tensor, region: torch.Tensor, scale_by: str,
     else:
         norms = activation.float().norm(dim=-1, keepdim=True).mean(dim=-2, keepdim=True)  # [batch, 1, 1]
     return norms.to(region.dtype)
+
+
+def _wire_name(cache, name: str) -> str:
+    """The server's name for a cache key (a TransformerBridge cache maps TL4 names)."""
+    lookup = getattr(cache, "wire_name_of", None)
+    return lookup(name) if lookup is not None else name
 
 
 def _resolve(indices: List[int], size: int, what: str) -> torch.Tensor:
