@@ -16,7 +16,8 @@ L/2 and 3L/4):
                       two-trace recipe) and as one call (the pair as one batch, ops.copy_row)
   ablation            zero hook_mlp_out / hook_attn_out at layer 1
   attention_pattern   the last query row of every head and layer
-  attribution_patching needs gradients (issue 9): reported, not run
+  attribution patching: per-layer resid_pre attributions from a clean forward and a corrupt
+      forward + backward of the logit difference (gradients on the server, issue 9)
   capture_mid / capture_all / capture_gen32 / lens_top10_all_rows: interp-engine's capture cells
                       (the middle layer's resid_post, every layer's, the middle layer's at every
                       step of a 32-token generation, top-10 lens over every position and layer)
@@ -57,7 +58,7 @@ sys.path.insert(0, os.path.join(REPO, "clients", "python"))
 import torch  # noqa: E402
 
 import server_harness  # noqa: E402
-from remotelens import HookedTransformer, ops, readouts  # noqa: E402
+from remotelens import HookedTransformer, metrics, ops, readouts  # noqa: E402
 from tests.reference.llama_reference import LlamaReference  # noqa: E402
 
 # nnbench-style prompts: counterfact-like facts, each cut (a prefix, BOS included) to about its
@@ -326,8 +327,49 @@ class Bench:
                         pattern_call, pattern_check,
                         note="TV between attention distributions"))
 
-        out.append(Cell("attribution_patching", "per-layer (clean - corrupt) x grad", None, None,
-                        note="needs gradients (issue 9); not run"))
+        # attribution patching: per-layer resid_pre (clean - corrupt) . d(logit diff)/d(resid_pre)
+        # at the corrupt run, from one clean forward and one corrupt forward + backward.
+        resid_pre = [f"blocks.{l}.hook_resid_pre" for l in range(n)]
+
+        def answer_ids(i):
+            """The clean and corrupt top-1 next tokens (distinct), the metric's two ids."""
+            clean, corrupt = self.pairs[i % len(self.pairs)]
+            both = self.next_logits(torch.cat([clean, corrupt]))
+            correct = int(both[0].argmax())
+            ranked = both[1].argsort(descending=True)
+            incorrect = int(ranked[0]) if int(ranked[0]) != correct else int(ranked[1])
+            return correct, incorrect
+
+        answers = {}
+
+        def attribution_call(i):
+            clean, corrupt = self.pairs[i % len(self.pairs)]
+            if i % len(self.pairs) not in answers:
+                answers[i % len(self.pairs)] = answer_ids(i)
+            correct, incorrect = answers[i % len(self.pairs)]
+            _, clean_cache = m.run_with_cache(clean, names_filter=resid_pre, return_type=None,
+                                              return_cache_object=False)
+            _, corrupt_cache = m.run_with_cache(corrupt, names_filter=resid_pre, return_type=None,
+                                                incl_bwd=True, return_cache_object=False,
+                                                metric=metrics.logit_diff(correct, incorrect))
+            return torch.stack([((clean_cache[h] - corrupt_cache[h]) * corrupt_cache[f"{h}_grad"]).sum()
+                                for h in resid_pre])  # [n_layers]
+
+        def attribution_check():
+            tops, errors = [], []
+            for i, (clean, corrupt) in enumerate(self.pairs):
+                got = attribution_call(i)
+                correct, incorrect = answers[i]
+                want = self.ref_attribution(clean, corrupt, correct, incorrect, resid_pre)
+                tops.append(float(int(got.abs().argmax()) == int(want.abs().argmax())))
+                errors.append(float((got - want).abs().max() / want.abs().max().clamp_min(1e-12)))
+            return {"top1": statistics.mean(tops), "tv": max(errors)}
+
+        out.append(Cell("attribution_patching", f"per-layer resid_pre (clean - corrupt) x grad, {n} layers",
+                        attribution_call, attribution_check,
+                        note="2 calls: clean cache; corrupt forward + backward of the logit difference "
+                             "on the server. top-1: same layer attributed most; TV column: max "
+                             "relative error vs the reference's autograd"))
 
         # interp-engine's capture cells
         def capture_call(i, names):
@@ -384,6 +426,17 @@ class Bench:
         out.append(Cell("lens_top10_all_rows", f"top-10 lens, every position of {n} layers",
                         lens_rows_call, lens_rows_check))
         return out
+
+    def ref_attribution(self, clean, corrupt, correct, incorrect, names) -> torch.Tensor:
+        """Attribution patching on the reference: (clean - corrupt) . grad per hook, with torch's
+        autograd through the reference (a zero tensor requiring grad added at hook_embed)."""
+        _, clean_cache = self.ref.forward(clean)
+        anchor = torch.zeros(*corrupt.shape, self.ref.config.d_model, requires_grad=True)
+        logits, cache = self.ref.forward(corrupt, ops=[{"hook": "hook_embed", "op": "add", "tensor": "a"}],
+                                         hook_tensors={"a": anchor})
+        metric = (logits[:, -1, correct] - logits[:, -1, incorrect]).mean()
+        grads = torch.autograd.grad(metric, [cache[h] for h in names])
+        return torch.stack([((clean_cache[h] - cache[h].detach()) * g).sum() for h, g in zip(names, grads)])
 
     def ref_generate(self, tokens, steps, hook, vec, scale_by) -> torch.Tensor:
         """Greedy reference generation with the server's steering semantics: with the KV cache
