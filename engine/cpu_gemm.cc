@@ -8,6 +8,7 @@
 
 #ifdef REMOTELENS_HAVE_DNNL
 #include <dnnl.h>
+#include <torch/csrc/autograd/custom_function.h>
 #endif
 
 namespace remotelens {
@@ -82,8 +83,48 @@ bool Sgemm(char trans_a, char trans_b, int64_t M, int64_t N, int64_t K, float al
 #endif
 }
 
+#ifdef REMOTELENS_HAVE_DNNL
+namespace {
+
+// x @ w^T through oneDNN for a differentiable forward: `x` requires grad, `w` is frozen (weights
+// never do). The backward is one more oneDNN product, grad @ w; no weight gradient exists. Used
+// for up to kGradRowsViaOneDnn rows: for the few rows of an interpretability prompt oneDNN's
+// products were 2-3x faster than ATen's (OpenBLAS) on the 2-core AMD VM, at 64 rows and more they
+// were slower (BENCHMARKS.md, "Gradients"); the inference path's choice is unchanged.
+constexpr int64_t kGradRowsViaOneDnn = 32;
+
+class FrozenWeightLinear : public torch::autograd::Function<FrozenWeightLinear> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& w) {
+    ctx->save_for_backward({w});
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    return Linear(x.detach(), w, /*onednn=*/true);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const at::Tensor w = ctx->get_saved_variables()[0];  // [N, K]
+    const int64_t N = w.size(0), K = w.size(1);
+    const at::Tensor g = Readable(grads[0].reshape({-1, N}));
+    const at::Tensor wr = Readable(w);
+    at::Tensor grad_x = at::empty({g.size(0), K}, g.options());
+    Gemm(g.data_ptr<float>(), g.stride(0), g.stride(1), wr.data_ptr<float>(), wr.stride(0),
+         wr.stride(1), grad_x.data_ptr<float>(), g.size(0), K, N, 1.0f);
+    return {grad_x.view(ctx->saved_data["x_sizes"].toIntVector()), at::Tensor()};
+  }
+};
+
+}  // namespace
+#endif  // REMOTELENS_HAVE_DNNL
+
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, bool onednn) {
 #ifdef REMOTELENS_HAVE_DNNL
+  if (onednn && x.requires_grad() && at::GradMode::is_enabled() && Eligible(x.detach()) &&
+      Eligible(w) && x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1) && x.numel() > 0 &&
+      w.numel() > 0 && x.numel() / x.size(-1) <= kGradRowsViaOneDnn) {
+    return FrozenWeightLinear::apply(x, w);
+  }
   if (onednn && Eligible(x) && Eligible(w) && x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1) &&
       x.numel() > 0 && w.numel() > 0) {
     const int64_t K = w.size(1), N = w.size(0);

@@ -18,7 +18,9 @@
 namespace remotelens {
 
 // x @ w^T over the last dimension: x [..., K], w [N, K] -> [..., N], like at::linear(x, w).
-// `onednn` false always takes LibTorch's path (benchmarks compare the two in one run).
+// `onednn` false always takes LibTorch's path (benchmarks compare the two in one run). When x
+// requires grad (a differentiable forward; w never does), up to 32 rows go through oneDNN inside
+// an autograd function whose backward is grad @ w; more rows take LibTorch's path.
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, bool onednn = true);
 
 // alpha * (a @ b) for a [..., M, K] and b [..., K, N] with the same leading dimensions (no

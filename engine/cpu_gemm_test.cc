@@ -121,5 +121,29 @@ TEST_F(CpuGemmTest, BatchedMatmulFallsBackToBroadcasting) {
   EXPECT_THROW(BatchedMatmul(at::randn({2, 3, 4}), at::randn({2, 5, 6})), c10::Error);
 }
 
+// A differentiable forward (gradient requests) keeps oneDNN's products: the gradient reaching
+// x equals LibTorch's, through a strided view, and no gradient is made for the frozen weight.
+TEST_F(CpuGemmTest, LinearIsDifferentiableInItsInputWithTheWeightFrozen) {
+  c10::InferenceMode autograd_on(/*enabled=*/false);  // the fixture's inference mode, undone
+  const at::Tensor w = at::randn({6, 4});
+  const at::Tensor base = at::randn({2, 3, 5}).narrow(2, 1, 4).detach().requires_grad_(true);
+  const at::Tensor upstream = at::randn({2, 3, 6});
+  const at::Tensor y = Linear(base, w);
+  EXPECT_TRUE(y.requires_grad());
+  ExpectClose(y.detach(), at::linear(base.detach().to(at::kDouble), w.to(at::kDouble)));
+  y.backward(upstream);
+  const at::Tensor expected = at::matmul(upstream.to(at::kDouble), w.to(at::kDouble));
+  ASSERT_TRUE(base.grad().defined());
+  EXPECT_EQ(base.grad().sizes(), base.sizes());
+  ExpectClose(base.grad(), expected);
+  EXPECT_FALSE(w.grad().defined());
+
+  // More rows than the oneDNN gradient path takes: LibTorch's, with the same answer.
+  const at::Tensor many = at::randn({40, 4}).requires_grad_(true);
+  const at::Tensor upstream_many = at::randn({40, 6});
+  Linear(many, w).backward(upstream_many);
+  ExpectClose(many.grad(), at::matmul(upstream_many.to(at::kDouble), w.to(at::kDouble)));
+}
+
 }  // namespace
 }  // namespace remotelens

@@ -186,8 +186,9 @@ struct Kernels {
   bool differentiable = false;  // ATen's autograd-aware ops only
 
   bool fused() const { return onednn && !differentiable; }
+  // oneDNN products have an autograd wrapper (cpu_gemm.h), so they serve both paths.
   at::Tensor Linear(const at::Tensor& x, const at::Tensor& w) const {
-    return remotelens::Linear(x, w, fused());
+    return remotelens::Linear(x, w, onednn);
   }
   at::Tensor BatchedMatmul(const at::Tensor& a, const at::Tensor& b, double alpha) const {
     return remotelens::BatchedMatmul(a, b, alpha, fused());
