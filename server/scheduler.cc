@@ -1,6 +1,8 @@
 #include "server/scheduler.h"
 
+#include <algorithm>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 
@@ -13,19 +15,55 @@ Scheduler::Scheduler(Options options) : options_(std::move(options)) {
 Scheduler::~Scheduler() { Shutdown(absl::ZeroDuration()); }
 
 absl::Status Scheduler::Submit(Job job) {
-  absl::MutexLock lock(&mu_);
-  if (!accepting_) return absl::UnavailableError("server is shutting down; not accepting new work");
-  if (depth_ >= options_.max_queue) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "request queue is full (", depth_, " queued, max_queue ", options_.max_queue,
-        "); retry later"));
+  std::vector<Queued> expired;
+  absl::Status status;
+  const absl::Time now = absl::Now();
+  {
+    absl::MutexLock lock(&mu_);
+    if (!accepting_) return absl::UnavailableError("server is shutting down; not accepting new work");
+    if (depth_ >= options_.max_queue) TakeExpired(now, &expired);
+    if (depth_ >= options_.max_queue) {
+      status = absl::ResourceExhaustedError(absl::StrCat(
+          "request queue is full (", depth_, " queued, max_queue ", options_.max_queue,
+          "); retry later"));
+    } else {
+      auto& queue = per_user_[job.user];
+      if (queue.empty()) turn_.push_back(job.user);
+      queue.push_back({std::move(job), now});
+      ++depth_;
+      NotifyDepth();
+    }
   }
-  auto& queue = per_user_[job.user];
-  if (queue.empty()) turn_.push_back(job.user);
-  queue.push_back({std::move(job), absl::Now()});
-  ++depth_;
-  NotifyDepth();
-  return absl::OkStatus();
+  // Outside the lock: a reject callback finishes a gRPC call.
+  for (Queued& q : expired) {
+    if (q.job.reject) {
+      q.job.reject(absl::DeadlineExceededError(absl::StrCat(
+          "deadline passed after ", absl::FormatDuration(now - q.enqueued), " in the queue")));
+    }
+  }
+  return status;
+}
+
+void Scheduler::TakeExpired(absl::Time now, std::vector<Queued>* expired) {
+  for (auto it = per_user_.begin(); it != per_user_.end();) {
+    std::deque<Queued>& queue = it->second;
+    for (auto q = queue.begin(); q != queue.end();) {
+      if (now > q->job.deadline) {
+        expired->push_back(std::move(*q));
+        q = queue.erase(q);
+        --depth_;
+      } else {
+        ++q;
+      }
+    }
+    if (queue.empty()) {
+      turn_.erase(std::remove(turn_.begin(), turn_.end(), it->first), turn_.end());
+      it = per_user_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (!expired->empty()) NotifyDepth();
 }
 
 void Scheduler::NotifyDepth() {

@@ -22,6 +22,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <vector>
 #include <thread>
 
 #include "absl/status/status.h"
@@ -65,16 +66,20 @@ class Scheduler {
   int64_t depth() const;
 
  private:
-  void Loop();
-  bool TakeNext(Job* job, absl::Time* enqueued) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void NotifyDepth() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-
-  const Options options_;
-  mutable absl::Mutex mu_;
   struct Queued {
     Job job;
     absl::Time enqueued;
   };
+  void Loop();
+  bool TakeNext(Job* job, absl::Time* enqueued) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Moves queued jobs whose deadline has passed into `expired` (their callers are gone; a full
+  // queue must not turn new work away for them). Only the deadline is read under the lock: an
+  // is_cancelled callback may take locks of its own.
+  void TakeExpired(absl::Time now, std::vector<Queued>* expired) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void NotifyDepth() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const Options options_;
+  mutable absl::Mutex mu_;
   std::map<std::string, std::deque<Queued>> per_user_ ABSL_GUARDED_BY(mu_);
   std::deque<std::string> turn_ ABSL_GUARDED_BY(mu_);  // users with pending jobs, in turn order
   int64_t depth_ ABSL_GUARDED_BY(mu_) = 0;

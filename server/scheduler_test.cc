@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 
 namespace remotelens {
@@ -101,6 +102,33 @@ TEST_F(SchedulerTest, FullQueueIsResourceExhausted) {
   release.Notify();
   scheduler.Shutdown(absl::Seconds(10));
   EXPECT_EQ(scheduler.depth(), 0);
+}
+
+// A full queue first gives up jobs whose deadline has passed (their callers are gone), so new
+// work is not turned away for them; they are rejected with DEADLINE_EXCEEDED at once.
+TEST_F(SchedulerTest, FullQueueMakesRoomByRejectingExpiredJobs) {
+  Scheduler::Options options;
+  options.max_queue = 2;
+  Scheduler scheduler(options);
+  absl::Notification release, started;
+  ASSERT_TRUE(scheduler.Submit(Blocker(&release, &started)).ok());
+  started.WaitForNotification();
+  Scheduler::Job expiring = Recording("u", "expiring");
+  expiring.deadline = absl::Now() + absl::Milliseconds(50);
+  ASSERT_TRUE(scheduler.Submit(std::move(expiring)).ok());
+  ASSERT_TRUE(scheduler.Submit(Recording("v", "waiting")).ok());
+  EXPECT_EQ(scheduler.Submit(Recording("w", "early")).code(), absl::StatusCode::kResourceExhausted);
+  absl::SleepFor(absl::Milliseconds(100));
+  ASSERT_TRUE(scheduler.Submit(Recording("w", "late")).ok());
+  EXPECT_EQ(scheduler.depth(), 2);
+  {
+    absl::MutexLock lock(&mu_);
+    EXPECT_EQ(rejected_, std::vector<std::string>{"expiring:DEADLINE_EXCEEDED"});
+  }
+  release.Notify();
+  scheduler.Shutdown(absl::Seconds(10));
+  absl::MutexLock lock(&mu_);
+  EXPECT_EQ(order_, (std::vector<std::string>{"waiting", "late"}));
 }
 
 TEST_F(SchedulerTest, DropsExpiredAndCancelledJobsBeforeRunning) {
