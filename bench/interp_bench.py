@@ -156,6 +156,19 @@ class Bench:
                 "effect": f"{effect_tv:.3f} ({'strong' if effect_top1 < 0.5 or effect_tv > 0.2 else 'weak'})",
                 "effect_tv": effect_tv, "effect_strong": effect_top1 < 0.5 or effect_tv > 0.2}
 
+    def patch_check(self, call, hook: str, pos) -> dict:
+        """Activation patching's correctness: `call(i)` against the reference's corrupt run with
+        the clean activation at `hook` (every position, or `pos`) set in, for every pair."""
+        cases = []
+        for i, (clean, corrupt) in enumerate(self.pairs):
+            _, cache = self.ref.forward(clean)
+            value = cache[hook] if pos is None else cache[hook][:, [pos]]
+            op = [{"hook": hook, "op": "set", "tensor": "v"}]
+            if pos is not None:
+                op[0]["positions"] = [pos]
+            cases.append((call(i), self.ref_next(corrupt, op, {"v": value}), self.ref_next(corrupt)))
+        return self.write_check(cases)
+
     # ------------------------------------------------------------------ cells
 
     def cells(self) -> List[Cell]:
@@ -255,16 +268,7 @@ class Bench:
                     return self.next_logits(corrupt, [(hook, ops.patch_from(cache, pos=pos))])
 
                 def patch_check(hook=hook, pos=pos, patch_call=patch_call):
-                    cases = []
-                    for i, (clean, corrupt) in enumerate(self.pairs):
-                        _, cache = self.ref.forward(clean)
-                        value = cache[hook] if pos is None else cache[hook][:, [pos]]
-                        op = [{"hook": hook, "op": "set", "tensor": "v"}]
-                        if pos is not None:
-                            op[0]["positions"] = [pos]
-                        cases.append((patch_call(i), self.ref_next(corrupt, op, {"v": value}),
-                                      self.ref_next(corrupt)))
-                    return self.write_check(cases)
+                    return self.patch_check(patch_call, hook, pos)
 
                 out.append(Cell("activation_patching", f"layer {layer}, {where} positions",
                                 patch_call, patch_check,
@@ -276,16 +280,7 @@ class Bench:
                     return self.next_logits(both, [(hook, ops.copy_row(0, pos=pos))])[1:]
 
                 def batch_check(hook=hook, pos=pos, batch_call=batch_call):
-                    cases = []
-                    for i, (clean, corrupt) in enumerate(self.pairs):
-                        _, cache = self.ref.forward(clean)
-                        value = cache[hook] if pos is None else cache[hook][:, [pos]]
-                        op = [{"hook": hook, "op": "set", "tensor": "v"}]
-                        if pos is not None:
-                            op[0]["positions"] = [pos]
-                        cases.append((batch_call(i), self.ref_next(corrupt, op, {"v": value}),
-                                      self.ref_next(corrupt)))
-                    return self.write_check(cases)
+                    return self.patch_check(batch_call, hook, pos)
 
                 out.append(Cell("activation_patching", f"layer {layer}, {where} positions, one call",
                                 batch_call, batch_check,
