@@ -1,7 +1,11 @@
 #include "engine/hook_plan.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -270,7 +274,92 @@ absl::Status HookPlan::Apply(HookId id, at::Tensor& activation) {
     activation = activation.view_as(activation);
     activation.register_hook([this, id](const at::Tensor& gradient) { return ApplyBackward(id, gradient); });
   }
+  if (!requests_.empty()) ApplyRequests(id, activation);
   return absl::OkStatus();
+}
+
+at::Tensor SliceForRequest(const at::Tensor& activation, HookSite site, const RowSlice& slice) {
+  at::Tensor view = activation.narrow(0, slice.row_begin, slice.rows);
+  const int pos_dim = PosDim(site);
+  if (pos_dim >= 0 && view.size(pos_dim) != slice.positions) {
+    view = view.narrow(pos_dim, view.size(pos_dim) - slice.positions, slice.positions);
+  }
+  if ((site == HookSite::kAttnScores || site == HookSite::kAttnPattern) && view.size(3) != slice.keys) {
+    view = view.narrow(3, view.size(3) - slice.keys, slice.keys);
+  }
+  return view;
+}
+
+void HookPlan::AddRequestPlan(HookPlan* request, RowSlice slice) {
+  for (size_t i = 0; i < active_.size(); ++i) active_[i] |= request->active_[i];
+  num_ops_ += request->num_ops_;
+  requests_.push_back(RequestPlan{request, slice, absl::OkStatus()});
+}
+
+bool HookPlan::HasCallback(HookId id) const {
+  for (const Entry& entry : entries_) {
+    if (entry.hook == id && !entry.is_cache && entry.readout < 0 && entry.op.kind == OpKind::kCallback) {
+      return true;
+    }
+  }
+  return false;
+}
+
+void HookPlan::ApplyRequests(HookId id, at::Tensor& activation) {
+  struct Work {
+    RequestPlan* request;
+    at::Tensor view;    // the request's slice of `activation`
+    at::Tensor result;  // what the request's ops made of it (the view itself when unchanged)
+    absl::Status status;
+  };
+  std::vector<Work> work;
+  for (RequestPlan& r : requests_) {
+    if (!r.status.ok() || !r.plan->Has(id)) continue;
+    at::Tensor view = SliceForRequest(activation, id.site, r.slice);
+    work.push_back(Work{&r, view, view, absl::OkStatus()});
+  }
+  auto apply = [id](Work& w) { w.status = w.request->plan->Apply(id, w.result); };
+  int waiting = 0;  // requests whose Python hooks wait on their clients here
+  for (const Work& w : work) waiting += w.request->plan->HasCallback(id) ? 1 : 0;
+  if (waiting < 2) {
+    for (Work& w : work) apply(w);
+  } else {
+    // Each client answers in its own time: call them all at once rather than one after another.
+    // The threads take this thread's autograd and inference modes.
+    const bool inference = c10::InferenceMode::is_enabled();
+    const bool grad = at::GradMode::is_enabled();
+    std::vector<std::thread> threads;
+    for (Work& w : work) {
+      if (!w.request->plan->HasCallback(id)) continue;
+      threads.emplace_back([&apply, &w, inference, grad] {
+        c10::InferenceMode inference_mode(inference);
+        at::AutoGradMode grad_mode(grad);
+        apply(w);
+      });
+    }
+    for (Work& w : work) {
+      if (!w.request->plan->HasCallback(id)) apply(w);
+    }
+    for (std::thread& t : threads) t.join();
+  }
+  bool owned = false;
+  for (Work& w : work) {
+    if (w.status.ok() && !w.result.is_same(w.view) && w.result.sizes() != w.view.sizes()) {
+      w.status = absl::InvalidArgumentError(absl::StrCat(
+          "hook \"", HookName(id), "\": an op changed the activation's shape from ",
+          ShapeString(w.view.sizes()), " to ", ShapeString(w.result.sizes())));
+    }
+    if (!w.status.ok()) {
+      w.request->status = w.status;
+      continue;
+    }
+    if (w.result.is_same(w.view)) continue;
+    if (!owned) {
+      activation = activation.clone();  // never written in place: the input may be aliased
+      owned = true;
+    }
+    SliceForRequest(activation, id.site, w.request->slice).copy_(w.result);
+  }
 }
 
 at::Tensor HookPlan::ApplyBackward(HookId id, const at::Tensor& gradient) {
@@ -462,6 +551,10 @@ absl::Status HookPlan::DeliverCompleted() {
 }
 
 absl::Status HookPlan::FlushCache() {
+  for (RequestPlan& r : requests_) {
+    if (!r.status.ok()) continue;
+    if (absl::Status s = r.plan->FlushCache(); !s.ok()) r.status = s;
+  }
   while (!pending_.empty()) {
     PendingCopy copy = std::move(pending_.front());
     pending_.pop_front();

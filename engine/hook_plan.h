@@ -117,6 +117,21 @@ struct CacheRequest {
   bool gradient = false;
 };
 
+// Batching: the part of a shared forward's batch that belongs to one request. Requests are
+// left-padded to the batch's length, so a request's own positions are the last `positions`
+// query positions and the last `keys` key positions (past + new, with a key/value cache).
+struct RowSlice {
+  int64_t row_begin = 0;
+  int64_t rows = 0;
+  int64_t positions = 0;
+  int64_t keys = 0;
+};
+
+// The view of `activation` (at a hook of `site`) that belongs to `slice`: its rows, its query
+// positions and, for attention scores and patterns, its keys. The shape the request would see
+// alone.
+at::Tensor SliceForRequest(const at::Tensor& activation, HookSite site, const RowSlice& slice);
+
 // Receives each cached activation as soon as it is computed, in forward order. When set, the
 // plan keeps nothing itself (the server streams activations out of here).
 using CacheSink = std::function<absl::Status(HookId, at::Tensor)>;
@@ -150,7 +165,21 @@ class HookPlan {
   // LensFn or top_k < 0). Results come from TakeReadouts() after the forward.
   absl::Status AddReadout(ReadoutRequest request);
 
+  // Batching: `request`, a plan built for one request as if it ran alone (and outliving this
+  // one), owns the rows and trailing positions of `slice` in this plan's forward. At each hook
+  // this plan applies its own entries, then each request's plan to its slice only, so every
+  // request sees exactly the shapes it would see alone and never another request's rows. A
+  // request whose op, callback or sink fails (a client gone, a quota passed) is dropped from the
+  // rest of the forward with its error kept in request_status(i); the forward and the other
+  // requests go on. Python callbacks of several requests at one hook are called concurrently.
+  // Inference only: a differentiable forward is never shared.
+  void AddRequestPlan(HookPlan* request, RowSlice slice);
+  size_t num_requests() const { return requests_.size(); }
+  const absl::Status& request_status(size_t i) const { return requests_[i].status; }
+
   bool empty() const { return num_ops_ == 0; }
+  // True when a callback op (a client's Python hook) is registered at `id`.
+  bool HasCallback(HookId id) const;
   // True when any op is registered at `id`.
   bool Has(HookId id) const { return num_ops_ != 0 && active_[HookIndex(id, n_layers_)]; }
 
@@ -189,6 +218,8 @@ class HookPlan {
     std::vector<at::Tensor> values;
   };
   absl::Status ApplyIntervention(const InterventionOp& op, at::Tensor& activation) const;
+  // Applies the request plans at `id`, each to its own slice of `activation`.
+  void ApplyRequests(HookId id, at::Tensor& activation);
   absl::Status ServeCache(const CacheRequest& request, const at::Tensor& activation);
   // Runs the backward entries at `id` on the gradient arriving there; returns what flows on.
   at::Tensor ApplyBackward(HookId id, const at::Tensor& gradient);
@@ -216,6 +247,12 @@ class HookPlan {
   CacheSink sink_;
   CacheSink gradient_sink_;
   std::vector<std::pair<HookId, at::Tensor>> gradient_cache_;
+  struct RequestPlan {
+    HookPlan* plan;
+    RowSlice slice;
+    absl::Status status;  // the first error of this request; it is skipped from then on
+  };
+  std::vector<RequestPlan> requests_;
   std::unique_ptr<std::mutex> backward_mu_ = std::make_unique<std::mutex>();  // guards below
   absl::Status backward_status_;
 };

@@ -354,6 +354,75 @@ absl::StatusOr<at::Tensor> Block(at::Tensor x, const LayerWeights& w, const Llam
 
 }  // namespace
 
+absl::StatusOr<KvCache> KvCache::Stack(const std::vector<const KvCache*>& parts) {
+  if (parts.empty()) return absl::InvalidArgumentError("KvCache::Stack needs at least one cache");
+  int64_t longest = 0;
+  for (const KvCache* part : parts) {
+    if (part->length_ == 0 || part->keys_.size() != parts[0]->keys_.size()) {
+      return absl::InvalidArgumentError("KvCache::Stack: caches must be filled, by one model");
+    }
+    longest = std::max(longest, part->length_);
+  }
+  KvCache out;
+  out.length_ = longest;
+  auto pad = [longest](const at::Tensor& t, int64_t length, int64_t dim) {
+    // t's first `length` entries along `dim`, behind zeros up to `longest`.
+    const at::Tensor used = t.narrow(dim, 0, length);
+    if (length == longest) return used;
+    std::vector<int64_t> shape = used.sizes().vec();
+    shape[dim] = longest - length;
+    return at::cat({at::zeros(shape, used.options()), used}, dim);
+  };
+  std::vector<at::Tensor> masks;
+  for (const KvCache* part : parts) masks.push_back(pad(part->mask_, part->length_, 1));
+  out.mask_ = at::cat(masks, 0);
+  for (size_t layer = 0; layer < parts[0]->keys_.size(); ++layer) {
+    if (!parts[0]->keys_[layer].defined()) {
+      out.keys_.emplace_back();
+      out.values_.emplace_back();
+      continue;
+    }
+    std::vector<at::Tensor> keys, values;
+    for (const KvCache* part : parts) {
+      keys.push_back(pad(part->keys_[layer], part->length_, 2));
+      values.push_back(pad(part->values_[layer], part->length_, 2));
+    }
+    out.keys_.push_back(at::cat(keys, 0));
+    out.values_.push_back(at::cat(values, 0));
+  }
+  return out;
+}
+
+absl::StatusOr<KvCache> KvCache::SelectRows(const std::vector<int64_t>& rows) const {
+  if (rows.empty() || length_ == 0) {
+    return absl::InvalidArgumentError("KvCache::SelectRows needs a filled cache and some rows");
+  }
+  for (int64_t r : rows) {
+    if (r < 0 || r >= mask_.size(0)) {
+      return absl::InvalidArgumentError(absl::StrCat("KvCache::SelectRows: row ", r, " of ", mask_.size(0)));
+    }
+  }
+  const at::Tensor index = at::tensor(rows, at::kLong);
+  const at::Tensor mask = mask_.index_select(0, index);
+  // Leading positions that no selected row uses.
+  const at::Tensor used = (mask != 0).any(0);  // [length]
+  const int64_t first = used.to(at::kLong).argmax().item<int64_t>();
+  KvCache out;
+  out.length_ = length_ - first;
+  out.mask_ = mask.narrow(1, first, out.length_).contiguous();
+  for (size_t layer = 0; layer < keys_.size(); ++layer) {
+    if (!keys_[layer].defined()) {
+      out.keys_.emplace_back();
+      out.values_.emplace_back();
+      continue;
+    }
+    const at::Tensor device_index = index.to(keys_[layer].device());
+    out.keys_.push_back(keys_[layer].narrow(2, first, out.length_).index_select(0, device_index));
+    out.values_.push_back(values_[layer].narrow(2, first, out.length_).index_select(0, device_index));
+  }
+  return out;
+}
+
 at::Tensor RopeInverseFrequencies(const LlamaConfig& config) {
   const int64_t half = config.d_head / 2;
   std::vector<double> inv(half);

@@ -32,6 +32,14 @@ class KvCache {
   int64_t length() const { return length_; }
   // [batch, length]: 1 for real tokens, 0 for left padding, over every cached position.
   const at::Tensor& mask() const { return mask_; }
+  int64_t rows() const { return mask_.defined() ? mask_.size(0) : 0; }
+
+  // Batching generations. Stack: one cache holding `parts`' rows in order, each left-padded
+  // (masked) to the longest, so every row keeps its own positions. SelectRows: a cache of the
+  // given rows only, without leading positions that are padding in all of them. Both copy.
+  // InvalidArgument for empty caches or caches of different models.
+  static absl::StatusOr<KvCache> Stack(const std::vector<const KvCache*>& parts);
+  absl::StatusOr<KvCache> SelectRows(const std::vector<int64_t>& rows) const;
 
  private:
   friend class LlamaModel;
