@@ -1,5 +1,7 @@
 #include "server/auth.h"
 
+#include <algorithm>
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <openssl/evp.h>
@@ -122,6 +124,15 @@ v1::Quota WithQuotaDefaults(const v1::Quota& quota) {
 Authenticator::Authenticator(bool enabled) : enabled_(enabled) {
   local_user_.name = std::string(kLocalUserName);
   local_user_.quota = WithQuotaDefaults(v1::Quota());
+}
+
+std::vector<std::string> Authenticator::UserNames() const {
+  std::vector<std::string> names;
+  if (!enabled_) names.push_back(local_user_.name);
+  for (const auto& [hash, user] : users_by_key_hash_) names.push_back(user.name);
+  std::sort(names.begin(), names.end());
+  names.erase(std::unique(names.begin(), names.end()), names.end());
+  return names;
 }
 
 std::unique_ptr<Authenticator> Authenticator::Disabled() {

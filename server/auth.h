@@ -76,6 +76,9 @@ class Authenticator {
   Authenticator& operator=(const Authenticator&) = delete;
 
   bool enabled() const { return enabled_; }
+  // Every user's name (the users file's, or the one local user when disabled); for bounded
+  // per-user metric labels.
+  std::vector<std::string> UserNames() const;
 
   // `authorization` is the value of the "authorization" metadata, possibly empty; accepted form
   // "Bearer <key>" (scheme case-insensitive, surrounding spaces ignored). When disabled, always

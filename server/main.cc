@@ -46,6 +46,7 @@
 #include "server/metrics.h"
 #include "server/metrics_http.h"
 #include "server/request_builder.h"
+#include "server/executor.h"
 #include "server/scheduler.h"
 #include "server/service.h"
 #include "server/session_store.h"
@@ -59,6 +60,10 @@ ABSL_FLAG(std::string, device, "", "device(s): cpu, cuda:0, cuda:0,cuda:1 (overr
 ABSL_FLAG(std::string, dtype, "", "float32, bfloat16 or float16 (overrides the config)");
 ABSL_FLAG(std::string, users_file, "", "UsersFile textproto with API key hashes (overrides)");
 ABSL_FLAG(int, intra_op_threads, -1, "CPU threads per forward (overrides the config; 0: LibTorch's choice)");
+ABSL_FLAG(int, max_batch_requests, -1,
+          "requests sharing one forward / decode step (overrides scheduler.max_batch_requests; 1: no batching)");
+ABSL_FLAG(int64_t, max_batch_tokens, -1, "rows x positions per shared forward (overrides scheduler.max_batch_tokens)");
+ABSL_FLAG(int64_t, batch_wait_us, -1, "idle wait for requests to share a forward (overrides scheduler.batch_wait_us)");
 ABSL_FLAG(int, load_threads, -1, "threads reading the checkpoint (overrides load.threads; 0: one per core)");
 ABSL_FLAG(int64_t, load_reserve_bytes, -1,
           "working memory each device keeps free beyond the weights (overrides load.reserve_bytes)");
@@ -108,6 +113,14 @@ absl::StatusOr<v1::ServerConfig> LoadConfig() {
     }
   }
   if (!absl::GetFlag(FLAGS_users_file).empty()) config.set_users_file(absl::GetFlag(FLAGS_users_file));
+  v1::SchedulerSettings& scheduler = *config.mutable_scheduler();
+  if (absl::GetFlag(FLAGS_max_batch_requests) >= 0) {
+    scheduler.set_max_batch_requests(absl::GetFlag(FLAGS_max_batch_requests));
+  }
+  if (absl::GetFlag(FLAGS_max_batch_tokens) >= 0) {
+    scheduler.set_max_batch_tokens(absl::GetFlag(FLAGS_max_batch_tokens));
+  }
+  if (absl::GetFlag(FLAGS_batch_wait_us) >= 0) scheduler.set_batch_wait_us(absl::GetFlag(FLAGS_batch_wait_us));
   v1::LoadSettings& load = *config.mutable_load();
   if (absl::GetFlag(FLAGS_load_threads) >= 0) load.set_threads(absl::GetFlag(FLAGS_load_threads));
   if (absl::GetFlag(FLAGS_load_reserve_bytes) >= 0) {
@@ -284,12 +297,26 @@ absl::Status Serve() {
     ASSIGN_OR_RETURN(metrics_port, metrics_http.Start(config.metrics_address()));
   }
 
+  metrics.SetKnownUsers(auth->UserNames());
+  const v1::SchedulerSettings& batching = config.scheduler();
+  const int max_batch_requests = batching.max_batch_requests() > 0 ? batching.max_batch_requests() : 16;
+  ModelExecutor executor(*model, &metrics, ModelExecutor::Options{max_batch_requests});
   Scheduler::Options scheduler_options;
   scheduler_options.max_queue = limits.max_queue();
+  scheduler_options.max_batch_requests = max_batch_requests;
+  scheduler_options.max_batch_tokens = batching.max_batch_tokens() > 0 ? batching.max_batch_tokens() : 16384;
+  scheduler_options.batch_wait = absl::Microseconds(batching.batch_wait_us());
   scheduler_options.on_depth = [&metrics](int64_t depth) { metrics.SetQueueDepth(depth); };
-  scheduler_options.on_start = [&metrics, &refresh_device_memory](absl::Duration wait) {
+  scheduler_options.on_start = [&metrics, &refresh_device_memory](const Scheduler::Job& job,
+                                                                  absl::Duration wait) {
     metrics.ObserveQueueWait(absl::ToDoubleSeconds(wait));
+    metrics.RecordUserJob(job.user, absl::ToDoubleSeconds(wait));
     refresh_device_memory();
+  };
+  scheduler_options.on_running = [&metrics](const std::array<int64_t, kNumJobKinds>& running) {
+    for (int k = 0; k < kNumJobKinds; ++k) {
+      metrics.SetJobsRunning(JobKindName(static_cast<JobKind>(k)), running[k]);
+    }
   };
   // OpenMP's thread count is per thread: without this the model thread (not main) would run
   // oneDNN with every core while ATen uses LibTorch's choice. See docs/decisions.md.
@@ -302,7 +329,8 @@ absl::Status Serve() {
     std::fprintf(stderr, "remotelens_server: model thread uses %d intra-op thread(s)\n",
                  at::get_num_threads());
   };
-  Scheduler scheduler(scheduler_options);
+  Scheduler scheduler(scheduler_options, &executor);
+  executor.set_scheduler(&scheduler);
 
   SessionLimits session_limits;
   session_limits.default_ttl = absl::Seconds(limits.session_ttl_seconds());

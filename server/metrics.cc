@@ -1,15 +1,18 @@
 #include "server/metrics.h"
 
+#include <map>
+
 #include "absl/strings/strip.h"
 
 namespace remotelens {
 namespace {
 
 // Index i is the `method` label of index i in the per-method arrays; the last one is "other".
-constexpr std::array<absl::string_view, 17> kMethodLabels = {
+constexpr std::array<absl::string_view, 19> kMethodLabels = {
     "GetModelInfo", "Tokenize",   "Detokenize",  "CreateSession", "CloseSession", "ListSessions",
     "AddHook",      "RemoveHook", "ListHooks",   "ResetHooks",    "Run",          "RunInteractive",
-    "Generate",     "FetchCache", "DeleteCache", "GetWeights",    "other",
+    "Generate",     "FetchCache", "DeleteCache", "GetWeights",    "ListJobs",     "CancelJob",
+    "other",
 };
 constexpr int kOtherMethodIndex = static_cast<int>(kMethodLabels.size()) - 1;
 
@@ -79,6 +82,25 @@ ServerMetrics::ServerMetrics(prometheus::Registry& registry,
                               "Memory allocated on each model device, in bytes.")),
       model_info_(Register(prometheus::BuildGauge(), registry, "remotelens_model_info",
                            "Always 1; labels name the served model and its dtype.")),
+      user_jobs_(Register(prometheus::BuildCounter(), registry, "remotelens_user_jobs_total",
+                          "Model jobs (Run, RunInteractive, Generate) started, by user.")),
+      user_queue_wait_(Register(prometheus::BuildHistogram(), registry,
+                                "remotelens_user_queue_wait_seconds",
+                                "Time a user's job waited in the scheduler queue, in seconds.")),
+      user_tokens_(Register(prometheus::BuildCounter(), registry, "remotelens_user_tokens_total",
+                            "Tokens run through the model for each user.")),
+      user_streamed_bytes_(Register(prometheus::BuildCounter(), registry,
+                                    "remotelens_user_streamed_bytes_total",
+                                    "Tensor bytes streamed to each user.")),
+      jobs_running_(Register(prometheus::BuildGauge(), registry, "remotelens_jobs_running",
+                             "Jobs the model thread holds now (running or mid-generation), by kind.")),
+      batch_requests_(Register(prometheus::BuildHistogram(), registry, "remotelens_batch_requests",
+                               "Requests sharing one engine forward.")
+                          .Add({}, prometheus::Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64})),
+      batch_tokens_(Register(prometheus::BuildHistogram(), registry, "remotelens_batch_tokens",
+                             "Rows x positions of one engine forward, padding included.")
+                        .Add({}, prometheus::Histogram::BucketBoundaries{
+                                     16, 64, 256, 1024, 4096, 16384, 65536})),
       queue_depth_(Register(prometheus::BuildGauge(), registry, "remotelens_queue_depth",
                             "Requests waiting in the scheduler queue.")
                        .Add({})),
@@ -109,6 +131,50 @@ ServerMetrics::ServerMetrics(prometheus::Registry& registry,
     if (device_memory_by_device_.contains(device)) continue;
     device_memory_by_device_[device] = &device_memory_.Add({{"device", device}});
   }
+  anonymous_ = MakeUserSeries("anonymous");
+  other_ = MakeUserSeries("other");
+}
+
+ServerMetrics::UserSeries ServerMetrics::MakeUserSeries(const std::string& label) {
+  const std::map<std::string, std::string> labels{{"user", label}};
+  return UserSeries{&user_jobs_.Add(labels), &user_queue_wait_.Add(labels, LatencyBucketsSeconds()),
+                    &user_tokens_.Add(labels), &user_streamed_bytes_.Add(labels)};
+}
+
+void ServerMetrics::SetKnownUsers(const std::vector<std::string>& users) {
+  for (const std::string& user : users) {
+    if (user.empty() || user == "anonymous" || user == "other" || users_.contains(user)) continue;
+    users_.emplace(user, MakeUserSeries(user));
+  }
+}
+
+ServerMetrics::UserSeries& ServerMetrics::User(absl::string_view user) {
+  if (user.empty() || user == "anonymous") return anonymous_;
+  auto it = users_.find(user);
+  return it == users_.end() ? other_ : it->second;
+}
+
+void ServerMetrics::RecordUserJob(absl::string_view user, double queue_seconds) {
+  UserSeries& series = User(user);
+  series.jobs->Increment();
+  series.queue_wait->Observe(queue_seconds);
+}
+
+void ServerMetrics::AddUserTokens(absl::string_view user, int64_t n) {
+  if (n > 0) User(user).tokens->Increment(static_cast<double>(n));
+}
+
+void ServerMetrics::AddUserStreamedBytes(absl::string_view user, int64_t n) {
+  if (n > 0) User(user).streamed_bytes->Increment(static_cast<double>(n));
+}
+
+void ServerMetrics::ObserveBatch(int64_t requests, int64_t tokens) {
+  batch_requests_.Observe(static_cast<double>(requests));
+  batch_tokens_.Observe(static_cast<double>(tokens));
+}
+
+void ServerMetrics::SetJobsRunning(absl::string_view kind, int64_t n) {
+  jobs_running_.Add({{"kind", std::string(kind)}}).Set(static_cast<double>(n));
 }
 
 prometheus::Counter& ServerMetrics::RequestCounter(int method_index, int code_index) {

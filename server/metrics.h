@@ -68,6 +68,23 @@ class ServerMetrics {
   void SetActiveHooks(int64_t n);         // remotelens_session_hooks: over all sessions
   void SetStoredCacheBytes(int64_t n);    // remotelens_stored_cache_bytes: over all sessions
 
+  // Batching: remotelens_batch_requests (requests sharing one forward) and
+  // remotelens_batch_tokens (rows x positions of that forward, padding included).
+  void ObserveBatch(int64_t requests, int64_t tokens);
+  // remotelens_jobs_running{kind}: jobs the model thread holds now, by kind.
+  void SetJobsRunning(absl::string_view kind, int64_t n);
+
+  // Per-user series, labelled user="<name>" for the users given here (the users file),
+  // "anonymous" for requests without a user, and "other" for any other name, so the label's
+  // values are bounded by the users file. Call once, before serving.
+  void SetKnownUsers(const std::vector<std::string>& users);
+  // A job of `user` started after waiting `queue_seconds`: remotelens_user_jobs_total{user},
+  // remotelens_user_queue_wait_seconds{user}.
+  void RecordUserJob(absl::string_view user, double queue_seconds);
+  // remotelens_user_tokens_total{user}, remotelens_user_streamed_bytes_total{user}.
+  void AddUserTokens(absl::string_view user, int64_t n);
+  void AddUserStreamedBytes(absl::string_view user, int64_t n);
+
   // remotelens_device_memory_bytes{device}. A device not given at construction is ignored:
   // metrics never fail a request, and an unexpected label would be unbounded.
   void SetDeviceMemoryBytes(absl::string_view device, int64_t bytes);
@@ -77,7 +94,7 @@ class ServerMetrics {
   void SetModelInfo(absl::string_view model_name, absl::string_view dtype);
 
  private:
-  static constexpr int kNumMethodLabels = 17;  // 16 RPCs + "other"
+  static constexpr int kNumMethodLabels = 19;  // 18 RPCs + "other"
   static constexpr int kNumCodeLabels = 17;
 
   // Series are created on first use rather than all 17 x 17 up front, so /metrics does not list
@@ -91,6 +108,26 @@ class ServerMetrics {
   prometheus::Family<prometheus::Histogram>& latency_;
   prometheus::Family<prometheus::Gauge>& device_memory_;
   prometheus::Family<prometheus::Gauge>& model_info_;
+
+  struct UserSeries {
+    prometheus::Counter* jobs;
+    prometheus::Histogram* queue_wait;
+    prometheus::Counter* tokens;
+    prometheus::Counter* streamed_bytes;
+  };
+  UserSeries& User(absl::string_view user);
+  UserSeries MakeUserSeries(const std::string& label);
+
+  prometheus::Family<prometheus::Counter>& user_jobs_;
+  prometheus::Family<prometheus::Histogram>& user_queue_wait_;
+  prometheus::Family<prometheus::Counter>& user_tokens_;
+  prometheus::Family<prometheus::Counter>& user_streamed_bytes_;
+  prometheus::Family<prometheus::Gauge>& jobs_running_;
+  prometheus::Histogram& batch_requests_;
+  prometheus::Histogram& batch_tokens_;
+  // Filled by SetKnownUsers before serving, read-only afterwards ("anonymous" and "other" always).
+  absl::flat_hash_map<std::string, UserSeries> users_;
+  UserSeries anonymous_, other_;
 
   prometheus::Gauge& queue_depth_;
   prometheus::Histogram& queue_wait_;

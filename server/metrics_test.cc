@@ -147,7 +147,8 @@ TEST(ServerMetrics, SeriesCountIsBoundedByMethodsTimesCodes) {
       "GetModelInfo", "Tokenize",     "Detokenize",  "CreateSession",
       "CloseSession", "ListSessions", "AddHook",     "RemoveHook",
       "ListHooks",    "ResetHooks",   "Run",         "RunInteractive",
-      "Generate",     "FetchCache",   "DeleteCache", "GetWeights"};
+      "Generate",     "FetchCache",   "DeleteCache", "GetWeights",
+      "ListJobs",     "CancelJob"};
   prometheus::Registry registry;
   ServerMetrics metrics(registry, {"cpu"});
   for (int code = -1; code <= 20; ++code) {  // includes values outside the 17 codes
@@ -160,8 +161,8 @@ TEST(ServerMetrics, SeriesCountIsBoundedByMethodsTimesCodes) {
     }
   }
   const std::vector<std::string> lines = ExpositionLines(registry);
-  EXPECT_EQ(Samples(lines, "remotelens_rpc_requests_total").size(), 17u * 17u);
-  EXPECT_EQ(Samples(lines, "remotelens_rpc_latency_seconds_count").size(), 17u);
+  EXPECT_EQ(Samples(lines, "remotelens_rpc_requests_total").size(), 19u * 17u);
+  EXPECT_EQ(Samples(lines, "remotelens_rpc_latency_seconds_count").size(), 19u);
   for (const std::string& rpc : rpcs) {
     // Codes -1, 17..20 all land on UNKNOWN, next to the real UNKNOWN (2).
     EXPECT_THAT(lines, Contains(absl::StrCat(R"(remotelens_rpc_requests_total{code="UNKNOWN",)",

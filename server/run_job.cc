@@ -109,57 +109,72 @@ absl::Status CheckJobFits(const LlamaModel& model, const ForwardSize& size, int6
   return absl::OkStatus();
 }
 
-absl::StatusOr<v1::RunResponse::Summary> ExecuteRun(const LlamaModel& model, PreparedRun& run,
-                                                    const ChunkEmitter& emit,
-                                                    const std::function<bool()>& cancelled,
-                                                    ServerMetrics* metrics) {
-  const LlamaConfig& config = model.config();
+class RunExecution::Streamer : public QuotaStreamer {
+ public:
+  using QuotaStreamer::QuotaStreamer;
+};
+
+RunExecution::RunExecution(const LlamaModel& model, PreparedRun& run, ChunkEmitter emit,
+                           std::function<bool()> cancelled)
+    : model_(model), run_(run), emit_(std::move(emit)), cancelled_(std::move(cancelled)),
+      plan_(model.config().n_layers),
+      streamer_(std::make_unique<Streamer>(emit_, run.chunk_bytes, run.max_streamed_bytes)) {}
+
+RunExecution::~RunExecution() = default;
+
+int64_t RunExecution::tokens() const {
+  const at::Tensor& shaped = run_.input.tokens.defined() ? run_.input.tokens : run_.input.residual;
+  return shaped.size(0) * shaped.size(1);
+}
+
+int64_t RunExecution::bytes_streamed() const { return streamer_->sent(); }
+
+absl::Status RunExecution::Prepare() {
+  const LlamaConfig& config = model_.config();
+  PreparedRun& run = run_;
   {
     const at::Tensor& shaped = run.input.tokens.defined() ? run.input.tokens : run.input.residual;
     const ForwardSize size{shaped.size(0), shaped.size(1), 0};
     int64_t kept = 0;
     if (run.store_cache) {
       for (const CacheRequest& r : run.cache) {
-        kept += CacheRequestBytes(r, config, model.weights().embed.scalar_type(), size);
+        kept += CacheRequestBytes(r, config, model_.weights().embed.scalar_type(), size);
       }
     }
     // Autograd keeps every block's activations until the backward.
     if (run.backward) {
       kept += config.n_layers *
-              BlockActivationBytes(config, model.weights().embed.scalar_type(), size);
+              BlockActivationBytes(config, model_.weights().embed.scalar_type(), size);
     }
-    RETURN_IF_ERROR(CheckJobFits(model, size, kept, run.host_memory_limit_bytes));
+    RETURN_IF_ERROR(CheckJobFits(model_, size, kept, run.host_memory_limit_bytes));
   }
-  HookPlan plan(config.n_layers);
-  RETURN_IF_ERROR(BuildPlan(plan, run.ops, run.input.differentiable));
+  RETURN_IF_ERROR(BuildPlan(plan_, run.ops, run.input.differentiable));
   if (run.backward) {
-    for (const CacheRequest& request : run.backward->gradients) plan.AddCache(request);
+    for (const CacheRequest& request : run.backward->gradients) plan_.AddCache(request);
   }
-  QuotaStreamer streamer(emit, run.chunk_bytes, run.max_streamed_bytes);
-  StoredCache stored;
-  for (const CacheRequest& request : run.cache) plan.AddCache(request);
-  for (ReadoutRequest& request : run.readouts) RETURN_IF_ERROR(plan.AddReadout(std::move(request)));
-  plan.SetCacheSink([&](HookId id, at::Tensor t) -> absl::Status {
-    // Checked at every cached hook: a vanished client stops the forward pass early.
-    if (cancelled()) return absl::CancelledError("client cancelled the run");
+  for (const CacheRequest& request : run.cache) plan_.AddCache(request);
+  // Copied: a run that could not share a forward prepares again to run alone.
+  for (const ReadoutRequest& request : run.readouts) RETURN_IF_ERROR(plan_.AddReadout(request));
+  plan_.SetCacheSink([this](HookId id, at::Tensor t) -> absl::Status {
+    // Checked at every cached hook: a vanished client stops its part of the forward early.
+    if (cancelled_()) return absl::CancelledError("client cancelled the run");
     const std::string name = HookName(id);
-    if (run.stream_cache) RETURN_IF_ERROR(streamer.Send(name, t));
-    if (run.store_cache) {
-      stored.bytes += t.numel() * t.element_size();
-      stored.tensors.emplace_back(name, std::move(t));
+    if (run_.stream_cache) RETURN_IF_ERROR(streamer_->Send(name, t));
+    if (run_.store_cache) {
+      stored_.bytes += t.numel() * t.element_size();
+      stored_.tensors.emplace_back(name, std::move(t));
     }
     return absl::OkStatus();
   });
+  return absl::OkStatus();
+}
 
-  const auto start = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(at::Tensor logits, model.Forward(run.input, &plan));
-  const double forward_s = SecondsSince(start);
-  const int64_t tokens = run.input.tokens.defined() ? run.input.tokens.numel()
-                                                    : run.input.residual.size(0) * run.input.residual.size(1);
-  if (metrics != nullptr) {
-    metrics->ObserveForward(forward_s);
-    metrics->AddTokens(tokens);
-  }
+absl::StatusOr<v1::RunResponse::Summary> RunExecution::Finish(at::Tensor logits,
+                                                              double forward_s) {
+  PreparedRun& run = run_;
+  QuotaStreamer& streamer = *streamer_;
+  HookPlan& plan = plan_;
+  const auto& cancelled = cancelled_;
   if (cancelled()) return absl::CancelledError("client cancelled the run");
 
   ASSIGN_OR_RETURN(std::vector<ReadoutResult> readouts, plan.TakeReadouts());
@@ -211,24 +226,64 @@ absl::StatusOr<v1::RunResponse::Summary> ExecuteRun(const LlamaModel& model, Pre
       if (cancelled()) return absl::CancelledError("client cancelled the run");
       return streamer.Send(absl::StrCat(HookName(id), "_grad"), t);
     });
-    RETURN_IF_ERROR(model.Backward(output, output_grad, &plan));
+    RETURN_IF_ERROR(model_.Backward(output, output_grad, &plan));
     summary.set_backward_ms(SecondsSince(backward_start) * 1e3);
   }
   if (run.store_cache) {
-    ASSIGN_OR_RETURN(std::string handle, run.store(std::move(stored)));
+    ASSIGN_OR_RETURN(std::string handle, run.store(std::move(stored_)));
     summary.set_cache_handle(handle);
   }
-  summary.set_tokens_processed(tokens);
+  summary.set_tokens_processed(tokens());
   summary.set_forward_ms(forward_s * 1e3);
   summary.set_bytes_streamed(streamer.sent());
-  if (metrics != nullptr) metrics->AddStreamedBytes(streamer.sent());
   return summary;
 }
 
-absl::Status ExecuteGenerate(const LlamaModel& model, PreparedGenerate& job,
-                             const std::function<std::string(int64_t)>& token_text,
-                             const GenerateEmitter& emit, const std::function<bool()>& cancelled,
-                             ServerMetrics* metrics) {
+absl::StatusOr<v1::RunResponse::Summary> ExecuteRun(const LlamaModel& model, PreparedRun& run,
+                                                    const ChunkEmitter& emit,
+                                                    const std::function<bool()>& cancelled,
+                                                    ServerMetrics* metrics) {
+  RunExecution execution(model, run, emit, cancelled);
+  RETURN_IF_ERROR(execution.Prepare());
+  const auto start = std::chrono::steady_clock::now();
+  ASSIGN_OR_RETURN(at::Tensor logits, model.Forward(run.input, &execution.plan()));
+  const double forward_s = SecondsSince(start);
+  if (metrics != nullptr) {
+    metrics->ObserveForward(forward_s);
+    metrics->ObserveBatch(1, execution.tokens());
+    metrics->AddTokens(execution.tokens());
+  }
+  absl::StatusOr<v1::RunResponse::Summary> summary = execution.Finish(std::move(logits), forward_s);
+  if (metrics != nullptr) metrics->AddStreamedBytes(execution.bytes_streamed());
+  return summary;
+}
+
+class GenerateExecution::Streamer : public QuotaStreamer {
+ public:
+  using QuotaStreamer::QuotaStreamer;
+};
+
+GenerateExecution::GenerateExecution(const LlamaModel& model, PreparedGenerate& job,
+                                     std::function<std::string(int64_t)> token_text,
+                                     GenerateEmitter emit, std::function<bool()> cancelled)
+    : model_(model), job_(job), token_text_(std::move(token_text)), emit_(std::move(emit)),
+      cancelled_(std::move(cancelled)), plan_(model.config().n_layers) {
+  chunk_emit_ = [this](v1::TensorChunk&& chunk) {
+    v1::GenerateResponse response;
+    *response.mutable_tensor() = std::move(chunk);
+    return emit_(std::move(response));
+  };
+  streamer_ = std::make_unique<Streamer>(chunk_emit_, job.chunk_bytes, job.max_streamed_bytes);
+}
+
+GenerateExecution::~GenerateExecution() = default;
+
+int64_t GenerateExecution::bytes_streamed() const { return streamer_->sent(); }
+double GenerateExecution::seconds() const { return SecondsSince(start_); }
+
+absl::Status GenerateExecution::Prepare() {
+  start_ = std::chrono::steady_clock::now();
+  PreparedGenerate& job = job_;
   {
     // The last step attends over prompt and every new token, with the key/value cache full.
     const int64_t rows = job.tokens.size(0), prompt = job.tokens.size(1);
@@ -238,60 +293,66 @@ absl::Status ExecuteGenerate(const LlamaModel& model, PreparedGenerate& job,
                                                            : ForwardSize{rows, total, 0};
     int64_t kept = 0;  // step activations wait for their step's token
     for (const CacheRequest& r : job.step_cache) {
-      kept += CacheRequestBytes(r, model.config(), model.weights().embed.scalar_type(), prefill);
+      kept += CacheRequestBytes(r, model_.config(), model_.weights().embed.scalar_type(), prefill);
     }
-    const LlamaConfig& c = model.config();
-    const at::ScalarType dtype = model.weights().embed.scalar_type();
+    const LlamaConfig& c = model_.config();
+    const at::ScalarType dtype = model_.weights().embed.scalar_type();
     RETURN_IF_ERROR(CheckJobFits(
-        model, ForwardWorkingBytes(c, dtype, prefill) >= ForwardWorkingBytes(c, dtype, last) ? prefill : last,
+        model_, ForwardWorkingBytes(c, dtype, prefill) >= ForwardWorkingBytes(c, dtype, last) ? prefill : last,
         kept, job.host_memory_limit_bytes));
   }
-  HookPlan plan(model.config().n_layers);
-  RETURN_IF_ERROR(BuildPlan(plan, job.ops));
-  ChunkEmitter chunk_emit = [&](v1::TensorChunk&& chunk) {
-    v1::GenerateResponse response;
-    *response.mutable_tensor() = std::move(chunk);
-    return emit(std::move(response));
-  };
-  QuotaStreamer streamer(chunk_emit, job.chunk_bytes, job.max_streamed_bytes);
+  RETURN_IF_ERROR(BuildPlan(plan_, job.ops));
   // Step activations are held until the step's token is known, then sent after its Step.
-  std::vector<std::pair<std::string, at::Tensor>> pending;
-  for (const CacheRequest& request : job.step_cache) plan.AddCache(request);
-  plan.SetCacheSink([&](HookId id, at::Tensor t) -> absl::Status {
-    pending.emplace_back(HookName(id), std::move(t));
+  for (const CacheRequest& request : job.step_cache) plan_.AddCache(request);
+  plan_.SetCacheSink([this](HookId id, at::Tensor t) -> absl::Status {
+    pending_.emplace_back(HookName(id), std::move(t));
     return absl::OkStatus();
   });
-  const auto start = std::chrono::steady_clock::now();
-  int64_t steps = 0;
-  auto on_token = [&](int64_t step, const at::Tensor& next) -> absl::Status {
-    if (cancelled()) return absl::CancelledError("client cancelled the generation");
-    v1::GenerateResponse response;
-    auto* s = response.mutable_step();
-    s->set_step(step);
-    for (int64_t i = 0; i < next.size(0); ++i) {
-      const int64_t id = next[i].item<int64_t>();
-      s->add_tokens(id);
-      if (token_text) s->add_texts(token_text(id));
-    }
-    RETURN_IF_ERROR(emit(std::move(response)));
-    for (auto& [name, t] : pending) RETURN_IF_ERROR(streamer.Send(name, t));
-    pending.clear();
-    steps = step + 1;
-    return absl::OkStatus();
-  };
-  ASSIGN_OR_RETURN(at::Tensor sequences, Generate(model, job.tokens, job.attention_mask, job.options,
-                                                  &plan, on_token));
-  if (metrics != nullptr) {
-    metrics->ObserveForward(SecondsSince(start));
-    metrics->AddTokens(sequences.numel());
-    metrics->AddStreamedBytes(streamer.sent());
+  return absl::OkStatus();
+}
+
+absl::Status GenerateExecution::OnToken(int64_t step, const at::Tensor& next) {
+  if (cancelled_()) return absl::CancelledError("client cancelled the generation");
+  v1::GenerateResponse response;
+  auto* s = response.mutable_step();
+  s->set_step(step);
+  for (int64_t i = 0; i < next.size(0); ++i) {
+    const int64_t id = next[i].item<int64_t>();
+    s->add_tokens(id);
+    if (token_text_) s->add_texts(token_text_(id));
   }
+  RETURN_IF_ERROR(emit_(std::move(response)));
+  for (auto& [name, t] : pending_) RETURN_IF_ERROR(streamer_->Send(name, t));
+  pending_.clear();
+  steps_ = step + 1;
+  return absl::OkStatus();
+}
+
+absl::Status GenerateExecution::Done(const at::Tensor& sequences) {
   v1::GenerateResponse done;
   auto* d = done.mutable_done();
   ASSIGN_OR_RETURN(*d->mutable_sequences(), TensorToProto(sequences));
-  d->set_steps(steps);
-  d->set_generate_ms(SecondsSince(start) * 1e3);
-  return emit(std::move(done));
+  d->set_steps(steps_);
+  d->set_generate_ms(seconds() * 1e3);
+  return emit_(std::move(done));
+}
+
+absl::Status ExecuteGenerate(const LlamaModel& model, PreparedGenerate& job,
+                             const std::function<std::string(int64_t)>& token_text,
+                             const GenerateEmitter& emit, const std::function<bool()>& cancelled,
+                             ServerMetrics* metrics) {
+  GenerateExecution execution(model, job, token_text, emit, cancelled);
+  RETURN_IF_ERROR(execution.Prepare());
+  absl::StatusOr<at::Tensor> sequences =
+      Generate(model, job.tokens, job.attention_mask, job.options, &execution.plan(),
+               [&](int64_t step, const at::Tensor& next) { return execution.OnToken(step, next); });
+  if (metrics != nullptr && sequences.ok()) {
+    metrics->ObserveForward(execution.seconds());
+    metrics->AddTokens(sequences->numel());
+    metrics->AddStreamedBytes(execution.bytes_streamed());
+  }
+  RETURN_IF_ERROR(sequences.status());
+  return execution.Done(*sequences);
 }
 
 }  // namespace remotelens

@@ -9,7 +9,9 @@
 #ifndef REMOTELENS_SERVER_RUN_JOB_H_
 #define REMOTELENS_SERVER_RUN_JOB_H_
 
+#include <chrono>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -49,6 +51,39 @@ struct PreparedRun {
   std::optional<BackwardSpec> backward;
 };
 
+// One run's side of a forward, in phases, so that several runs can share one forward
+// (server/executor.h): Prepare checks the run fits and builds its own plan and sinks; the
+// forward runs alone or shared (the run's plan then owns its rows); Finish streams readouts,
+// loss and logits from the run's own output and runs its backward pass, if any.
+class RunExecution {
+ public:
+  RunExecution(const LlamaModel& model, PreparedRun& run, ChunkEmitter emit,
+               std::function<bool()> cancelled);
+  ~RunExecution();
+  RunExecution(const RunExecution&) = delete;
+  RunExecution& operator=(const RunExecution&) = delete;
+
+  // RESOURCE_EXHAUSTED when the run cannot fit (CheckJobFits); op validation errors.
+  absl::Status Prepare();
+  HookPlan& plan() { return plan_; }
+  const PreparedRun& run() const { return run_; }
+  // The run's rows x positions.
+  int64_t tokens() const;
+  // `output`: what the forward returned for this run's rows and positions only.
+  absl::StatusOr<v1::RunResponse::Summary> Finish(at::Tensor output, double forward_seconds);
+  int64_t bytes_streamed() const;
+
+ private:
+  class Streamer;
+  const LlamaModel& model_;
+  PreparedRun& run_;
+  ChunkEmitter emit_;
+  std::function<bool()> cancelled_;
+  HookPlan plan_;
+  std::unique_ptr<Streamer> streamer_;
+  StoredCache stored_;
+};
+
 // Before any forward, both refuse a job that cannot fit (CheckJobFits): RESOURCE_EXHAUSTED.
 absl::StatusOr<v1::RunResponse::Summary> ExecuteRun(const LlamaModel& model, PreparedRun& run,
                                                     const ChunkEmitter& emit,
@@ -68,6 +103,41 @@ struct PreparedGenerate {
 
 // Emits a Step message per generated token column, step_cache tensors after it, then Done.
 using GenerateEmitter = std::function<absl::Status(v1::GenerateResponse&&)>;
+
+// One generation in phases, so that generations can share decode steps (GenerationBatch):
+// Prepare checks it fits and builds its plan (step activations held until their step's token is
+// known); OnToken streams a Step and that step's activations; Done streams the sequences.
+class GenerateExecution {
+ public:
+  GenerateExecution(const LlamaModel& model, PreparedGenerate& job,
+                    std::function<std::string(int64_t)> token_text, GenerateEmitter emit,
+                    std::function<bool()> cancelled);
+  ~GenerateExecution();
+  GenerateExecution(const GenerateExecution&) = delete;
+  GenerateExecution& operator=(const GenerateExecution&) = delete;
+
+  absl::Status Prepare();
+  HookPlan& plan() { return plan_; }
+  PreparedGenerate& job() { return job_; }
+  absl::Status OnToken(int64_t step, const at::Tensor& next);
+  absl::Status Done(const at::Tensor& sequences);
+  int64_t bytes_streamed() const;
+  double seconds() const;  // since Prepare
+
+ private:
+  class Streamer;
+  const LlamaModel& model_;
+  PreparedGenerate& job_;
+  std::function<std::string(int64_t)> token_text_;
+  GenerateEmitter emit_;
+  ChunkEmitter chunk_emit_;
+  std::function<bool()> cancelled_;
+  HookPlan plan_;
+  std::unique_ptr<Streamer> streamer_;
+  std::vector<std::pair<std::string, at::Tensor>> pending_;
+  std::chrono::steady_clock::time_point start_;
+  int64_t steps_ = 0;
+};
 
 absl::Status ExecuteGenerate(const LlamaModel& model, PreparedGenerate& job,
                              const std::function<std::string(int64_t)>& token_text,

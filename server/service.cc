@@ -57,6 +57,16 @@ grpc::ServerUnaryReactor* RemoteLensService::Finish(grpc::CallbackServerContext*
 
 namespace {
 
+absl::Status RequireAdmin(const AuthUser& user, const char* method) {
+  if (user.admin) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrCat(
+      method, " is for operators: it needs a user with role \"admin\" in the users file"));
+}
+
+}  // namespace
+
+namespace {
+
 v1::Session SessionToProto(const SessionSummary& s) {
   v1::Session out;
   out.set_session_id(s.id);
@@ -205,6 +215,38 @@ grpc::ServerUnaryReactor* RemoteLensService::ListSessions(grpc::CallbackServerCo
         user.admin ? deps_.sessions->ListAll() : deps_.sessions->List(user.name);
     for (const SessionSummary& s : sessions) *out->add_sessions() = SessionToProto(s);
     return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* RemoteLensService::ListJobs(grpc::CallbackServerContext* ctx,
+                                                      const grpc::ByteBuffer* raw_request,
+                                                      grpc::ByteBuffer* raw_response) {
+  return Unary<v1::ListJobsRequest, v1::ListJobsResponse>(
+      ctx, "ListJobs", raw_request, raw_response,
+      [&](const AuthUser& user, const v1::ListJobsRequest&, v1::ListJobsResponse* out) -> absl::Status {
+    RETURN_IF_ERROR(RequireAdmin(user, "ListJobs"));
+    const absl::Time now = absl::Now();
+    for (const Scheduler::JobInfo& info : deps_.scheduler->ListJobs()) {
+      v1::Job* job = out->add_jobs();
+      job->set_job_id(info.id);
+      job->set_user(info.user);
+      job->set_kind(JobKindName(info.kind));
+      job->set_tokens(info.tokens);
+      job->set_state(info.running ? "running" : "queued");
+      job->set_age_seconds(absl::ToDoubleSeconds(now - info.enqueued));
+    }
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* RemoteLensService::CancelJob(grpc::CallbackServerContext* ctx,
+                                                       const grpc::ByteBuffer* raw_request,
+                                                       grpc::ByteBuffer* raw_response) {
+  return Unary<v1::CancelJobRequest, v1::CancelJobResponse>(
+      ctx, "CancelJob", raw_request, raw_response,
+      [&](const AuthUser& user, const v1::CancelJobRequest& request, v1::CancelJobResponse*) -> absl::Status {
+    RETURN_IF_ERROR(RequireAdmin(user, "CancelJob"));
+    return deps_.scheduler->Cancel(request.job_id(), user.name);
   });
 }
 

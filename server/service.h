@@ -59,7 +59,9 @@ using RawRemoteLensService =
         v1::RemoteLens::WithRawCallbackMethod_FetchCache<
         v1::RemoteLens::WithRawCallbackMethod_DeleteCache<
         v1::RemoteLens::WithRawCallbackMethod_GetWeights<
-        v1::RemoteLens::Service>>>>>>>>>>>>>>>>;
+        v1::RemoteLens::WithRawCallbackMethod_ListJobs<
+        v1::RemoteLens::WithRawCallbackMethod_CancelJob<
+        v1::RemoteLens::Service>>>>>>>>>>>>>>>>>>;
 
 class RemoteLensService final : public RawRemoteLensService {
  public:
@@ -95,6 +97,12 @@ class RemoteLensService final : public RawRemoteLensService {
   grpc::ServerUnaryReactor* ResetHooks(grpc::CallbackServerContext* ctx,
                                        const grpc::ByteBuffer* request,
                                        grpc::ByteBuffer* response) override;
+  grpc::ServerUnaryReactor* ListJobs(grpc::CallbackServerContext* ctx,
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
+  grpc::ServerUnaryReactor* CancelJob(grpc::CallbackServerContext* ctx,
+                                      const grpc::ByteBuffer* request,
+                                      grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* DeleteCache(grpc::CallbackServerContext* ctx,
                                         const grpc::ByteBuffer* request,
                                         grpc::ByteBuffer* response) override;

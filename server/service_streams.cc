@@ -10,6 +10,7 @@
 #include "engine/sampler.h"
 #include "engine/status_macros.h"
 #include "server/echo.h"
+#include "server/executor.h"
 #include "server/outbox.h"
 #include "server/request_builder.h"
 #include "server/run_job.h"
@@ -216,7 +217,8 @@ absl::Status SubmitRun(RemoteLensService& service, grpc::CallbackServerContext* 
   ASSIGN_OR_RETURN(ConcurrencyLimiter::Lease lease, service.limiter().Acquire(user));
   const v1::Quota& quota = user.quota;
   ModelContext mc{deps.model, deps.tokenizer, &deps.limits};
-  auto run = std::make_shared<PreparedRun>();
+  auto payload = std::make_shared<RunPayload>();
+  PreparedRun* run = &payload->run;
   ASSIGN_OR_RETURN(run->input, BuildForwardInput(request, mc, MaxTokensFor(user, deps.limits)));
   ASSIGN_OR_RETURN(run->ops, BuildOps(deps, user, request.session_id(), request.hooks(), callbacks));
   const v1::CacheSelection& cache = request.cache();
@@ -262,27 +264,23 @@ absl::Status SubmitRun(RemoteLensService& service, grpc::CallbackServerContext* 
   }
 
   auto shared_lease = std::make_shared<ConcurrencyLimiter::Lease>(std::move(lease));
-  auto shared_done = std::make_shared<decltype(done)>(std::move(done));
-  const absl::Time enqueued = absl::Now();
+  RemoteLensService* svc = &service;
+  const bool stores = run->store_cache;
+  payload->emit = std::move(emit);
+  payload->done = [done = std::move(done), shared_lease, svc,
+                   stores](absl::StatusOr<v1::RunResponse::Summary> summary) {
+    if (stores) svc->UpdateSessionMetrics();
+    shared_lease->Release();
+    done(std::move(summary));
+  };
+  const at::Tensor& shaped = run->input.tokens.defined() ? run->input.tokens : run->input.residual;
   Scheduler::Job job;
   job.user = user.name;
+  job.kind = callbacks ? JobKind::kInteractive : JobKind::kRun;
+  job.tokens = shaped.size(0) * shaped.size(1);
   job.deadline = DeadlineOf(ctx);
-  job.is_cancelled = cancelled;
-  ServerMetrics* metrics = deps.metrics;
-  const LlamaModel* model = deps.model;
-  RemoteLensService* svc = &service;
-  job.run = [run, emit, cancelled, shared_done, shared_lease, metrics, model, enqueued, svc] {
-    const double queue_ms = absl::ToDoubleMilliseconds(absl::Now() - enqueued);
-    auto summary = ExecuteRun(*model, *run, emit, cancelled, metrics);
-    if (summary.ok()) summary->set_queue_ms(queue_ms);
-    if (run->store_cache) svc->UpdateSessionMetrics();
-    shared_lease->Release();
-    (*shared_done)(std::move(summary));
-  };
-  job.reject = [shared_done, shared_lease](absl::Status status) {
-    shared_lease->Release();
-    (*shared_done)(std::move(status));
-  };
+  job.client_gone = std::move(cancelled);
+  job.payload = std::move(payload);
   return deps.scheduler->Submit(std::move(job));
 }
 
@@ -480,7 +478,8 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* RemoteLensService::Generate(
     ASSIGN_OR_RETURN(ConcurrencyLimiter::Lease lease, limiter().Acquire(*user));
     const LlamaConfig& config = deps_.model->config();
     ModelContext mc{deps_.model, deps_.tokenizer, &deps_.limits};
-    auto job = std::make_shared<PreparedGenerate>();
+    auto payload = std::make_shared<GeneratePayload>();
+    PreparedGenerate* job = &payload->generate;
     ASSIGN_OR_RETURN(EncodedBatch batch,
                      BuildTokenInput(request.tokens(), request.texts(), request.prepend_bos(),
                                      request.attention_mask(), mc, MaxTokensFor(*user, deps_.limits)));
@@ -525,29 +524,23 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* RemoteLensService::Generate(
 
     auto shared_lease = std::make_shared<ConcurrencyLimiter::Lease>(std::move(lease));
     const Tokenizer* tokenizer = deps_.tokenizer;
-    const LlamaModel* model = deps_.model;
-    ServerMetrics* metrics = deps_.metrics;
+    payload->token_text = [tokenizer](int64_t id) -> std::string {
+      if (tokenizer == nullptr) return "";
+      auto text = tokenizer->TokenToString(id);
+      return text.ok() ? *text : std::string();
+    };
+    payload->emit = [outbox](v1::GenerateResponse&& r) { return PushOrCancelled(*outbox, std::move(r)); };
+    payload->done = [outbox, shared_lease](absl::Status status) {
+      shared_lease->Release();
+      outbox->Close(ToGrpcStatus(status));
+    };
     Scheduler::Job sjob;
     sjob.user = user->name;
+    sjob.kind = JobKind::kGenerate;
+    sjob.tokens = rows * prompt;
     sjob.deadline = DeadlineOf(ctx);
-    sjob.is_cancelled = [outbox] { return outbox->cancelled(); };
-    sjob.run = [job, outbox, shared_lease, tokenizer, model, metrics] {
-      auto token_text = [tokenizer](int64_t id) -> std::string {
-        if (tokenizer == nullptr) return "";
-        auto text = tokenizer->TokenToString(id);
-        return text.ok() ? *text : std::string();
-      };
-      absl::Status result = ExecuteGenerate(
-          *model, *job, token_text,
-          [outbox](v1::GenerateResponse&& r) { return PushOrCancelled(*outbox, std::move(r)); },
-          [outbox] { return outbox->cancelled(); }, metrics);
-      shared_lease->Release();
-      outbox->Close(ToGrpcStatus(result));
-    };
-    sjob.reject = [outbox, shared_lease](absl::Status s) {
-      shared_lease->Release();
-      outbox->Close(ToGrpcStatus(s));
-    };
+    sjob.client_gone = [outbox] { return outbox->cancelled(); };
+    sjob.payload = std::move(payload);
     return deps_.scheduler->Submit(std::move(sjob));
   }();
   if (!status.ok()) outbox->Close(ToGrpcStatus(status));

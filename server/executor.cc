@@ -1,0 +1,266 @@
+#include "server/executor.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <chrono>
+#include <optional>
+#include <utility>
+
+#include "engine/forward_memory.h"
+#include "engine/status_macros.h"
+
+namespace remotelens {
+namespace {
+
+double SecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+RunPayload& RunOf(Scheduler::Job& job) { return static_cast<RunPayload&>(*job.payload); }
+GeneratePayload& GenerateOf(Scheduler::Job& job) { return static_cast<GeneratePayload&>(*job.payload); }
+
+// Runs share a forward when they feed tokens through the same layers without a backward pass.
+bool Batchable(const PreparedRun& run) {
+  return run.input.tokens.defined() && !run.input.differentiable && !run.backward.has_value();
+}
+
+bool SameLayers(const PreparedRun& a, const PreparedRun& b) {
+  return a.input.start_at_layer == b.input.start_at_layer && a.input.stop_at_layer == b.input.stop_at_layer;
+}
+
+}  // namespace
+
+struct ModelExecutor::Generation {
+  Scheduler::Job job;
+  std::unique_ptr<GenerateExecution> execution;
+};
+
+ModelExecutor::ModelExecutor(const LlamaModel& model, ServerMetrics* metrics, Options options)
+    : model_(model), metrics_(metrics), options_(options), generations_(model) {}
+
+ModelExecutor::~ModelExecutor() = default;
+
+void ModelExecutor::Reject(Scheduler::Job& job, absl::Status status) {
+  if (job.kind == JobKind::kGenerate) {
+    GenerateOf(job).done(std::move(status));
+  } else {
+    RunOf(job).done(std::move(status));
+  }
+}
+
+void ModelExecutor::Execute(std::vector<Scheduler::Job> jobs) {
+  const size_t max_requests = static_cast<size_t>(std::max(1, options_.max_batch_requests));
+  // Runs, grouped: compatible ones share a forward (in arrival order, at most max_requests each).
+  std::vector<std::vector<Scheduler::Job*>> groups;
+  const absl::Time started = absl::Now();
+  for (Scheduler::Job& job : jobs) {
+    if (job.kind == JobKind::kGenerate) {
+      waiting_.push_back(std::move(job));
+      continue;
+    }
+    RunOf(job).started = started;
+    const PreparedRun& run = RunOf(job).run;
+    std::vector<Scheduler::Job*>* group = nullptr;
+    if (Batchable(run)) {
+      for (auto& g : groups) {
+        const PreparedRun& first = RunOf(*g.front()).run;
+        if (g.size() < max_requests && Batchable(first) && SameLayers(first, run)) {
+          group = &g;
+          break;
+        }
+      }
+    }
+    if (group == nullptr) group = &groups.emplace_back();
+    group->push_back(&job);
+  }
+  for (auto& group : groups) RunTogether(std::move(group));
+
+  // Generations: fill the decode batch from those waiting, then one shared decode step.
+  while (!waiting_.empty() && generations_.size() < max_requests) {
+    Scheduler::Job job = std::move(waiting_.front());
+    waiting_.pop_front();
+    StartGeneration(std::move(job));
+  }
+  if (!generations_.empty()) {
+    const int64_t members = static_cast<int64_t>(generations_.size()), rows = generations_.rows();
+    const auto start = std::chrono::steady_clock::now();
+    generations_.Step();
+    if (metrics_ != nullptr) {
+      metrics_->ObserveForward(SecondsSince(start));
+      metrics_->ObserveBatch(members, rows);
+    }
+  }
+}
+
+void ModelExecutor::FinishRun(Scheduler::Job& job, absl::StatusOr<v1::RunResponse::Summary> summary,
+                              int64_t tokens, int64_t streamed) {
+  RunPayload& payload = RunOf(job);
+  if (summary.ok()) {
+    summary->set_queue_ms(absl::ToDoubleMilliseconds(payload.started - payload.enqueued));
+  }
+  if (metrics_ != nullptr) {
+    metrics_->AddTokens(tokens);
+    metrics_->AddUserTokens(job.user, tokens);
+    metrics_->AddStreamedBytes(streamed);
+    metrics_->AddUserStreamedBytes(job.user, streamed);
+  }
+  payload.done(std::move(summary));
+  if (scheduler_ != nullptr) scheduler_->Finished(job.id);
+}
+
+void ModelExecutor::RunAlone(Scheduler::Job& job) {
+  PreparedRun& run = RunOf(job).run;
+  Scheduler::Job* j = &job;
+  RunExecution execution(model_, run, RunOf(job).emit, [j] { return j->cancelled(); });
+  if (absl::Status s = execution.Prepare(); !s.ok()) return FinishRun(job, s, 0, 0);
+  const auto start = std::chrono::steady_clock::now();
+  absl::StatusOr<at::Tensor> output = model_.Forward(run.input, &execution.plan());
+  const double seconds = SecondsSince(start);
+  if (metrics_ != nullptr) {
+    metrics_->ObserveForward(seconds);
+    metrics_->ObserveBatch(1, execution.tokens());
+  }
+  if (!output.ok()) return FinishRun(job, output.status(), execution.tokens(), 0);
+  absl::StatusOr<v1::RunResponse::Summary> summary = execution.Finish(std::move(*output), seconds);
+  FinishRun(job, std::move(summary), execution.tokens(), execution.bytes_streamed());
+}
+
+void ModelExecutor::RunTogether(std::vector<Scheduler::Job*> group) {
+  if (group.size() == 1) return RunAlone(*group.front());
+  struct Part {
+    Scheduler::Job* job;
+    std::unique_ptr<RunExecution> execution;
+  };
+  std::vector<Part> parts;
+  for (Scheduler::Job* job : group) {
+    auto execution = std::make_unique<RunExecution>(model_, RunOf(*job).run, RunOf(*job).emit,
+                                                    [job] { return job->cancelled(); });
+    if (absl::Status s = execution->Prepare(); !s.ok()) {
+      FinishRun(*job, s, 0, 0);
+      continue;
+    }
+    parts.push_back(Part{job, std::move(execution)});
+  }
+  if (parts.empty()) return;
+  int64_t longest = 0, rows = 0;
+  for (const Part& p : parts) {
+    const at::Tensor& tokens = p.execution->run().input.tokens;
+    longest = std::max(longest, tokens.size(1));
+    rows += tokens.size(0);
+  }
+  // The shared forward must fit as a whole; if it does not, its requests run one at a time.
+  const PreparedRun& first = parts.front().execution->run();
+  if (parts.size() == 1 ||
+      !CheckJobFits(model_, ForwardSize{rows, longest, 0}, 0, first.host_memory_limit_bytes).ok()) {
+    for (Part& p : parts) {
+      p.execution.reset();  // its plan is rebuilt by RunAlone
+      RunAlone(*p.job);
+    }
+    return;
+  }
+  std::vector<at::Tensor> tokens, masks;
+  std::vector<int64_t> row_begin;
+  HookPlan shared(model_.config().n_layers);
+  int64_t row = 0;
+  for (Part& p : parts) {
+    const ForwardInput& in = p.execution->run().input;
+    const int64_t n = in.tokens.size(0), pos = in.tokens.size(1), pad = longest - pos;
+    const at::Tensor own_mask = in.attention_mask.defined() ? in.attention_mask.to(at::kCPU, at::kLong)
+                                                            : at::ones({n, pos}, at::kLong);
+    tokens.push_back(pad == 0 ? in.tokens.to(at::kLong)
+                              : at::cat({at::zeros({n, pad}, at::kLong), in.tokens.to(at::kLong)}, 1));
+    masks.push_back(pad == 0 ? own_mask : at::cat({at::zeros({n, pad}, at::kLong), own_mask}, 1));
+    shared.AddRequestPlan(&p.execution->plan(), RowSlice{row, n, pos, pos});
+    row_begin.push_back(row);
+    row += n;
+  }
+  ForwardInput input;
+  input.tokens = at::cat(tokens, 0);
+  input.attention_mask = at::cat(masks, 0);
+  input.start_at_layer = first.input.start_at_layer;
+  input.stop_at_layer = first.input.stop_at_layer;
+  const auto start = std::chrono::steady_clock::now();
+  absl::StatusOr<at::Tensor> output = model_.Forward(input, &shared);
+  const double seconds = SecondsSince(start);
+  if (metrics_ != nullptr) {
+    metrics_->ObserveForward(seconds);
+    metrics_->ObserveBatch(static_cast<int64_t>(parts.size()), rows * longest);
+  }
+  for (size_t i = 0; i < parts.size(); ++i) {
+    Part& p = parts[i];
+    const int64_t tokens_i = p.execution->tokens();
+    if (!output.ok()) {
+      FinishRun(*p.job, output.status(), tokens_i, 0);
+      continue;
+    }
+    if (!shared.request_status(i).ok()) {
+      FinishRun(*p.job, shared.request_status(i), tokens_i, p.execution->bytes_streamed());
+      continue;
+    }
+    const at::Tensor& in_tokens = p.execution->run().input.tokens;
+    const int64_t n = in_tokens.size(0), pos = in_tokens.size(1);
+    at::Tensor own = output->narrow(0, row_begin[i], n).narrow(1, longest - pos, pos).contiguous();
+    absl::StatusOr<v1::RunResponse::Summary> summary = p.execution->Finish(std::move(own), seconds);
+    FinishRun(*p.job, std::move(summary), tokens_i, p.execution->bytes_streamed());
+    p.execution.reset();
+  }
+}
+
+void ModelExecutor::StartGeneration(Scheduler::Job job) {
+  auto generation = std::make_unique<Generation>();
+  generation->job = std::move(job);
+  Scheduler::Job* j = &generation->job;
+  GeneratePayload& payload = GenerateOf(*j);
+  generation->execution = std::make_unique<GenerateExecution>(
+      model_, payload.generate, payload.token_text, payload.emit, [j] { return j->cancelled(); });
+  GenerateExecution* execution = generation->execution.get();
+  const uint64_t id = j->id;
+  active_[id] = std::move(generation);
+  if (absl::Status s = execution->Prepare(); !s.ok()) return FinishGeneration(id, s);
+  PreparedGenerate& g = payload.generate;
+  auto done = [this, id](absl::StatusOr<at::Tensor> sequences) {
+    auto it = active_.find(id);
+    if (it == active_.end()) return;
+    absl::Status status = sequences.status();
+    if (sequences.ok()) {
+      if (metrics_ != nullptr) {
+        metrics_->AddTokens(sequences->numel());
+        metrics_->AddUserTokens(it->second->job.user, sequences->numel());
+      }
+      status = it->second->execution->Done(*sequences);
+    }
+    FinishGeneration(id, status);
+  };
+  if (!g.options.use_past_kv_cache) {
+    // Full recompute each step: its own forwards, alone.
+    done(Generate(model_, g.tokens, g.attention_mask, g.options, &execution->plan(),
+                  [execution](int64_t step, const at::Tensor& next) { return execution->OnToken(step, next); }));
+    return;
+  }
+  GenerationBatch::Request request;
+  request.tokens = g.tokens;
+  request.attention_mask = g.attention_mask;
+  request.options = g.options;
+  request.plan = &execution->plan();
+  request.on_token = [execution](int64_t step, const at::Tensor& next) {
+    return execution->OnToken(step, next);
+  };
+  request.on_done = std::move(done);
+  generations_.Join(std::move(request));
+}
+
+void ModelExecutor::FinishGeneration(uint64_t id, absl::Status status) {
+  auto it = active_.find(id);
+  if (it == active_.end()) return;
+  std::unique_ptr<Generation> generation = std::move(it->second);
+  active_.erase(it);
+  if (metrics_ != nullptr) {
+    metrics_->AddStreamedBytes(generation->execution->bytes_streamed());
+    metrics_->AddUserStreamedBytes(generation->job.user, generation->execution->bytes_streamed());
+  }
+  GenerateOf(generation->job).done(std::move(status));
+  if (scheduler_ != nullptr) scheduler_->Finished(id);
+}
+
+}  // namespace remotelens
