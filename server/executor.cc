@@ -29,6 +29,14 @@ bool SameLayers(const PreparedRun& a, const PreparedRun& b) {
   return a.input.start_at_layer == b.input.start_at_layer && a.input.stop_at_layer == b.input.stop_at_layer;
 }
 
+// A job an admin cancelled ends saying so, whatever check noticed it.
+absl::Status Attributed(const Scheduler::Job& job, absl::Status status) {
+  if (absl::IsCancelled(status) && job.cancel_requested && job.cancel_requested->load()) {
+    return absl::CancelledError("cancelled by an admin (CancelJob)");
+  }
+  return status;
+}
+
 }  // namespace
 
 struct ModelExecutor::Generation {
@@ -96,6 +104,7 @@ void ModelExecutor::Execute(std::vector<Scheduler::Job> jobs) {
 void ModelExecutor::FinishRun(Scheduler::Job& job, absl::StatusOr<v1::RunResponse::Summary> summary,
                               int64_t tokens, int64_t streamed) {
   RunPayload& payload = RunOf(job);
+  if (!summary.ok()) summary = Attributed(job, summary.status());
   if (summary.ok()) {
     summary->set_queue_ms(absl::ToDoubleMilliseconds(payload.started - payload.enqueued));
   }
@@ -259,7 +268,7 @@ void ModelExecutor::FinishGeneration(uint64_t id, absl::Status status) {
     metrics_->AddStreamedBytes(generation->execution->bytes_streamed());
     metrics_->AddUserStreamedBytes(generation->job.user, generation->execution->bytes_streamed());
   }
-  GenerateOf(generation->job).done(std::move(status));
+  GenerateOf(generation->job).done(Attributed(generation->job, std::move(status)));
   if (scheduler_ != nullptr) scheduler_->Finished(id);
 }
 

@@ -131,6 +131,7 @@ ServerMetrics::ServerMetrics(prometheus::Registry& registry,
     if (device_memory_by_device_.contains(device)) continue;
     device_memory_by_device_[device] = &device_memory_.Add({{"device", device}});
   }
+  for (const char* kind : {"run", "interactive", "generate"}) jobs_running_.Add({{"kind", kind}});
   anonymous_ = MakeUserSeries("anonymous");
   other_ = MakeUserSeries("other");
 }

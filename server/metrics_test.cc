@@ -242,5 +242,34 @@ TEST(ServerMetrics, ExposerServesTheRegistry) {
   EXPECT_TRUE(absl::StrContains(response, "\nremotelens_tokens_processed_total 42\n"));
 }
 
+// Batching and per-user series: user labels come only from the users file, plus "anonymous"
+// and "other", however many names requests carry.
+TEST(ServerMetrics, BatchAndPerUserSeriesAreBounded) {
+  prometheus::Registry registry;
+  ServerMetrics metrics(registry, {"cpu"});
+  metrics.SetKnownUsers({"alice", "bob"});
+  metrics.ObserveBatch(3, 48);
+  metrics.ObserveBatch(1, 16);
+  metrics.SetJobsRunning("generate", 2);
+  metrics.RecordUserJob("alice", 0.01);
+  metrics.AddUserTokens("alice", 16);
+  metrics.AddUserStreamedBytes("bob", 100);
+  for (int i = 0; i < 100; ++i) metrics.RecordUserJob(absl::StrCat("mallory", i), 0.01);
+  metrics.RecordUserJob("", 0.01);
+  const std::vector<std::string> lines = ExpositionLines(registry);
+  EXPECT_THAT(lines, Contains("remotelens_batch_requests_count 2"));
+  EXPECT_THAT(lines, Contains("remotelens_batch_requests_sum 4"));
+  EXPECT_THAT(lines, Contains(R"(remotelens_batch_requests_bucket{le="1"} 1)"));
+  EXPECT_THAT(lines, Contains("remotelens_batch_tokens_sum 64"));
+  EXPECT_THAT(lines, Contains(R"(remotelens_jobs_running{kind="generate"} 2)"));
+  EXPECT_THAT(lines, Contains(R"(remotelens_jobs_running{kind="run"} 0)"));
+  EXPECT_THAT(lines, Contains(R"(remotelens_user_jobs_total{user="alice"} 1)"));
+  EXPECT_THAT(lines, Contains(R"(remotelens_user_jobs_total{user="other"} 100)"));
+  EXPECT_THAT(lines, Contains(R"(remotelens_user_jobs_total{user="anonymous"} 1)"));
+  EXPECT_THAT(lines, Contains(R"(remotelens_user_tokens_total{user="alice"} 16)"));
+  EXPECT_THAT(lines, Contains(R"(remotelens_user_streamed_bytes_total{user="bob"} 100)"));
+  EXPECT_EQ(Samples(lines, "remotelens_user_jobs_total").size(), 4u);  // alice, bob, anonymous, other
+}
+
 }  // namespace
 }  // namespace remotelens

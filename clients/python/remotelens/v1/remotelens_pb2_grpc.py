@@ -95,6 +95,16 @@ class RemoteLensStub(object):
                 request_serializer=remotelens_dot_v1_dot_remotelens__pb2.GetWeightsRequest.SerializeToString,
                 response_deserializer=remotelens_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
                 )
+        self.ListJobs = channel.unary_unary(
+                '/remotelens.v1.RemoteLens/ListJobs',
+                request_serializer=remotelens_dot_v1_dot_remotelens__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=remotelens_dot_v1_dot_remotelens__pb2.ListJobsResponse.FromString,
+                )
+        self.CancelJob = channel.unary_unary(
+                '/remotelens.v1.RemoteLens/CancelJob',
+                request_serializer=remotelens_dot_v1_dot_remotelens__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=remotelens_dot_v1_dot_remotelens__pb2.CancelJobResponse.FromString,
+                )
 
 
 class RemoteLensServicer(object):
@@ -217,6 +227,21 @@ class RemoteLensServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobs(self, request, context):
+        """Operators (role "admin" only; PERMISSION_DENIED otherwise): the model jobs running and
+        queued, and cancelling one (a queued job ends at once with CANCELLED; a running one at its
+        next hook or decode step).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RemoteLensServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -299,6 +324,16 @@ def add_RemoteLensServicer_to_server(servicer, server):
                     servicer.GetWeights,
                     request_deserializer=remotelens_dot_v1_dot_remotelens__pb2.GetWeightsRequest.FromString,
                     response_serializer=remotelens_dot_v1_dot_tensor__pb2.TensorChunk.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=remotelens_dot_v1_dot_remotelens__pb2.ListJobsRequest.FromString,
+                    response_serializer=remotelens_dot_v1_dot_remotelens__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=remotelens_dot_v1_dot_remotelens__pb2.CancelJobRequest.FromString,
+                    response_serializer=remotelens_dot_v1_dot_remotelens__pb2.CancelJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -579,5 +614,39 @@ class RemoteLens(object):
         return grpc.experimental.unary_stream(request, target, '/remotelens.v1.RemoteLens/GetWeights',
             remotelens_dot_v1_dot_remotelens__pb2.GetWeightsRequest.SerializeToString,
             remotelens_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/remotelens.v1.RemoteLens/ListJobs',
+            remotelens_dot_v1_dot_remotelens__pb2.ListJobsRequest.SerializeToString,
+            remotelens_dot_v1_dot_remotelens__pb2.ListJobsResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/remotelens.v1.RemoteLens/CancelJob',
+            remotelens_dot_v1_dot_remotelens__pb2.CancelJobRequest.SerializeToString,
+            remotelens_dot_v1_dot_remotelens__pb2.CancelJobResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

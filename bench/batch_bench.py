@@ -1,0 +1,192 @@
+"""Batching benchmark: concurrent users sharing forwards, against one request per forward.
+
+Two servers on the same model, started in this run: batching on (the default settings) and
+--max_batch_requests 1 (one request per forward, the baseline). Each workload runs on both,
+alternating for --rounds rounds, and the report gives the median of each and their ratio:
+  - runs:     N clients, each sending 1 x 16-token Runs with its own steering vector (an add op
+              at the middle block's resid_post), returning logits: requests per second;
+  - generate: N clients, each generating --new_tokens greedy tokens with its own steering
+              vector: generated tokens per second over all clients;
+  - lone:     one client's 1 x 16-token steered Run, one at a time: p50 latency.
+
+  /usr/bin/python3 bench/batch_bench.py [--model 100m] [--clients 16] [--seconds 20] [--rounds 2]
+  /usr/bin/python3 bench/batch_bench.py --model demo --clients 4 --seconds 2 --rounds 1   # smoke
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.join(REPO, "tests", "server"))
+sys.path.insert(0, HERE)
+
+import numpy as np  # noqa: E402
+
+import server_harness  # noqa: E402
+import wire  # noqa: E402
+from client_bench import MODEL_FLAGS  # noqa: E402
+from remotelens.v1 import remotelens_pb2 as pb  # noqa: E402
+from remotelens.v1 import hooks_pb2  # noqa: E402
+
+
+def steering_op(layer, d_model, seed):
+    vector = np.random.default_rng(seed).standard_normal(d_model).astype(np.float32) * 0.1
+    op = hooks_pb2.HookOp(hook_name=f"blocks.{layer}.hook_resid_post")
+    op.add.value.CopyFrom(wire.to_proto(vector))
+    return op
+
+
+def run_request(info, seed, pos=16):
+    rows = np.random.default_rng(1000 + seed).integers(1, info.d_vocab, (1, pos))
+    request = pb.RunRequest(tokens=wire.tokens(rows.tolist()))
+    request.hooks.append(steering_op(info.n_layers // 2, info.d_model, seed))
+    return request
+
+
+def generate_request(info, seed, new_tokens):
+    rows = np.random.default_rng(2000 + seed).integers(1, info.d_vocab, (1, 8))
+    request = pb.GenerateRequest(tokens=wire.tokens(rows.tolist()), max_new_tokens=new_tokens,
+                                 sampling=pb.SamplingParams(do_sample=False))
+    request.hooks.append(steering_op(info.n_layers // 2, info.d_model, seed))
+    return request
+
+
+def drain(stream):
+    for _ in stream:
+        pass
+
+
+def concurrent_runs(server, info, clients, seconds):
+    stop = time.time() + seconds
+    counts = [0] * clients
+    barrier = threading.Barrier(clients)
+
+    def client(i):
+        channel = server.channel()
+        stub = server.stub(channel)
+        request = run_request(info, i)
+        drain(stub.Run(request, timeout=120))  # connected and warm before the clock
+        barrier.wait()
+        start = time.time()
+        while time.time() < stop:
+            drain(stub.Run(request, timeout=120))
+            counts[i] += 1
+        channel.close()
+        return start
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    begin = time.time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.time() - begin - (begin - begin))
+
+
+def concurrent_generations(server, info, clients, new_tokens):
+    barrier = threading.Barrier(clients + 1)
+    generated = [0] * clients
+
+    def client(i):
+        channel = server.channel()
+        stub = server.stub(channel)
+        stub.GetModelInfo(pb.GetModelInfoRequest())
+        request = generate_request(info, i, new_tokens)
+        barrier.wait()
+        for response in stub.Generate(request, timeout=600):
+            if response.HasField("step"):
+                generated[i] += len(response.step.tokens)
+        channel.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.time()
+    for t in threads:
+        t.join()
+    return sum(generated) / (time.time() - start)
+
+
+def lone_latency(server, info, iters):
+    channel = server.channel()
+    stub = server.stub(channel)
+    request = run_request(info, 0)
+    for _ in range(3):
+        drain(stub.Run(request, timeout=120))
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        drain(stub.Run(request, timeout=120))
+        times.append(time.perf_counter() - t)
+    channel.close()
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="100m", choices=sorted(MODEL_FLAGS))
+    ap.add_argument("--model_root", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "remotelens_bench_models"))
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--new_tokens", type=int, default=64)
+    ap.add_argument("--lone_iters", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = ap.parse_args()
+
+    model_dir = os.path.join(args.model_root, args.model)
+    os.makedirs(args.model_root, exist_ok=True)
+    server_harness.make_demo_model(model_dir, *MODEL_FLAGS[args.model])
+    queue = "limits { max_queue: 1024 }\n"
+    servers = {
+        "batched": server_harness.ServerProcess(model_dir, config=queue).start(),
+        "alone": server_harness.ServerProcess(model_dir, config=queue, args=["--max_batch_requests=1"]).start(),
+    }
+    try:
+        channel = servers["batched"].channel()
+        info = servers["batched"].stub(channel).GetModelInfo(pb.GetModelInfoRequest())
+        channel.close()
+        results = {name: {"runs": [], "generate": [], "lone": []} for name in servers}
+        for _ in range(args.rounds):
+            for name, server in servers.items():
+                results[name]["runs"].append(concurrent_runs(server, info, args.clients, args.seconds))
+                results[name]["generate"].append(
+                    concurrent_generations(server, info, args.clients, args.new_tokens))
+                results[name]["lone"].append(lone_latency(server, info, args.lone_iters))
+        med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
+        summary = {
+            "model": args.model, "clients": args.clients,
+            "runs_per_s": {n: med[n]["runs"] for n in med},
+            "runs_ratio": med["batched"]["runs"] / med["alone"]["runs"],
+            "generated_tokens_per_s": {n: med[n]["generate"] for n in med},
+            "generate_ratio": med["batched"]["generate"] / med["alone"]["generate"],
+            "lone_p50_ms": {n: med[n]["lone"] * 1e3 for n in med},
+            "lone_ratio": med["batched"]["lone"] / med["alone"]["lone"],
+        }
+    finally:
+        for server in servers.values():
+            server.stop()
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"| workload ({args.model}, {args.clients} clients) | batching on | --max_batch_requests 1 | ratio |")
+    print("|---|---|---|---|")
+    print(f"| 1x16-token steered Runs, requests/s | {summary['runs_per_s']['batched']:.1f} | "
+          f"{summary['runs_per_s']['alone']:.1f} | {summary['runs_ratio']:.2f}x |")
+    print(f"| steered greedy generation of {args.new_tokens} tokens, tokens/s | "
+          f"{summary['generated_tokens_per_s']['batched']:.1f} | {summary['generated_tokens_per_s']['alone']:.1f} | "
+          f"{summary['generate_ratio']:.2f}x |")
+    print(f"| lone 1x16-token steered Run, p50 ms | {summary['lone_p50_ms']['batched']:.2f} | "
+          f"{summary['lone_p50_ms']['alone']:.2f} | {summary['lone_ratio']:.3f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
