@@ -57,6 +57,21 @@ def generate_request(info, seed, new_tokens):
     return request
 
 
+def write_users(directory, n):
+    """A users file with n users (user0.. with keys key0..): one per client, as in a lab."""
+    import hashlib
+    path = os.path.join(directory, "users.textproto")
+    with open(path, "w") as f:
+        for i in range(n):
+            digest = hashlib.sha256(f"key{i}".encode()).hexdigest()
+            f.write(f'users {{ name: "user{i}" api_key_sha256: "{digest}" }}\n')
+    return path
+
+
+def key(i):
+    return wire.bearer(f"key{i}")
+
+
 def drain(stream):
     for _ in stream:
         pass
@@ -71,11 +86,11 @@ def concurrent_runs(server, info, clients, seconds):
         channel = server.channel()
         stub = server.stub(channel)
         request = run_request(info, i)
-        drain(stub.Run(request, timeout=120))  # connected and warm before the clock
+        drain(stub.Run(request, timeout=120, metadata=key(i)))  # connected and warm before the clock
         barrier.wait()
         start = time.time()
         while time.time() < stop:
-            drain(stub.Run(request, timeout=120))
+            drain(stub.Run(request, timeout=120, metadata=key(i)))
             counts[i] += 1
         channel.close()
         return start
@@ -86,7 +101,7 @@ def concurrent_runs(server, info, clients, seconds):
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / (time.time() - begin - (begin - begin))
+    return sum(counts) / (time.time() - begin)
 
 
 def concurrent_generations(server, info, clients, new_tokens):
@@ -96,10 +111,10 @@ def concurrent_generations(server, info, clients, new_tokens):
     def client(i):
         channel = server.channel()
         stub = server.stub(channel)
-        stub.GetModelInfo(pb.GetModelInfoRequest())
+        stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=key(i))
         request = generate_request(info, i, new_tokens)
         barrier.wait()
-        for response in stub.Generate(request, timeout=600):
+        for response in stub.Generate(request, timeout=600, metadata=key(i)):
             if response.HasField("step"):
                 generated[i] += len(response.step.tokens)
         channel.close()
@@ -119,11 +134,11 @@ def lone_latency(server, info, iters):
     stub = server.stub(channel)
     request = run_request(info, 0)
     for _ in range(3):
-        drain(stub.Run(request, timeout=120))
+        drain(stub.Run(request, timeout=120, metadata=key(0)))
     times = []
     for _ in range(iters):
         t = time.perf_counter()
-        drain(stub.Run(request, timeout=120))
+        drain(stub.Run(request, timeout=120, metadata=key(0)))
         times.append(time.perf_counter() - t)
     channel.close()
     return statistics.median(times)
@@ -144,14 +159,16 @@ def main():
     model_dir = os.path.join(args.model_root, args.model)
     os.makedirs(args.model_root, exist_ok=True)
     server_harness.make_demo_model(model_dir, *MODEL_FLAGS[args.model])
-    queue = "limits { max_queue: 1024 }\n"
+    import tempfile
+    users = write_users(tempfile.mkdtemp(prefix="batch_bench_"), args.clients)
+    queue = f'limits {{ max_queue: 1024 }}\nusers_file: "{users}"\n'
     servers = {
         "batched": server_harness.ServerProcess(model_dir, config=queue).start(),
         "alone": server_harness.ServerProcess(model_dir, config=queue, args=["--max_batch_requests=1"]).start(),
     }
     try:
         channel = servers["batched"].channel()
-        info = servers["batched"].stub(channel).GetModelInfo(pb.GetModelInfoRequest())
+        info = servers["batched"].stub(channel).GetModelInfo(pb.GetModelInfoRequest(), metadata=key(0))
         channel.close()
         results = {name: {"runs": [], "generate": [], "lone": []} for name in servers}
         for _ in range(args.rounds):

@@ -281,8 +281,8 @@ absl::StatusOr<ForwardInput> BuildForwardInput(const v1::RunRequest& request,
   return input;
 }
 
-absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, bool allow_callback,
-                            absl::string_view what) {
+absl::StatusOr<ParsedHookOp> ParseHookOp(const v1::HookOp& op, const LlamaConfig& config,
+                                         bool allow_callback, absl::string_view what) {
   auto id = ParseHookName(op.hook_name(), config.n_layers);
   if (!id.ok()) return Invalid(absl::StrCat(what, ".hook_name"), id.status().message());
   RETURN_IF_ERROR(CheckIndexList(op.selector().positions(), absl::StrCat(what, ".selector.positions")));
@@ -296,22 +296,36 @@ absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, boo
                    "backward ops are zero, set, add, scale, mean or client_callback "
                    "(patch_from_cache rewrites activations only)");
   }
+  ParsedHookOp parsed;
+  InterventionOp& out = parsed.op;
+  out.hook = *id;
+  out.selector.positions.assign(op.selector().positions().begin(), op.selector().positions().end());
+  out.selector.heads.assign(op.selector().heads().begin(), op.selector().heads().end());
+  out.backward = op.backward();
   switch (op.op_case()) {
     case v1::HookOp::kZero:
+      out.kind = OpKind::kZero;
+      return parsed;
     case v1::HookOp::kMean:
+      out.kind = OpKind::kMean;
+      return parsed;
     case v1::HookOp::kCopyRow:  // the row is checked against the batch when the op runs
-      return absl::OkStatus();
+      out.kind = OpKind::kCopyRow;
+      out.source_row = op.copy_row().source_row();
+      return parsed;
     case v1::HookOp::kScale:
       if (!std::isfinite(op.scale().factor())) return Invalid(absl::StrCat(what, ".scale.factor"), "must be finite");
-      return absl::OkStatus();
+      out.kind = OpKind::kScale;
+      out.factor = op.scale().factor();
+      return parsed;
     case v1::HookOp::kSet:
     case v1::HookOp::kAdd: {
-      const v1::Tensor& value = op.op_case() == v1::HookOp::kSet ? op.set().value() : op.add().value();
-      const std::string field = absl::StrCat(what, op.op_case() == v1::HookOp::kSet ? ".set.value" : ".add.value");
-      ASSIGN_OR_RETURN(at::Tensor t, TensorFromProto(value, field));
+      const bool is_set = op.op_case() == v1::HookOp::kSet;
+      const v1::Tensor& value = is_set ? op.set().value() : op.add().value();
+      const std::string field = absl::StrCat(what, is_set ? ".set.value" : ".add.value");
+      ASSIGN_OR_RETURN(at::Tensor t, TensorFromProto(value, field));  // decoded once, here
       if (!at::isFloatingType(t.scalar_type())) return Invalid(field, "must be a floating dtype");
-      if (op.op_case() == v1::HookOp::kAdd && op.add().scale_by() != v1::SCALE_BY_NONE &&
-          !IsResidualShaped(id->site)) {
+      if (!is_set && op.add().scale_by() != v1::SCALE_BY_NONE && !IsResidualShaped(id->site)) {
         return Invalid(absl::StrCat(what, ".add.scale_by"),
                        absl::StrCat("hook \"", Echo(op.hook_name()), "\" is not [batch, pos, d_model]; "
                                     "scale_by is valid on hook_embed, blocks.L.hook_resid_pre, "
@@ -336,7 +350,22 @@ absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, boo
                                              "] (-1: batch or positions)"));
         }
       }
-      return absl::OkStatus();
+      out.kind = is_set ? OpKind::kSet : OpKind::kAdd;
+      out.value = std::move(t);
+      if (!is_set) {
+        switch (op.add().scale_by()) {
+          case v1::SCALE_BY_MEAN_NORM:
+            out.scale_by = AddScale::kMeanNorm;
+            break;
+          case v1::SCALE_BY_TOKEN_NORM:
+            out.scale_by = AddScale::kTokenNorm;
+            break;
+          default:  // ValidateEnums has rejected numbers ScaleBy does not define
+            out.scale_by = AddScale::kNone;
+            break;
+        }
+      }
+      return parsed;
     }
     case v1::HookOp::kPatchFromCache: {
       if (op.patch_from_cache().cache_handle().empty()) {
@@ -349,90 +378,61 @@ absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, boo
           return Invalid(absl::StrCat(what, ".patch_from_cache.source_hook_name"), src.status().message());
         }
       }
-      return absl::OkStatus();
+      out.kind = OpKind::kSet;
+      parsed.patch = ParsedHookOp::Patch{op.patch_from_cache().cache_handle(),
+                                         source.empty() ? op.hook_name() : source};
+      return parsed;
     }
     case v1::HookOp::kClientCallback:
       if (!allow_callback) {
         return Invalid(what, "client callbacks are only valid as one-shot hooks of RunInteractive");
       }
-      return absl::OkStatus();
+      out.kind = OpKind::kCallback;
+      return parsed;
     case v1::HookOp::OP_NOT_SET:
       return Invalid(what, "no op set; one of zero, set, add, scale, mean, patch_from_cache, client_callback, copy_row");
   }
-  return absl::OkStatus();
+  return parsed;
+}
+
+absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, bool allow_callback,
+                            absl::string_view what) {
+  return ParseHookOp(op, config, allow_callback, what).status();
+}
+
+absl::StatusOr<InterventionOp> ResolveHookOp(const ParsedHookOp& parsed, const LlamaConfig& config,
+                                             const CacheLookup& lookup, const HookCallback& callback,
+                                             absl::string_view what) {
+  InterventionOp out = parsed.op;
+  if (out.kind == OpKind::kCallback) {
+    if (!callback) {
+      return Invalid(what, "client callbacks are only valid as one-shot hooks of RunInteractive");
+    }
+    out.callback = callback;
+  }
+  if (parsed.patch.has_value()) {
+    const ParsedHookOp::Patch& patch = *parsed.patch;
+    if (!lookup) {
+      return Invalid(what, "patch_from_cache needs the session_id that holds the cache");
+    }
+    ASSIGN_OR_RETURN(std::shared_ptr<const StoredCache> cache, lookup(patch.cache_handle));
+    const at::Tensor* stored = cache->Find(patch.source_hook);
+    if (stored == nullptr) {
+      return absl::NotFoundError(absl::StrCat(what, ": cache '", Echo(patch.cache_handle), "' holds no \"",
+                                              Echo(patch.source_hook), "\"; cache it with the run that stores the handle"));
+    }
+    ASSIGN_OR_RETURN(HookId source_id, ParseHookName(patch.source_hook, config.n_layers));
+    ASSIGN_OR_RETURN(out.value, SelectRegion(*stored, source_id.site, out.selector, what));
+  }
+  return out;
 }
 
 absl::StatusOr<InterventionOp> BuildInterventionOp(const v1::HookOp& op, const LlamaConfig& config,
                                                    const CacheLookup& lookup,
                                                    const HookCallback& callback,
                                                    absl::string_view what) {
-  RETURN_IF_ERROR(ValidateHookOp(op, config, static_cast<bool>(callback), what));
-  InterventionOp out;
-  ASSIGN_OR_RETURN(out.hook, ParseHookName(op.hook_name(), config.n_layers));
-  out.selector.positions.assign(op.selector().positions().begin(), op.selector().positions().end());
-  out.selector.heads.assign(op.selector().heads().begin(), op.selector().heads().end());
-  out.backward = op.backward();
-  switch (op.op_case()) {
-    case v1::HookOp::kZero:
-      out.kind = OpKind::kZero;
-      break;
-    case v1::HookOp::kMean:
-      out.kind = OpKind::kMean;
-      break;
-    case v1::HookOp::kCopyRow:
-      out.kind = OpKind::kCopyRow;
-      out.source_row = op.copy_row().source_row();
-      break;
-    case v1::HookOp::kScale:
-      out.kind = OpKind::kScale;
-      out.factor = op.scale().factor();
-      break;
-    case v1::HookOp::kSet: {
-      out.kind = OpKind::kSet;
-      ASSIGN_OR_RETURN(out.value, TensorFromProto(op.set().value(), absl::StrCat(what, ".set.value")));
-      break;
-    }
-    case v1::HookOp::kAdd: {
-      out.kind = OpKind::kAdd;
-      ASSIGN_OR_RETURN(out.value, TensorFromProto(op.add().value(), absl::StrCat(what, ".add.value")));
-      switch (op.add().scale_by()) {
-        case v1::SCALE_BY_MEAN_NORM:
-          out.scale_by = AddScale::kMeanNorm;
-          break;
-        case v1::SCALE_BY_TOKEN_NORM:
-          out.scale_by = AddScale::kTokenNorm;
-          break;
-        default:  // ValidateEnums has rejected numbers ScaleBy does not define
-          out.scale_by = AddScale::kNone;
-          break;
-      }
-      break;
-    }
-    case v1::HookOp::kPatchFromCache: {
-      const auto& patch = op.patch_from_cache();
-      if (!lookup) {
-        return Invalid(what, "patch_from_cache needs the session_id that holds the cache");
-      }
-      ASSIGN_OR_RETURN(std::shared_ptr<const StoredCache> cache, lookup(patch.cache_handle()));
-      const std::string source = patch.source_hook_name().empty() ? op.hook_name() : patch.source_hook_name();
-      const at::Tensor* stored = cache->Find(source);
-      if (stored == nullptr) {
-        return absl::NotFoundError(absl::StrCat(what, ": cache '", Echo(patch.cache_handle()), "' holds no \"",
-                                                Echo(source), "\"; cache it with the run that stores the handle"));
-      }
-      ASSIGN_OR_RETURN(HookId source_id, ParseHookName(source, config.n_layers));
-      out.kind = OpKind::kSet;
-      ASSIGN_OR_RETURN(out.value, SelectRegion(*stored, source_id.site, out.selector, what));
-      break;
-    }
-    case v1::HookOp::kClientCallback:
-      out.kind = OpKind::kCallback;
-      out.callback = callback;
-      break;
-    case v1::HookOp::OP_NOT_SET:
-      break;
-  }
-  return out;
+  ASSIGN_OR_RETURN(ParsedHookOp parsed, ParseHookOp(op, config, static_cast<bool>(callback), what));
+  return ResolveHookOp(parsed, config, lookup, callback, what);
 }
 
 absl::StatusOr<std::vector<CacheRequest>> BuildCacheRequests(const v1::CacheSelection& selection,

@@ -22,6 +22,7 @@
 #include "engine/tokenizer.h"
 #include "remotelens/v1/config.pb.h"
 #include "remotelens/v1/remotelens.pb.h"
+#include "server/parsed_hook_op.h"
 #include "server/session_store.h"
 
 namespace remotelens {
@@ -75,12 +76,24 @@ absl::StatusOr<at::Tensor> DecodeAttentionMask(const v1::Tensor& proto, at::IntA
 using CacheLookup =
     std::function<absl::StatusOr<std::shared_ptr<const StoredCache>>(const std::string& handle)>;
 
-// Checks a hook op's name, selector and payload without resolving stored caches (AddHook).
-// Client callbacks are only valid when `allow_callback` (RunInteractive's one-shot hooks).
+// Validates a hook op (name, selector, payload against the hook's fixed dimensions) and converts
+// it into its engine form, decoding values once. Stored caches are not looked up (a patch is
+// resolved per run) and callbacks not attached. Client callbacks are only valid when
+// `allow_callback` (RunInteractive's one-shot hooks).
+absl::StatusOr<ParsedHookOp> ParseHookOp(const v1::HookOp& op, const LlamaConfig& config,
+                                         bool allow_callback, absl::string_view what);
+
+// A parsed op ready for one run: a patch's region of the stored activation looked up (NOT_FOUND
+// when the cache or its hook is gone), a client callback attached.
+absl::StatusOr<InterventionOp> ResolveHookOp(const ParsedHookOp& parsed, const LlamaConfig& config,
+                                             const CacheLookup& lookup, const HookCallback& callback,
+                                             absl::string_view what);
+
+// ParseHookOp's verdict alone (AddHook).
 absl::Status ValidateHookOp(const v1::HookOp& op, const LlamaConfig& config, bool allow_callback,
                             absl::string_view what);
 
-// Converts a validated op into the engine's form. PatchFromCache becomes a Set whose value is
+// ParseHookOp then ResolveHookOp. PatchFromCache becomes a Set whose value is
 // the selected region of the stored activation. ClientCallbackOp needs `callback` (else
 // INVALID_ARGUMENT).
 absl::StatusOr<InterventionOp> BuildInterventionOp(const v1::HookOp& op, const LlamaConfig& config,

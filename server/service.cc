@@ -256,10 +256,13 @@ grpc::ServerUnaryReactor* RemoteLensService::AddHook(grpc::CallbackServerContext
   return Unary<v1::AddHookRequest, v1::AddHookResponse>(
       ctx, "AddHook", raw_request, raw_response,
       [&](const AuthUser& user, const v1::AddHookRequest& request, v1::AddHookResponse* out) -> absl::Status {
-    RETURN_IF_ERROR(ValidateHookOp(request.op(), deps_.model->config(), /*allow_callback=*/false, "op"));
-    ASSIGN_OR_RETURN(int64_t id, deps_.sessions->AddHook(user.name, request.session_id(), request.op(),
-                                                         request.prepend(),
-                                                         user.quota.max_stored_cache_bytes()));
+    // Parsed (and its values decoded) once, here; every later run uses the parsed form.
+    ASSIGN_OR_RETURN(ParsedHookOp parsed,
+                     ParseHookOp(request.op(), deps_.model->config(), /*allow_callback=*/false, "op"));
+    ASSIGN_OR_RETURN(int64_t id, deps_.sessions->AddHook(
+                                     user.name, request.session_id(), request.op(), request.prepend(),
+                                     user.quota.max_stored_cache_bytes(),
+                                     std::make_shared<const ParsedHookOp>(std::move(parsed))));
     out->set_hook_id(id);
     UpdateSessionMetrics();
     return absl::OkStatus();
@@ -285,10 +288,10 @@ grpc::ServerUnaryReactor* RemoteLensService::ListHooks(grpc::CallbackServerConte
       ctx, "ListHooks", raw_request, raw_response,
       [&](const AuthUser& user, const v1::ListHooksRequest& request, v1::ListHooksResponse* out) -> absl::Status {
     ASSIGN_OR_RETURN(auto hooks, deps_.sessions->ListHooks(user.name, request.session_id()));
-    for (auto& [id, op] : hooks) {
+    for (SessionHook& hook : hooks) {
       v1::RegisteredHook* h = out->add_hooks();
-      h->set_hook_id(id);
-      *h->mutable_op() = std::move(op);
+      h->set_hook_id(hook.id);
+      *h->mutable_op() = std::move(hook.op);
     }
     return absl::OkStatus();
   });

@@ -182,10 +182,15 @@ absl::StatusOr<std::vector<InterventionOp>> BuildOps(
     lookup = [&deps, &user, session_id](const std::string& handle) {
       return deps.sessions->GetCache(user.name, session_id, handle);
     };
-    ASSIGN_OR_RETURN(auto hooks, deps.sessions->ListHooks(user.name, session_id));
-    for (const auto& [id, op] : hooks) {
-      ASSIGN_OR_RETURN(InterventionOp built,
-                       BuildInterventionOp(op, config, lookup, nullptr, absl::StrCat("session hook ", id)));
+    ASSIGN_OR_RETURN(std::vector<SessionHook> hooks, deps.sessions->ListHooks(user.name, session_id));
+    for (const SessionHook& hook : hooks) {
+      const std::string what = absl::StrCat("session hook ", hook.id);
+      std::shared_ptr<const ParsedHookOp> parsed = hook.parsed;
+      if (parsed == nullptr) {
+        ASSIGN_OR_RETURN(ParsedHookOp p, ParseHookOp(hook.op, config, false, what));
+        parsed = std::make_shared<const ParsedHookOp>(std::move(p));
+      }
+      ASSIGN_OR_RETURN(InterventionOp built, ResolveHookOp(*parsed, config, lookup, nullptr, what));
       ops.push_back(std::move(built));
     }
   }

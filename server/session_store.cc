@@ -195,7 +195,8 @@ std::vector<SessionSummary> SessionStore::ListAll() const {
 
 absl::StatusOr<int64_t> SessionStore::AddHook(const std::string& owner, const std::string& id,
                                               v1::HookOp op, bool prepend,
-                                              int64_t max_user_bytes) {
+                                              int64_t max_user_bytes,
+                                              std::shared_ptr<const ParsedHookOp> parsed) {
   std::vector<std::unique_ptr<Session>> expired;  // destroyed after the lock is released
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, Access(owner, id));
@@ -207,7 +208,7 @@ absl::StatusOr<int64_t> SessionStore::AddHook(const std::string& owner, const st
   RETURN_IF_ERROR(Charge(*session, HookBytes(op), max_user_bytes, "a hook of", expired));
   const int64_t hook_id = session->next_hook_id++;
   auto where = prepend ? session->hooks.begin() : session->hooks.end();
-  session->hooks.emplace(where, hook_id, std::move(op));
+  session->hooks.insert(where, SessionHook{hook_id, std::move(op), std::move(parsed)});
   ++num_hooks_;
   return hook_id;
 }
@@ -217,18 +218,18 @@ absl::Status SessionStore::RemoveHook(const std::string& owner, const std::strin
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, Access(owner, id));
   auto it = std::find_if(session->hooks.begin(), session->hooks.end(),
-                         [hook_id](const auto& hook) { return hook.first == hook_id; });
+                         [hook_id](const SessionHook& hook) { return hook.id == hook_id; });
   if (it == session->hooks.end()) {
     return absl::NotFoundError(
         absl::StrCat("hook ", hook_id, " not found in session '", Echo(id), "'"));
   }
-  Refund(*session, HookBytes(it->second));
+  Refund(*session, HookBytes(it->op));
   session->hooks.erase(it);
   --num_hooks_;
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<std::pair<int64_t, v1::HookOp>>> SessionStore::ListHooks(
+absl::StatusOr<std::vector<SessionHook>> SessionStore::ListHooks(
     const std::string& owner, const std::string& id) {
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, Access(owner, id));
@@ -240,7 +241,7 @@ absl::StatusOr<int64_t> SessionStore::ResetHooks(const std::string& owner,
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, Access(owner, id));
   const int64_t removed = static_cast<int64_t>(session->hooks.size());
-  for (const auto& [hook_id, op] : session->hooks) Refund(*session, HookBytes(op));
+  for (const SessionHook& hook : session->hooks) Refund(*session, HookBytes(hook.op));
   session->hooks.clear();  // next_hook_id keeps counting: old ids stay dead
   num_hooks_ -= removed;
   return removed;

@@ -34,6 +34,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "remotelens/v1/hooks.pb.h"
+#include "server/parsed_hook_op.h"
 
 namespace remotelens {
 
@@ -69,6 +70,13 @@ struct SessionSummary {
   int64_t stored_bytes = 0;  // its caches' bytes and its hooks' serialized size
 };
 
+// A persistent hook of a session.
+struct SessionHook {
+  int64_t id = 0;
+  v1::HookOp op;                              // as the client sent it
+  std::shared_ptr<const ParsedHookOp> parsed;  // its engine form (null if never parsed)
+};
+
 class SessionStore {
  public:
   // `clock` is injectable so tests can move time; it is called with the store's lock held.
@@ -96,18 +104,19 @@ class SessionStore {
   std::vector<SessionSummary> List(const std::string& owner) const;
   std::vector<SessionSummary> ListAll() const;
 
-  // Persistent hooks, stored as the (already validated) proto op. Ids start at 1 and increase
+  // Persistent hooks: the (already validated) proto op, which ListHooks returns, and its parsed
+  // engine form (request_builder's ParseHookOp), which runs use without decoding it again. Ids start at 1 and increase
   // per session, never reused, so a stale id cannot remove a newer hook. `prepend` puts the hook
   // first in application order. RESOURCE_EXHAUSTED past max_hooks_per_session, or when the op's
   // serialized size (its set/add value) would take the owner past `max_user_bytes` or the
   // server past max_total_stored_bytes: hook values count as stored bytes, like caches.
   absl::StatusOr<int64_t> AddHook(const std::string& owner, const std::string& id,
-                                  v1::HookOp op, bool prepend, int64_t max_user_bytes);
+                                  v1::HookOp op, bool prepend, int64_t max_user_bytes,
+                                  std::shared_ptr<const ParsedHookOp> parsed = nullptr);
   // NOT_FOUND "hook 7 not found in session 'x'".
   absl::Status RemoveHook(const std::string& owner, const std::string& id, int64_t hook_id);
-  // (hook id, op) in application order.
-  absl::StatusOr<std::vector<std::pair<int64_t, v1::HookOp>>> ListHooks(const std::string& owner,
-                                                                        const std::string& id);
+  // In application order.
+  absl::StatusOr<std::vector<SessionHook>> ListHooks(const std::string& owner, const std::string& id);
   // Removes every hook; returns how many there were.
   absl::StatusOr<int64_t> ResetHooks(const std::string& owner, const std::string& id);
 
@@ -145,7 +154,7 @@ class SessionStore {
     absl::Duration ttl;
     absl::Time last_access;
     int64_t next_hook_id = 1;
-    std::vector<std::pair<int64_t, v1::HookOp>> hooks;  // application order
+    std::vector<SessionHook> hooks;  // application order
     int64_t next_cache = 1;
     std::map<std::string, std::shared_ptr<const StoredCache>> caches;  // by handle
     int64_t stored_bytes = 0;  // caches and hook values

@@ -55,7 +55,7 @@ std::vector<int64_t> HookIds(SessionStore& store, const std::string& owner,
   EXPECT_TRUE(hooks.ok()) << hooks.status();
   std::vector<int64_t> ids;
   if (hooks.ok()) {
-    for (const auto& [hook_id, op] : *hooks) ids.push_back(hook_id);
+    for (const SessionHook& hook : *hooks) ids.push_back(hook.id);
   }
   return ids;
 }
@@ -252,8 +252,8 @@ TEST(SessionStore, HookIdsOrderRemoveAndReset) {
   EXPECT_THAT(HookIds(store, "alice", id), ElementsAre(3, 1, 2));
   auto hooks = store.ListHooks("alice", id);
   ASSERT_TRUE(hooks.ok());
-  EXPECT_EQ((*hooks)[0].second.hook_name(), "hook_embed");
-  EXPECT_TRUE((*hooks)[0].second.has_zero());
+  EXPECT_EQ((*hooks)[0].op.hook_name(), "hook_embed");
+  EXPECT_TRUE((*hooks)[0].op.has_zero());
   EXPECT_EQ(store.NumHooks(), 3);
 
   ASSERT_TRUE(store.RemoveHook("alice", id, 1).ok());
