@@ -114,8 +114,9 @@ void ModelExecutor::FinishRun(Scheduler::Job& job, absl::StatusOr<v1::RunRespons
     metrics_->AddStreamedBytes(streamed);
     metrics_->AddUserStreamedBytes(job.user, streamed);
   }
-  payload.done(std::move(summary));
+  // The job leaves the job list before its client hears the end.
   if (scheduler_ != nullptr) scheduler_->Finished(job.id);
+  payload.done(std::move(summary));
 }
 
 void ModelExecutor::RunAlone(Scheduler::Job& job) {
@@ -268,8 +269,8 @@ void ModelExecutor::FinishGeneration(uint64_t id, absl::Status status) {
     metrics_->AddStreamedBytes(generation->execution->bytes_streamed());
     metrics_->AddUserStreamedBytes(generation->job.user, generation->execution->bytes_streamed());
   }
-  GenerateOf(generation->job).done(Attributed(generation->job, std::move(status)));
   if (scheduler_ != nullptr) scheduler_->Finished(id);
+  GenerateOf(generation->job).done(Attributed(generation->job, std::move(status)));
 }
 
 }  // namespace remotelens

@@ -289,6 +289,84 @@ absl::Status SubmitRun(RemoteLensService& service, grpc::CallbackServerContext* 
   return deps.scheduler->Submit(std::move(job));
 }
 
+// Validates a GenerateRequest and enqueues its generation. `callbacks` (may be empty) serve
+// client_callback hooks (RunInteractive); `emit` streams Step, tensor and Done messages; `done`
+// receives the outcome exactly once (from the scheduler thread, or from Submit's caller when
+// enqueueing fails).
+absl::Status SubmitGenerate(RemoteLensService& service, grpc::CallbackServerContext* ctx,
+                            const AuthUser& user, const v1::GenerateRequest& request,
+                            const CallbackFactory& callbacks, GenerateEmitter emit,
+                            std::function<bool()> cancelled, std::function<void(absl::Status)> done) {
+  const ServiceDeps& deps = service.deps();
+  ASSIGN_OR_RETURN(ConcurrencyLimiter::Lease lease, service.limiter().Acquire(user));
+  const LlamaConfig& config = deps.model->config();
+  ModelContext mc{deps.model, deps.tokenizer, &deps.limits};
+  auto payload = std::make_shared<GeneratePayload>();
+  PreparedGenerate* job = &payload->generate;
+  ASSIGN_OR_RETURN(EncodedBatch batch,
+                   BuildTokenInput(request.tokens(), request.texts(), request.prepend_bos(),
+                                   request.attention_mask(), mc, MaxTokensFor(user, deps.limits)));
+  job->tokens = batch.tokens;
+  job->attention_mask = batch.attention_mask;
+  if (request.max_new_tokens() < 1 || request.max_new_tokens() > deps.limits.max_new_tokens()) {
+    return absl::InvalidArgumentError(absl::StrCat("max_new_tokens must be in 1..",
+                                                   deps.limits.max_new_tokens(), ", got ",
+                                                   request.max_new_tokens()));
+  }
+  // The token quota covers what the request makes the server hold: prompt plus new tokens.
+  const int64_t rows = batch.tokens.size(0), prompt = batch.tokens.size(1);
+  const int64_t max_tokens = MaxTokensFor(user, deps.limits);
+  if (rows * (prompt + request.max_new_tokens()) > max_tokens) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "request has ", rows * (prompt + request.max_new_tokens()), " tokens (batch ", rows,
+        " x (prompt ", prompt, " + max_new_tokens ", request.max_new_tokens(),
+        ")); your limit is max_tokens_per_request = ", max_tokens));
+  }
+  GenerateOptions& o = job->options;
+  o.max_new_tokens = request.max_new_tokens();
+  const v1::SamplingParams& s = request.sampling();
+  o.sampling.do_sample = s.do_sample();
+  o.sampling.temperature = s.temperature() == 0 ? 1.0 : s.temperature();
+  o.sampling.top_k = s.top_k();
+  o.sampling.top_p = s.top_p() == 0 ? 1.0 : s.top_p();
+  o.seed = s.seed();
+  RETURN_IF_ERROR(ValidateSamplingOptions(o.sampling));
+  o.stop_at_eos = request.stop_at_eos();
+  o.eos_token_ids.assign(request.eos_token_ids().begin(), request.eos_token_ids().end());
+  o.use_past_kv_cache = !request.disable_kv_cache();
+  ASSIGN_OR_RETURN(job->ops, BuildOps(deps, user, request.session_id(), request.hooks(), callbacks));
+  if (request.step_cache().names_size() > 0) {
+    if (!request.step_cache().stream()) {
+      return absl::InvalidArgumentError("step_cache: activations per step can only be streamed (set stream)");
+    }
+    ASSIGN_OR_RETURN(job->step_cache, BuildCacheRequests(request.step_cache(), config));
+  }
+  job->chunk_bytes = deps.limits.chunk_bytes();
+  job->max_streamed_bytes = user.quota.max_streamed_bytes_per_request();
+  job->host_memory_limit_bytes = deps.host_memory_limit_bytes;
+
+  auto shared_lease = std::make_shared<ConcurrencyLimiter::Lease>(std::move(lease));
+  const Tokenizer* tokenizer = deps.tokenizer;
+  payload->token_text = [tokenizer](int64_t id) -> std::string {
+    if (tokenizer == nullptr) return "";
+    auto text = tokenizer->TokenToString(id);
+    return text.ok() ? *text : std::string();
+  };
+  payload->emit = std::move(emit);
+  payload->done = [done = std::move(done), shared_lease](absl::Status status) {
+    shared_lease->Release();
+    done(std::move(status));
+  };
+  Scheduler::Job sjob;
+  sjob.user = user.name;
+  sjob.kind = JobKind::kGenerate;
+  sjob.tokens = rows * prompt;
+  sjob.deadline = DeadlineOf(ctx);
+  sjob.client_gone = std::move(cancelled);
+  sjob.payload = std::move(payload);
+  return deps.scheduler->Submit(std::move(sjob));
+}
+
 // Streams a tensor into an outbox of TensorChunk messages, within a byte budget.
 absl::Status StreamToOutbox(const std::shared_ptr<Outbox<v1::TensorChunk>>& outbox,
                             const std::string& name, const at::Tensor& t, int64_t chunk_bytes) {
@@ -400,8 +478,10 @@ class InteractiveReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer
 
  private:
   absl::Status Start(bool ok) {
-    if (!ok || request_.item_case() != v1::InteractiveRequest::kRun) {
-      return absl::InvalidArgumentError("the first RunInteractive message must be a RunRequest");
+    if (!ok || (request_.item_case() != v1::InteractiveRequest::kRun &&
+                request_.item_case() != v1::InteractiveRequest::kGenerate)) {
+      return absl::InvalidArgumentError(
+          "the first RunInteractive message must be a RunRequest (run) or a GenerateRequest (generate)");
     }
     ASSIGN_OR_RETURN(const AuthUser* user, service_->Authenticate(ctx_));
     auto outbox = outbox_;
@@ -442,6 +522,29 @@ class InteractiveReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer
         return std::optional<at::Tensor>(std::move(replacement));
       };
     };
+    if (request_.item_case() == v1::InteractiveRequest::kGenerate) {
+      // Steps, step activations and Done go out as InteractiveResponses, between hook calls.
+      GenerateEmitter emit = [outbox](v1::GenerateResponse&& r) {
+        v1::InteractiveResponse response;
+        switch (r.item_case()) {
+          case v1::GenerateResponse::kStep:
+            *response.mutable_step() = std::move(*r.mutable_step());
+            break;
+          case v1::GenerateResponse::kTensor:
+            *response.mutable_tensor() = std::move(*r.mutable_tensor());
+            break;
+          case v1::GenerateResponse::kDone:
+            *response.mutable_done() = std::move(*r.mutable_done());
+            break;
+          case v1::GenerateResponse::ITEM_NOT_SET:
+            return absl::OkStatus();
+        }
+        return PushOrCancelled(*outbox, std::move(response));
+      };
+      return SubmitGenerate(*service_, ctx_, *user, request_.generate(), callbacks, std::move(emit),
+                            [outbox] { return outbox->cancelled(); },
+                            [outbox](absl::Status s) { outbox->Close(ToGrpcStatus(s)); });
+    }
     RunSink<v1::InteractiveResponse> sink = MakeRunSink(outbox);
     sink.emit = [emit = std::move(sink.emit), streamed, max_streamed](v1::TensorChunk&& chunk) {
       if ((*streamed += static_cast<int64_t>(chunk.data().size())) > max_streamed) {
@@ -480,73 +583,11 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* RemoteLensService::Generate(
     ASSIGN_OR_RETURN(const AuthUser* user, Authenticate(ctx));
     v1::GenerateRequest request;
     RETURN_IF_ERROR(ParseRequest(*raw_request, "Generate", &request));
-    ASSIGN_OR_RETURN(ConcurrencyLimiter::Lease lease, limiter().Acquire(*user));
-    const LlamaConfig& config = deps_.model->config();
-    ModelContext mc{deps_.model, deps_.tokenizer, &deps_.limits};
-    auto payload = std::make_shared<GeneratePayload>();
-    PreparedGenerate* job = &payload->generate;
-    ASSIGN_OR_RETURN(EncodedBatch batch,
-                     BuildTokenInput(request.tokens(), request.texts(), request.prepend_bos(),
-                                     request.attention_mask(), mc, MaxTokensFor(*user, deps_.limits)));
-    job->tokens = batch.tokens;
-    job->attention_mask = batch.attention_mask;
-    if (request.max_new_tokens() < 1 || request.max_new_tokens() > deps_.limits.max_new_tokens()) {
-      return absl::InvalidArgumentError(absl::StrCat("max_new_tokens must be in 1..",
-                                                     deps_.limits.max_new_tokens(), ", got ",
-                                                     request.max_new_tokens()));
-    }
-    // The token quota covers what the request makes the server hold: prompt plus new tokens.
-    const int64_t rows = batch.tokens.size(0), prompt = batch.tokens.size(1);
-    const int64_t max_tokens = MaxTokensFor(*user, deps_.limits);
-    if (rows * (prompt + request.max_new_tokens()) > max_tokens) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "request has ", rows * (prompt + request.max_new_tokens()), " tokens (batch ", rows,
-          " x (prompt ", prompt, " + max_new_tokens ", request.max_new_tokens(),
-          ")); your limit is max_tokens_per_request = ", max_tokens));
-    }
-    GenerateOptions& o = job->options;
-    o.max_new_tokens = request.max_new_tokens();
-    const v1::SamplingParams& s = request.sampling();
-    o.sampling.do_sample = s.do_sample();
-    o.sampling.temperature = s.temperature() == 0 ? 1.0 : s.temperature();
-    o.sampling.top_k = s.top_k();
-    o.sampling.top_p = s.top_p() == 0 ? 1.0 : s.top_p();
-    o.seed = s.seed();
-    RETURN_IF_ERROR(ValidateSamplingOptions(o.sampling));
-    o.stop_at_eos = request.stop_at_eos();
-    o.eos_token_ids.assign(request.eos_token_ids().begin(), request.eos_token_ids().end());
-    o.use_past_kv_cache = !request.disable_kv_cache();
-    ASSIGN_OR_RETURN(job->ops, BuildOps(deps_, *user, request.session_id(), request.hooks(), nullptr));
-    if (request.step_cache().names_size() > 0) {
-      if (!request.step_cache().stream()) {
-        return absl::InvalidArgumentError("step_cache: activations per step can only be streamed (set stream)");
-      }
-      ASSIGN_OR_RETURN(job->step_cache, BuildCacheRequests(request.step_cache(), config));
-    }
-    job->chunk_bytes = deps_.limits.chunk_bytes();
-    job->max_streamed_bytes = user->quota.max_streamed_bytes_per_request();
-    job->host_memory_limit_bytes = deps_.host_memory_limit_bytes;
-
-    auto shared_lease = std::make_shared<ConcurrencyLimiter::Lease>(std::move(lease));
-    const Tokenizer* tokenizer = deps_.tokenizer;
-    payload->token_text = [tokenizer](int64_t id) -> std::string {
-      if (tokenizer == nullptr) return "";
-      auto text = tokenizer->TokenToString(id);
-      return text.ok() ? *text : std::string();
-    };
-    payload->emit = [outbox](v1::GenerateResponse&& r) { return PushOrCancelled(*outbox, std::move(r)); };
-    payload->done = [outbox, shared_lease](absl::Status status) {
-      shared_lease->Release();
-      outbox->Close(ToGrpcStatus(status));
-    };
-    Scheduler::Job sjob;
-    sjob.user = user->name;
-    sjob.kind = JobKind::kGenerate;
-    sjob.tokens = rows * prompt;
-    sjob.deadline = DeadlineOf(ctx);
-    sjob.client_gone = [outbox] { return outbox->cancelled(); };
-    sjob.payload = std::move(payload);
-    return deps_.scheduler->Submit(std::move(sjob));
+    return SubmitGenerate(
+        *this, ctx, *user, request, nullptr,
+        [outbox](v1::GenerateResponse&& r) { return PushOrCancelled(*outbox, std::move(r)); },
+        [outbox] { return outbox->cancelled(); },
+        [outbox](absl::Status s) { outbox->Close(ToGrpcStatus(s)); });
   }();
   if (!status.ok()) outbox->Close(ToGrpcStatus(status));
   return reactor;

@@ -28,20 +28,40 @@ def test_generate_with_a_steering_op_matches_reference(model, reference):
     assert not torch.equal(steered, reference_greedy(reference, tokens, 8))  # the steering mattered
 
 
-def test_generate_with_a_python_hook_runs_client_side(model, reference):
+def test_generate_with_a_python_hook_runs_on_the_server_through_the_kv_cache(model, reference):
+    """TransformerLens's generate(use_past_kv_cache=True): the hook sees the prompt at the first
+    step, then only the new position (HookedTransformer.generate feeds one token per step)."""
     tokens = model.to_tokens(PROMPT)
-    calls = []
-
-    def ablate(z, hook):
-        calls.append(z.shape[1])
-        z[:, :, 1] = 0
-
-    with model.hooks(fwd_hooks=[("blocks.2.attn.hook_z", ablate)]):
-        out = model.generate(tokens, max_new_tokens=4, do_sample=False, stop_at_eos=False, verbose=False)
     expected = reference_greedy(reference, tokens, 4, ops=[{"hook": "blocks.2.attn.hook_z", "op": "zero", "heads": [1]}])
-    assert torch.equal(out, expected)
     n = tokens.shape[1]
-    assert calls == [n, n + 1, n + 2, n + 3]  # the whole sequence each step
+    for use_past_kv_cache, seen in ((True, [n, 1, 1, 1]), (False, [n, n + 1, n + 2, n + 3])):
+        calls = []
+
+        def ablate(z, hook):
+            calls.append(z.shape[1])
+            z[:, :, 1] = 0
+
+        with model.hooks(fwd_hooks=[("blocks.2.attn.hook_z", ablate)]):
+            out = model.generate(tokens, max_new_tokens=4, do_sample=False, stop_at_eos=False,
+                                 use_past_kv_cache=use_past_kv_cache, verbose=False)
+        assert torch.equal(out, expected)
+        assert calls == seen, use_past_kv_cache
+
+
+def test_generate_with_a_python_hook_and_sampling_equals_the_op_form(model):
+    """A Python hook and the equivalent server op give the same sampled tokens for a seed."""
+    tokens = model.to_tokens(PROMPT)
+    vector = torch.linspace(-1, 1, model.cfg.d_model)
+
+    def steer(resid, hook):
+        return resid + vector
+
+    kwargs = dict(max_new_tokens=6, do_sample=True, temperature=0.8, seed=7, stop_at_eos=False, verbose=False)
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", steer)]):
+        python = model.generate(tokens, **kwargs)
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", ops.add(vector))]):
+        server = model.generate(tokens, **kwargs)
+    assert torch.equal(python, server)
 
 
 def test_batched_text_generation_left_pads(model, reference):

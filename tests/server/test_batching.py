@@ -2,10 +2,11 @@
 what it gets alone.
 
 Two servers on the demo model: one batching (a 300 ms gathering window, so that the concurrent
-requests of a test really meet), one with --max_batch_requests 1 (every request alone). Eight
+requests of a test really meet), one with --max_batch_requests 1 (every request alone). Nine
 users, started together behind a barrier, each send one kind of request to both: cache-only
 runs, every op kind with head and position selectors, patching from a stored cache, a Python
-hook, stop_at_layer, a readout, and generations with steering and with sampling. Results must
+hook, stop_at_layer, a loss, and generations with steering, with sampling and with a Python
+hook. Results must
 agree within 1e-5; the batch-size histogram shows the forwards were shared.
 """
 import os
@@ -28,17 +29,33 @@ import wire  # noqa: E402
 TOL = 1e-5
 
 
+N_USERS = 12
+
+
 @pytest.fixture(scope="module")
-def batching_server(demo_model_dir):
+def users_file(tmp_path_factory):
+    """Users user0.. with keys key0..: each workload is its own user, as in a lab."""
+    import hashlib
+    path = tmp_path_factory.mktemp("batching_users") / "users.textproto"
+    path.write_text("".join(
+        f'users {{ name: "user{i}" api_key_sha256: "{hashlib.sha256(f"key{i}".encode()).hexdigest()}" }}\n'
+        for i in range(N_USERS)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def batching_server(demo_model_dir, users_file):
     server = server_harness.ServerProcess(
-        demo_model_dir, config="scheduler { max_batch_requests: 16 batch_wait_us: 300000 }").start()
+        demo_model_dir, config=f'users_file: "{users_file}"\n'
+                               "scheduler { max_batch_requests: 16 batch_wait_us: 300000 }").start()
     yield server
     assert server.stop() == 0, "".join(server.stderr_lines)
 
 
 @pytest.fixture(scope="module")
-def alone_server(demo_model_dir):
-    server = server_harness.ServerProcess(demo_model_dir, args=["--max_batch_requests=1"]).start()
+def alone_server(demo_model_dir, users_file):
+    server = server_harness.ServerProcess(demo_model_dir, config=f'users_file: "{users_file}"',
+                                          args=["--max_batch_requests=1"]).start()
     yield server
     assert server.stop() == 0, "".join(server.stderr_lines)
 
@@ -125,12 +142,27 @@ def sampled_generation(m):
     return {"tokens": out}
 
 
+def python_hook_generation(m):
+    """A Python hook in a generation: called back at every decode step it shares."""
+    seen = []
+
+    def damp(z, hook):
+        seen.append(z.shape[1])
+        return z * 0.9
+
+    with m.hooks(fwd_hooks=[("blocks.0.attn.hook_z", damp)]):
+        out = m.generate(tokens(14, 1, 5), max_new_tokens=6, do_sample=False, stop_at_eos=False,
+                         verbose=False)
+    return {"tokens": out, "positions_seen": torch.tensor(seen)}
+
+
 WORKLOADS = [cache_only, every_op, patching, python_hook, stop_early, loss_and_lens,
-             steered_generation, sampled_generation]
+             steered_generation, sampled_generation, python_hook_generation]
 
 
 def run_concurrently(address, workloads):
-    models = [remotelens.HookedTransformer.from_server(address) for _ in workloads]
+    models = [remotelens.HookedTransformer.from_server(address, api_key=f"key{i}")
+              for i in range(len(workloads))]
     barrier = threading.Barrier(len(workloads))
     results, errors = [None] * len(workloads), [None] * len(workloads)
 
@@ -169,6 +201,8 @@ def test_batched_results_equal_each_request_alone(batching_server, alone_server)
     # A Python hook sees its own rows only: the shape it would see alone.
     rows, _, queries, keys = batched[3]["shape"].tolist()
     assert (rows, queries, keys) == (2, 4, 4)
+    # In a shared decode step too: the prompt first, then its own new position only.
+    assert batched[8]["positions_seen"].tolist() == [5, 1, 1, 1, 1, 1]
     # The forwards really were shared, and the unbatched server never shared one.
     assert shared_forwards(batching_server) - before >= 2
     assert shared_forwards(alone_server) == 0

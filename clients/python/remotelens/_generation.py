@@ -5,12 +5,17 @@ server (Generate RPC): prefill, then one token per step through a KV cache, with
 applied at every step, exactly as TransformerLens applies hooks inside generate(); at decode steps
 the hooks see only the new position, as with TransformerLens's past_kv_cache.
 
-When a hook is a Python callable (or freq_penalty is used), the client drives generation
-instead: one RunInteractive forward pass over the whole sequence per step, sampling here. Hooks
-then see the whole sequence at every step (TransformerLens with use_past_kv_cache=False).
+Python callables as hooks run on the server's generation too (RunInteractive with a
+GenerateRequest): the server calls them back at every step, so with the KV cache a hook sees the
+prompt at the first step and then only the new position, as TransformerLens's generate does with
+use_past_kv_cache=True (with use_past_kv_cache=False, the whole sequence each step).
+
+Only freq_penalty makes the client drive generation itself: one forward pass over the whole
+sequence per step, sampling here.
 """
 
 import codecs
+import queue
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import grpc
@@ -18,6 +23,7 @@ import torch
 import tqdm
 
 from . import utils
+from ._run import answer_hook_call
 from ._wire import ChunkAssembler, tensor_from_proto, tensor_to_proto
 from .errors import from_rpc_error
 from .v1 import remotelens_pb2 as pb
@@ -61,15 +67,15 @@ class GenerationMixin:
             # Drawn from torch's global generator, so torch.manual_seed() makes runs repeatable.
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())
         hooks = self._active_hooks()
-        if freq_penalty or any(not self._is_op(fn) for _, fn in hooks):
+        if freq_penalty:
             if step_cache_names:
-                raise ValueError("caching during generation needs server-side generation: only "
-                                 "remotelens.ops hooks and no freq_penalty")
+                raise ValueError("caching during generation needs server-side generation: "
+                                 "no freq_penalty")
             yield from self._iter_generate_client(tokens, mask, max_new_tokens, stop_at_eos, eos_ids,
                                                   do_sample, top_k, top_p, temperature,
                                                   freq_penalty, seed)
             return
-        hook_ops, _, needs_session = self._hook_ops(hooks)
+        hook_ops, callbacks, needs_session = self._hook_ops(hooks)
         request = pb.GenerateRequest(
             tokens=tensor_to_proto(tokens), max_new_tokens=int(max_new_tokens),
             sampling=pb.SamplingParams(do_sample=bool(do_sample), temperature=float(temperature),
@@ -86,14 +92,35 @@ class GenerationMixin:
             request.step_cache.names.extend(step_cache_names)
             request.step_cache.stream = True
         assembler = ChunkAssembler()
-        call = self._stub.Generate(request, **self._call_kwargs())
+        replies: "queue.Queue" = queue.Queue()
+        pending_call = None
+        if callbacks:
+            # Python hooks: the server calls them back at each step (RunInteractive).
+            def requests():
+                yield pb.InteractiveRequest(generate=request)
+                while True:
+                    item = replies.get()
+                    if item is None:
+                        return
+                    yield item
+            call = self._stub.RunInteractive(requests(), **self._call_kwargs())
+        else:
+            call = self._stub.Generate(request, **self._call_kwargs())
         try:
             for response in call:
                 kind = response.WhichOneof("item")
                 if kind == "tensor":
                     done = assembler.add(response.tensor)
-                    if done is not None:
+                    if done is None:
+                        continue
+                    if pending_call is not None:
+                        replies.put(pb.InteractiveRequest(reply=answer_hook_call(
+                            pending_call, done[1], callbacks, self.cfg.device)))
+                        pending_call = None
+                    else:
                         yield "tensor", done
+                elif kind == "hook_call":
+                    pending_call = response.hook_call
                 elif kind == "step":
                     yield "step", (torch.tensor(list(response.step.tokens), dtype=torch.int64),
                                    list(response.step.texts))
@@ -102,6 +129,7 @@ class GenerationMixin:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
         finally:
+            replies.put(None)
             call.cancel()
 
     def _iter_generate_client(self, tokens, mask, max_new_tokens, stop_at_eos, eos_ids, do_sample,
