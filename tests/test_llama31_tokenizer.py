@@ -20,7 +20,7 @@ import random
 
 import pytest
 
-from conftest import LLAMA31_TOKENIZER_DIR
+from server_harness import LLAMA31_TOKENIZER_DIR
 from remotelens._wire import tensor_from_proto
 from remotelens.v1 import remotelens_pb2 as pb
 
