@@ -102,7 +102,7 @@ absl::Status WriteDemoModel(const std::string& dir, const DemoModelSpec& spec) {
   if (max_id >= spec.vocab_size) {
     return absl::InvalidArgumentError(absl::StrCat("vocab_size ", spec.vocab_size, " is too small for ",
                                                    spec.tokenizer_dir, "/tokenizer.json, whose ids go up to ",
-                                                   max_id, "; use --vocab_size ", max_id + 1, " or more"));
+                                                   max_id, "; the model needs a vocab_size of ", max_id + 1, " or more"));
   }
 
   std::error_code ec;
