@@ -216,3 +216,5 @@ def test_base_model_without_template_says_so(model):
         SYSTEM_USER, chat_template="{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}",
         tokenize=False)
     assert text == "[system]You are a helpful assistant.[user]What is the capital of France?"
+    with pytest.raises(chat_template_module.ChatTemplateError, match="not valid Jinja"):
+        model.tokenizer.apply_chat_template(SYSTEM_USER, chat_template="{% for m in %}")

@@ -137,10 +137,16 @@ def render_chat_template(source: str, conversation: Sequence[Mapping[str, Any]],
         if "role" not in m:
             raise ValueError(f"message {i} has no \"role\": each message is a dict such as "
                              f"{{\"role\": \"user\", \"content\": \"...\"}}")
-    import jinja2
+    env = _environment()
+    import jinja2  # present: _environment() imported it
 
     try:
-        rendered = _environment().from_string(source).render(
+        template = env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"the chat template is not valid Jinja (line {e.lineno}): "
+                                f"{e.message}") from e
+    try:
+        rendered = template.render(
             messages=messages, tools=list(tools) if tools is not None else None,
             documents=list(documents) if documents is not None else None,
             add_generation_prompt=add_generation_prompt, **dict(special_tokens or {}), **kwargs)
