@@ -42,6 +42,13 @@ def require_llama31_tokenizer():
 def llama31_model_dir(tmp_path_factory):
     """A tiny random model (1 layer, d_model 16) that carries Meta's Llama 3.1 tokenizer files."""
     require_llama31_tokenizer()
+    missing = [b for b in (server_harness.SERVER_BIN, server_harness.MAKE_DEMO_MODEL)
+               if not os.access(b, os.X_OK)]
+    if missing:
+        message = f"{missing} not built (bazel build //server:remotelens_server //tools:all)"
+        if os.environ.get("REMOTELENS_REQUIRE_BINARIES"):
+            pytest.fail(message)
+        pytest.skip(message)
     return server_harness.make_demo_model(
         str(tmp_path_factory.mktemp("llama31_tokenizer_model")), "--vocab_size", "128256",
         "--d_model", "16", "--n_heads", "2", "--n_kv_heads", "1", "--d_mlp", "32",
