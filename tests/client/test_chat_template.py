@@ -101,6 +101,12 @@ def _variables(messages, add_generation_prompt, config, **extra):
 def test_template_and_special_tokens_come_from_the_model_directory(chat_model, config):
     assert chat_model.tokenizer.chat_template == config["chat_template"]
     assert config["bos_token"] == "<|begin_of_text|>" and config["eos_token"] == "<|eot_id|>"
+    # transformers: tokenizer.eos_token(_id) is tokenizer_config.json's, not config.json's first.
+    assert chat_model.tokenizer.eos_token == "<|eot_id|>"
+    assert chat_model.tokenizer.eos_token_id == 128009
+    assert chat_model.tokenizer.bos_token == "<|begin_of_text|>"
+    assert chat_model.tokenizer.bos_token_id == 128000
+    assert set(chat_model.cfg.eos_token_ids) >= {128001, 128009}  # generation stops at both
     rendered = chat_model.tokenizer.apply_chat_template(SYSTEM_USER, tokenize=False)
     assert rendered.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n")
 
@@ -209,6 +215,7 @@ def test_template_selection_by_name():
 def test_base_model_without_template_says_so(model):
     """The demo model's directory has no tokenizer_config.json: no template, a clear error."""
     assert model.tokenizer.chat_template is None
+    assert model.tokenizer.eos_token_id == model.cfg.eos_token_ids[0]  # unchanged without one
     with pytest.raises(chat_template_module.ChatTemplateError, match="no chat template"):
         model.tokenizer.apply_chat_template(SYSTEM_USER)
     # An explicit template still works on any model.

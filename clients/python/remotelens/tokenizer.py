@@ -55,6 +55,15 @@ class RemoteTokenizer:
         self.eos_token_id = eos[0] if eos else None
         self._pad_token_id: Optional[int] = None
         self._token_text: Dict[int, str] = {}
+        # Hugging Face's eos_token is tokenizer_config.json's: "<|eot_id|>" (128009) for Llama 3.1
+        # Instruct, where config.json lists 128001 first. Generation still stops at every id in
+        # cfg.eos_token_ids.
+        eos_text = self._template_tokens["eos_token"]
+        if eos_text:
+            rows = self._tokenize([eos_text], False, "right")[0]
+            if len(rows[0]) == 1:
+                self.eos_token_id = rows[0][0]
+                self._token_text[rows[0][0]] = eos_text
 
     def __repr__(self) -> str:
         return f"RemoteTokenizer(name_or_path={self.name_or_path!r}, padding_side={self.padding_side!r})"
