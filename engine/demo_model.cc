@@ -3,9 +3,11 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include <nlohmann/json.hpp>
@@ -23,6 +25,15 @@ absl::Status WriteText(const std::string& path, const std::string& text) {
   out.close();
   if (!out) return absl::InternalError(absl::StrCat("cannot write ", path));
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> ReadText(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  std::stringstream text;
+  text << in.rdbuf();
+  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading ", path));
+  return text.str();
 }
 
 }  // namespace
@@ -66,14 +77,32 @@ absl::Status WriteDemoModel(const std::string& dir, const DemoModelSpec& spec) {
                                                    "\" is not supported; use float32, bfloat16 or float16"));
   }
   LlamaConfig config = DemoModelConfig(spec);
-  ASSIGN_OR_RETURN(std::string tokenizer_json, MakeDemoTokenizerJson(spec.vocab_size));
+  std::string tokenizer_json;
+  if (spec.tokenizer_dir.empty()) {
+    ASSIGN_OR_RETURN(tokenizer_json, MakeDemoTokenizerJson(spec.vocab_size));
+  } else {
+    ASSIGN_OR_RETURN(tokenizer_json, ReadText(spec.tokenizer_dir + "/tokenizer.json"));
+  }
   // Special token ids come from the tokenizer, as they do in a real checkpoint.
-  const nlohmann::json tokenizer = nlohmann::json::parse(tokenizer_json);
+  const nlohmann::json tokenizer = nlohmann::json::parse(tokenizer_json, nullptr, false);
+  if (tokenizer.is_discarded() || !tokenizer.contains("added_tokens") ||
+      !tokenizer.contains("model") || !tokenizer["model"].contains("vocab")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        spec.tokenizer_dir, "/tokenizer.json is not a tokenizer.json with model.vocab and added_tokens"));
+  }
+  int64_t max_id = -1;
+  for (const auto& [token, id] : tokenizer["model"]["vocab"].items()) max_id = std::max<int64_t>(max_id, id);
   for (const auto& added : tokenizer.at("added_tokens")) {
     const std::string content = added.at("content");
     const int64_t id = added.at("id");
+    max_id = std::max(max_id, id);
     if (content == "<|begin_of_text|>") config.bos_token_id = id;
     if (content == "<|end_of_text|>" || content == "<|eot_id|>") config.eos_token_ids.push_back(id);
+  }
+  if (max_id >= spec.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat("vocab_size ", spec.vocab_size, " is too small for ",
+                                                   spec.tokenizer_dir, "/tokenizer.json, whose ids go up to ",
+                                                   max_id, "; the model needs a vocab_size of ", max_id + 1, " or more"));
   }
 
   std::error_code ec;
@@ -112,6 +141,12 @@ absl::Status WriteDemoModel(const std::string& dir, const DemoModelSpec& spec) {
   RETURN_IF_ERROR(WriteCheckpointLazily(dir, names, make, spec.num_shards));
   RETURN_IF_ERROR(WriteText(dir + "/config.json", LlamaConfigToJson(config)));
   RETURN_IF_ERROR(WriteText(dir + "/tokenizer.json", tokenizer_json));
+  for (const char* name : {"tokenizer_config.json", "chat_template.jinja"}) {
+    const std::string from = spec.tokenizer_dir + "/" + name;
+    if (spec.tokenizer_dir.empty() || !std::filesystem::exists(from)) continue;
+    ASSIGN_OR_RETURN(std::string text, ReadText(from));
+    RETURN_IF_ERROR(WriteText(dir + "/" + name, text));
+  }
   return absl::OkStatus();
 }
 

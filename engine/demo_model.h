@@ -34,13 +34,18 @@ struct DemoModelSpec {
   // Matrices tile one random block instead of drawing every element: writes a multi-gigabyte
   // checkpoint (load benchmarks) in seconds. Fine for timing and memory, not for numerics.
   bool tile_random = false;
+  // A directory with a real tokenizer.json (and optionally tokenizer_config.json and
+  // chat_template.jinja, copied as they are) to use instead of the generated demo tokenizer, e.g.
+  // Meta's Llama 3.1 tokenizer for tests. vocab_size must cover its ids (128256 for Llama 3).
+  std::string tokenizer_dir;
 };
 
 // The config a spec describes (name "remotelens-demo"); WriteDemoModel adds the special token
 // ids, which come from the generated tokenizer.
 LlamaConfig DemoModelConfig(const DemoModelSpec& spec);
 
-// Creates `dir` if needed and writes config.json, the weights and tokenizer.json. One shard's
+// Creates `dir` if needed and writes config.json, the weights and tokenizer.json (and the
+// tokenizer_dir's tokenizer_config.json and chat_template.jinja when it has them). One shard's
 // tensors are in memory at a time.
 absl::Status WriteDemoModel(const std::string& dir, const DemoModelSpec& spec);
 

@@ -23,6 +23,10 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev prometheus openssl
   python3 python3-torch python3-numpy python3-pytest python3-grpcio python3-protobuf
   python3-grpc-tools python3-tqdm python3-yaml
+  # the client's apply_chat_template renders chat templates with jinja2
+  python3-jinja2
+  # tests/test_pip_install.py: `pip install clients/python` into a venv, offline, as a user would
+  python3-venv python3-pip python3-setuptools python3-wheel
   # fuzzing (scripts/fuzz.sh): clang 14 and its runtime libraries, libFuzzer among them. The
   # sanitizer builds (scripts/sanitize.sh) use gcc's libasan/libubsan/libtsan, which g++ brings.
   clang libclang-rt-14-dev

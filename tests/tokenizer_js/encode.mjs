@@ -11,7 +11,11 @@ const texts = JSON.parse(readFileSync(0, "utf8"));
 const results = texts.map((text) => {
   const ids = tokenizer.encode(text, { add_special_tokens: false }).ids;
   // decode() refuses an empty list; the empty text decodes to "".
-  const decoded = ids.length > 0 ? tokenizer.decode(ids, { skip_special_tokens: false }) : "";
+  // Without clean_up_tokenization_spaces (a transformers-level rewrite such as " ." -> ".",
+  // which tokenizers.js applies by default): the decoder's own output, which must be the text.
+  const decoded = ids.length > 0
+    ? tokenizer.decode(ids, { skip_special_tokens: false, clean_up_tokenization_spaces: false })
+    : "";
   return { ids, decoded };
 });
 process.stdout.write(JSON.stringify(results));

@@ -14,15 +14,14 @@ from . import metrics, ops, readouts, utils
 from .activation_cache import ActivationCache
 from .config import HookedTransformerConfig
 from .errors import (CancelledError, DeadlineExceededError, FailedPreconditionError,
-                     InvalidArgumentError, NotFoundError, OutOfRangeError, PermissionDeniedError,
-                     RemoteLensError, ResourceExhaustedError, UnauthenticatedError,
-                     UnavailableError)
+                     IncompatibleServerError, InvalidArgumentError, NotFoundError,
+                     OutOfRangeError, PermissionDeniedError, RemoteLensError,
+                     ResourceExhaustedError, UnauthenticatedError, UnavailableError)
 from ._hooks import HookPoint
+from ._version import API_VERSION, __version__
 from .hooked_transformer import HookedTransformer, Output
 from .transformer_bridge import TransformerBridge
 from .utils import get_act_name
-
-__version__ = "0.1.0"
 
 __all__ = [
     "HookedTransformer", "TransformerBridge", "HookedTransformerConfig", "ActivationCache", "HookPoint", "Output",
@@ -30,4 +29,5 @@ __all__ = [
     "RemoteLensError", "InvalidArgumentError", "OutOfRangeError", "NotFoundError",
     "PermissionDeniedError", "UnauthenticatedError", "DeadlineExceededError", "UnavailableError",
     "ResourceExhaustedError", "CancelledError", "FailedPreconditionError",
+    "IncompatibleServerError", "API_VERSION", "__version__",
 ]

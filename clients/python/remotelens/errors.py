@@ -43,6 +43,7 @@ __all__ = [
     "ResourceExhaustedError",
     "CancelledError",
     "FailedPreconditionError",
+    "IncompatibleServerError",
     "from_rpc_error",
     "translate_rpc_errors",
 ]
@@ -101,6 +102,19 @@ class CancelledError(RemoteLensError):
 
 class FailedPreconditionError(RemoteLensError):
     """The request cannot run in the server's current state (FAILED_PRECONDITION)."""
+
+
+class IncompatibleServerError(RemoteLensError):
+    """The server speaks another wire API version than this client (raised by from_server).
+
+    A client-side check, so code is None. Attributes: client_api_version, server_api_version.
+    """
+
+    def __init__(self, message: str, client_api_version: int, server_api_version: int):
+        super().__init__(message)
+        self.details = message
+        self.client_api_version = client_api_version
+        self.server_api_version = server_api_version
 
 
 _BY_CODE: Dict[grpc.StatusCode, Type[RemoteLensError]] = {

@@ -34,6 +34,7 @@ from . import readouts as readouts_module
 from ._generation import GenerationMixin
 from ._run import Progress, execute_run, pos_dim, server_pos_slice
 from ._tokens import TokensMixin
+from ._version import check_api_version
 from ._hooks import HookPoint, build_module_tree
 from ._weights import WeightsMixin
 from ._wire import ChunkAssembler, tensor_to_proto
@@ -93,6 +94,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
         self._timeout = timeout
         self.address = address
         info = self._unary("GetModelInfo", pb.GetModelInfoRequest())
+        check_api_version(info, address)
         self.cfg = HookedTransformerConfig.from_model_info(info, fold_ln)
         self._init_weights_cache()
         # The server's hook points (TransformerLens 3 names, forward order): what goes on the wire.
@@ -100,7 +102,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
         self._wire_shapes = {h.name: tuple(h.shape) for h in info.hooks}
         self.hook_dict: Dict[str, HookPoint] = self._make_hook_dict()
         self.mod_dict = build_module_tree(self, self.hook_dict, self.cfg.n_layers, self._weight_attr)
-        self.tokenizer = RemoteTokenizer(self)
+        self.tokenizer = RemoteTokenizer(self, info)
         self.context_level = 0
         self._session_ttl_seconds = session_ttl_seconds
         self._session_id: Optional[str] = None

@@ -1,14 +1,17 @@
 """A small Hugging Face-shaped tokenizer that tokenizes on the server.
 
 model.tokenizer supports what TransformerLens notebooks usually touch: padding_side,
-bos/eos/pad token ids and strings, encode, decode, batch_decode and __call__ returning
-input_ids and attention_mask.
+bos/eos/pad token ids and strings, encode, decode, batch_decode, __call__ returning
+input_ids and attention_mask, and apply_chat_template / chat_template for Instruct checkpoints
+(the template comes from the server, rendered here: remotelens.chat_template).
 """
 
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple,
+                    Union)
 
 import torch
 
+from . import chat_template as chat_template_module
 from ._wire import tensor_from_proto
 from .v1 import remotelens_pb2 as pb
 
@@ -36,8 +39,14 @@ class RemoteTokenizer:
     # Texts per Tokenize request; the server's default max_batch.
     BATCH = 64
 
-    def __init__(self, model: "HookedTransformer"):
+    def __init__(self, model: "HookedTransformer", info: Optional[pb.ModelInfo] = None):
         self._model = model
+        # The model directory's chat templates (name -> Jinja source) and the special-token
+        # texts they refer to, as the server read them from tokenizer_config.json.
+        self._chat_templates: Dict[str, str] = {
+            t.name: t.source for t in (info.chat_templates if info is not None else ())}
+        self._template_tokens = {"bos_token": info.bos_token if info is not None else "",
+                                 "eos_token": info.eos_token if info is not None else ""}
         self.padding_side = "right"
         self.model_max_length = model.cfg.n_ctx
         self.name_or_path = model.cfg.model_name
@@ -46,6 +55,15 @@ class RemoteTokenizer:
         self.eos_token_id = eos[0] if eos else None
         self._pad_token_id: Optional[int] = None
         self._token_text: Dict[int, str] = {}
+        # Hugging Face's eos_token is tokenizer_config.json's: "<|eot_id|>" (128009) for Llama 3.1
+        # Instruct, where config.json lists 128001 first. Generation still stops at every id in
+        # cfg.eos_token_ids.
+        eos_text = self._template_tokens["eos_token"]
+        if eos_text:
+            rows = self._tokenize([eos_text], False, "right")[0]
+            if len(rows[0]) == 1:
+                self.eos_token_id = rows[0][0]
+                self._token_text[rows[0][0]] = eos_text
 
     def __repr__(self) -> str:
         return f"RemoteTokenizer(name_or_path={self.name_or_path!r}, padding_side={self.padding_side!r})"
@@ -78,6 +96,77 @@ class RemoteTokenizer:
     @property
     def pad_token(self) -> Optional[str]:
         return self._special(self.pad_token_id)
+
+    @property
+    def chat_template(self) -> Union[None, str, Dict[str, str]]:
+        """The checkpoint's chat template: its Jinja source, a dict name -> source when it has
+        several, or None (Hugging Face's tokenizer.chat_template)."""
+        if not self._chat_templates:
+            return None
+        if list(self._chat_templates) == ["default"]:
+            return self._chat_templates["default"]
+        return dict(self._chat_templates)
+
+    def apply_chat_template(self, conversation, tools: Optional[Sequence[Mapping[str, Any]]] = None,
+                            documents: Optional[Sequence[Mapping[str, str]]] = None,
+                            chat_template: Optional[str] = None,
+                            add_generation_prompt: bool = False,
+                            continue_final_message: bool = False, tokenize: bool = True,
+                            padding: bool = False, truncation: bool = False,
+                            max_length: Optional[int] = None,
+                            return_tensors: Optional[str] = None, return_dict: bool = False,
+                            **kwargs: Any):
+        """Formats a conversation with the model's chat template (Hugging Face semantics).
+
+        Args:
+            conversation: a list of {"role": ..., "content": ...} messages, or a list of such
+                lists (a batch).
+            tools: JSON-schema tool descriptions for templates that take tools.
+            documents: documents for retrieval templates.
+            chat_template: a template name (when the checkpoint has several) or a Jinja source;
+                default: the checkpoint's template ("tool_use" when tools are given and it has
+                one).
+            add_generation_prompt: end with the header of a new assistant turn.
+            continue_final_message: end right after the last message's text, so generation
+                continues it.
+            tokenize: return token ids (encoded on the server without adding BOS: the template
+                writes it) instead of text.
+            padding: with a batch and return_tensors="pt", rows are padded (always done for
+                tensors; lists are returned unpadded).
+            truncation, max_length: keep at most max_length tokens per row.
+            return_tensors: "pt" for an int64 tensor [batch, pos]; None for lists.
+            return_dict: return {"input_ids": ..., "attention_mask": ...} (with tokenize).
+            **kwargs: extra template variables, e.g. date_string="26 Jul 2024".
+
+        Returns:
+            The text (or texts), token ids, a tensor, or a dict, as Hugging Face returns them.
+        """
+        batched = (isinstance(conversation, (list, tuple)) and len(conversation) > 0
+                   and isinstance(conversation[0], (list, tuple)))
+        conversations = list(conversation) if batched else [conversation]
+        source = chat_template_module.select_template(self._chat_templates, chat_template, tools)
+        special = {name: text for name, text in self._template_tokens.items() if text}
+        special.setdefault("bos_token", self.bos_token or "")
+        special.setdefault("eos_token", self.eos_token or "")
+        texts = [chat_template_module.render_chat_template(
+            source, c, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, tools=tools, documents=documents,
+            special_tokens=special, **kwargs) for c in conversations]
+        if not tokenize:
+            return texts if batched else texts[0]
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        limit = max_length if truncation else None
+        if return_tensors == "pt":
+            input_ids, attention_mask = self.encode_batch(texts, prepend_bos=False, max_length=limit)
+        else:
+            rows = self._tokenize(texts, False, "right")[0]
+            rows = [r[:limit] if limit is not None else r for r in rows]
+            input_ids = rows if batched else rows[0]
+            attention_mask = ([[1] * len(r) for r in rows] if batched else [1] * len(rows[0]))
+        if return_dict:
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return input_ids
 
     def special_token_ids(self) -> List[int]:
         """bos, eos (all of the model's) and pad ids: what skip_special_tokens removes."""
