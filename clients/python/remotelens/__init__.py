@@ -10,9 +10,10 @@ HookedTransformer.from_server(...); `from transformer_lens import utils` may bec
 TransformerBridge.boot_transformers(...) with TransformerBridge.from_server(...).
 """
 
-from . import metrics, ops, readouts, utils
+from . import metrics, ops, patching, readouts, utils
 from .activation_cache import ActivationCache
 from .config import HookedTransformerConfig
+from .factored_matrix import FactoredMatrix
 from .errors import (CancelledError, DeadlineExceededError, FailedPreconditionError,
                      InvalidArgumentError, NotFoundError, OutOfRangeError, PermissionDeniedError,
                      RemoteLensError, ResourceExhaustedError, UnauthenticatedError,
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HookedTransformer", "TransformerBridge", "HookedTransformerConfig", "ActivationCache", "HookPoint", "Output",
-    "metrics", "ops", "readouts", "utils", "get_act_name",
+    "FactoredMatrix", "metrics", "ops", "patching", "readouts", "utils", "get_act_name",
     "RemoteLensError", "InvalidArgumentError", "OutOfRangeError", "NotFoundError",
     "PermissionDeniedError", "UnauthenticatedError", "DeadlineExceededError", "UnavailableError",
     "ResourceExhaustedError", "CancelledError", "FailedPreconditionError",
