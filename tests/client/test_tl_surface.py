@@ -265,6 +265,34 @@ def test_factored_matrix_products_and_indexing():
         M.BA  # not square
 
 
+def test_factored_matrix_indexing_like_tl_unit_tests():
+    # tests/unit/factored_matrix/test_get_item.py and test_constructor.py: leading indices
+    # index both factors; extra indices pick rows/columns (negatives included, lists too);
+    # leading dims broadcast; a mismatch is a RuntimeError naming it.
+    g = torch.Generator().manual_seed(1)
+    M = FactoredMatrix(torch.rand(2, 2, 2, 2, 2, generator=g), torch.rand(2, 2, 2, 2, 2, generator=g))
+    assert torch.equal(M[:, 1].A, M.A[:, 1]) and torch.equal(M[(0, 1)].B, M.B[0, 1])
+    for idx in [(0, 0, 0, -1), (0, 0, 0, 0, -1), (0, 0, 0, -1, -1), (0, 0, 0, 1)]:
+        assert_close(M[idx].AB.squeeze(), M.AB[idx], atol=1e-6)
+    rows = M[:, :, :, [0, 1], [0]]
+    assert torch.equal(rows.A, M.A[:, :, :, [0, 1], :]) and torch.equal(rows.B, M.B[:, :, :, :, [0]])
+    with pytest.raises(IndexError):
+        M[(0, 1, 2)]
+    with pytest.raises(ValueError):
+        M[1, 1, 1, 1, 1, 1]
+    f = FactoredMatrix(torch.ones(4, 5, 3), torch.ones(2, 1, 3, 7))
+    assert (f.ldim, f.mdim, f.rdim) == (5, 3, 7) and f.has_leading_dims and f.shape == (2, 4, 5, 7)
+    with pytest.raises(RuntimeError, match="[Mm]ismatch"):
+        FactoredMatrix(torch.ones(9, 5, 3), torch.ones(2, 4, 3, 7))
+    U, S, V = M.svd()
+    even = M.make_even()
+    assert_close(even.AB, M.AB, atol=1e-5)
+    assert_close(even.A.transpose(-2, -1) @ even.A, torch.diag_embed(S), atol=1e-5)  # half the spectrum each
+    # collapse_l / collapse_r drop an orthogonal factor: the Frobenius norm is kept.
+    assert_close(torch.linalg.matrix_norm(M.collapse_l()), M.norm(), atol=1e-5)
+    assert_close(torch.linalg.matrix_norm(M.collapse_r()), M.norm(), atol=1e-5)
+
+
 def test_all_head_labels(model):
     # HookedTransformer.all_head_labels: "L{l}H{h}", layer-major.
     labels = model.all_head_labels()
@@ -299,6 +327,11 @@ def test_all_composition_scores(model, mode):
     later = torch.arange(c.n_layers)[:, None] < torch.arange(c.n_layers)[None, :]
     assert torch.all(scores.permute(0, 2, 1, 3)[~later] == 0)
     assert torch.all(scores.permute(0, 2, 1, 3)[later] > 0)
+    # The all-pairs utils.composition_scores (TL's formula, masked as TL masks it) agrees.
+    right_fm = {"Q": model.QK, "K": model.QK.T, "V": model.OV}[mode]
+    all_pairs = utils.composition_scores(model.OV, right_fm)
+    assert all_pairs.shape == scores.shape
+    assert_close(scores.permute(0, 2, 1, 3)[later], all_pairs.permute(0, 2, 1, 3)[later], atol=1e-5)
     with pytest.raises(ValueError, match="mode must be one of"):
         model.all_composition_scores("X")
 

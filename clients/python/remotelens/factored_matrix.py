@@ -39,9 +39,9 @@ class FactoredMatrix:
         self.ldim, self.mdim, self.rdim = A.size(-2), A.size(-1), B.size(-1)
         try:
             leading = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
-        except RuntimeError as e:
-            raise ValueError(f"FactoredMatrix leading dimensions do not broadcast: "
-                             f"A {tuple(A.shape)}, B {tuple(B.shape)}") from e
+        except RuntimeError as e:  # RuntimeError "Shape mismatch", as TransformerLens raises
+            raise RuntimeError(f"Shape mismatch: FactoredMatrix leading dimensions do not "
+                               f"broadcast: A {tuple(A.shape)}, B {tuple(B.shape)}") from e
         self.shape = torch.Size(tuple(leading) + (self.ldim, self.rdim))
         self.A = A.broadcast_to(tuple(leading) + (self.ldim, self.mdim))
         self.B = B.broadcast_to(tuple(leading) + (self.mdim, self.rdim))
