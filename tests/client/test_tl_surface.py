@@ -209,6 +209,32 @@ def test_input_to_embed(model, run):
     assert residual.shape == (*toks.shape, model.cfg.d_model)
 
 
+def test_input_to_embed_applies_hook_embed_hooks(model, run):
+    # input_to_embed runs hook_embed (with its hooks) on the embedding.
+    tokens, _, cache, _, _ = run
+    with model.hooks(fwd_hooks=[("hook_embed", ops.scale(2.0))]):
+        residual, _, _, _ = model.input_to_embed(tokens)
+    assert_close(residual, 2 * cache["hook_embed"])
+
+
+def test_bridge_logit_lens_with_tl4_names(demo_server, reference):
+    # TL4 TransformerBridge: no weight processing until enable_compatibility_mode(); the same
+    # callable modules (embed, ln_final, unembed) work with TL4 cache keys.
+    bridge = remotelens.TransformerBridge.from_server(demo_server.address)
+    try:
+        tokens = bridge.to_tokens(PROMPT)
+        _, cache = bridge.run_with_cache(tokens, names_filter="blocks.1.hook_out")
+        _, ref_cache = reference.forward(tokens)
+        lens = bridge.unembed(bridge.ln_final(cache["blocks.1.hook_out"]))
+        assert_close(lens, reference.lens(ref_cache["blocks.1.hook_resid_post"]))
+        assert bridge.embed.hook_out is bridge.hook_dict["embed.hook_out"]
+        bridge.enable_compatibility_mode()
+        lens = bridge.unembed(bridge.ln_final(cache["blocks.1.hook_out"]))
+        assert_close(lens, centred(reference.lens(ref_cache["blocks.1.hook_resid_post"])))
+    finally:
+        bridge.close()
+
+
 # ------------------------------------------------------------------ circuits (item 2)
 
 def test_QK_and_OV_are_factored_circuits(model):
