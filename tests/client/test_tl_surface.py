@@ -101,6 +101,30 @@ def test_processing_flags_can_be_mixed(demo_server, reference):
                                                  refactor_factored_attn_matrices=True)
 
 
+def test_backward_through_centred_logits(tl_model, reference):
+    # With a centred W_U a metric's gradient reaches the model through the centred logits:
+    # metric(model(tokens)).backward() must match the reference on centred logits.
+    tokens = tl_model.to_tokens(PROMPT)
+    grads = {}
+
+    def metric(logits):
+        return logits[0, -1, 7] + 0.5 * logits[0, 2, 3]
+
+    tl_model.add_hook("blocks.1.hook_resid_pre", lambda g, hook: grads.setdefault(hook.name, g.clone()), "bwd")
+    try:
+        value = metric(tl_model(tokens))
+        value.backward()
+    finally:
+        tl_model.reset_hooks()
+    anchor = torch.zeros(*tokens.shape, reference.config.d_model, requires_grad=True)
+    ref_logits, ref_cache = reference.forward(tokens, ops=[{"hook": "hook_embed", "op": "add", "tensor": "a"}],
+                                              hook_tensors={"a": anchor})
+    ref_value = metric(centred(ref_logits))
+    (ref_grad,) = torch.autograd.grad(ref_value, [ref_cache["blocks.1.hook_resid_pre"]])
+    assert abs(value.item() - ref_value.item()) < 1e-4
+    assert_close(grads["blocks.1.hook_resid_pre"], ref_grad)
+
+
 def test_nothing_printed_about_layernorm_centring(demo_server, capsys, caplog):
     # weight_processing.process_weights centres writing weights only for LN/LNPre and says
     # nothing for RMS models; remotelens prints nothing either.

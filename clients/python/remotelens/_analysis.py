@@ -166,8 +166,15 @@ class AnalysisMixin:
                 scores[l1, h1, l1 + 1:] = product / left_norms[l1, h1] / right_norms[l1 + 1:]
         return scores
 
-    def _center_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """With center_unembed, the logits the centred W_U gives: minus their mean over d_vocab."""
+    def _center_logits(self, logits: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """With center_unembed, the logits the centred W_U gives: minus their mean over d_vocab.
+
+        Args:
+            logits: [..., d_vocab].
+            in_place: edit `logits` (a freshly decoded tensor nobody else holds): no second
+                [batch, pos, d_vocab] buffer.
+        """
         if not getattr(self.cfg, "center_unembed", False) or logits is None:
             return logits
-        return logits - logits.mean(-1, keepdim=True)
+        mean = logits.mean(-1, keepdim=True)
+        return logits.sub_(mean) if in_place else logits - mean

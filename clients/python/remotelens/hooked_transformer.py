@@ -582,7 +582,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, AnalysisMixin, GenerationMixi
             cache = {n: pos_slice.apply(t, dim=pos_dim(n)) for n, t in cache.items()}
         logits = outputs.get("logits")
         if stop is None and logits is not None and not (attach_backward and return_type == "logits"):
-            logits = self._center_logits(logits)
+            logits = self._center_logits(logits, in_place=True)
         loss = outputs.get("loss")
         if return_type in ("loss", "both") and stop is None:
             if server_loss:
