@@ -526,6 +526,23 @@ def test_get_act_patch_attn_head_out_all_pos(model, patch_setup):
     assert_close(out, expected)
 
 
+def test_patches_per_forward_batches_a_sweep(model, patch_setup):
+    # remotelens extension: k patches per forward give the same values as one per forward.
+    clean, corrupt, clean_cache, metric = patch_setup
+    one = patching.get_act_patch_resid_pre(model, corrupt, clean_cache, metric)
+    batched = patching.get_act_patch_resid_pre(model, corrupt, clean_cache, metric, patches_per_forward=3)
+    assert_close(batched, one)
+    heads = patching.get_act_patch_attn_head_out_all_pos(model, corrupt, clean_cache, metric)
+    assert_close(patching.get_act_patch_attn_head_out_all_pos(
+        model, corrupt, clean_cache, metric, patches_per_forward=8), heads)
+    flat = patching.generic_activation_patch(model, corrupt, clean_cache, metric,
+                                             patching.layer_pos_patch_setter, "resid_pre",
+                                             index_df=[(2, 1), (0, 5), (0, 3)], patches_per_forward=2)
+    assert_close(flat, torch.stack([one[2, 1], one[0, 5], one[0, 3]]))
+    with pytest.raises(ValueError, match="patches_per_forward"):
+        patching.get_act_patch_resid_pre(model, corrupt, clean_cache, metric, patches_per_forward=0)
+
+
 def test_get_act_patch_block_every(model, patch_setup):
     # patching.get_act_patch_block_every: [3, n_layers, pos] = resid_pre, attn_out, mlp_out.
     clean, corrupt, clean_cache, metric = patch_setup
