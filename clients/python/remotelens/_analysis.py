@@ -13,7 +13,7 @@ QK, OV, accumulated_bias, all_composition_scores, all_head_labels, input_to_embe
 components/rms_norm.py, rms_norm_pre.py, embed.py, unembed.py).
 """
 
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 
