@@ -182,7 +182,12 @@ class _Block(Module):
         self._layer = layer
         self._root = root
 
-    def __call__(self, resid_pre, attention_mask=None):
+    def __call__(self, resid_pre, shortformer_pos_embed=None, past_kv_cache_entry=None,
+                 attention_mask=None):
+        """TransformerBlock.forward's signature; resid_pre [batch, pos, d_model] -> resid_post."""
+        if shortformer_pos_embed is not None or past_kv_cache_entry is not None:
+            raise NotImplementedError("a remotelens block takes no shortformer_pos_embed (Llama is "
+                                      "rotary) and no past_kv_cache_entry")
         return self._root._block_forward(self._layer, resid_pre, attention_mask)
 
 
