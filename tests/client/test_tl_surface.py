@@ -460,6 +460,42 @@ def test_get_full_resid_decomposition_apply_ln_and_projection(model, run):
     assert_close(projected.sum(0), logits[..., token])
 
 
+def test_tl_activation_cache_acceptance_tests_on_llama(model, run):
+    # tests/acceptance/test_activation_cache.py (at 4cd36aa): test_accumulated_resid_with_apply_ln,
+    # test_apply_ln_recompute_ln_differs_from_cached, test_get_full_resid_decomposition and
+    # ..._project_output_onto_2d, on the Llama demo model (no pos_embed).
+    _, _, cache, _, _ = run
+    c = model.cfg
+    accumulated = cache.accumulated_resid(layer=-1, incl_mid=True, pos_slice=-1)
+    recomputed = cache.apply_ln_to_stack(accumulated, layer=-1, pos_slice=-1, recompute_ln=True)
+    scaled, labels = cache.accumulated_resid(layer=None, incl_mid=True, pos_slice=utils.Slice(-1),
+                                             apply_ln=True, return_labels=True)
+    assert_close(scaled, recomputed, atol=1e-6)
+    assert labels == [x for l in range(c.n_layers) for x in (f"{l}_pre", f"{l}_mid")] + ["final_post"]
+    cached = cache.apply_ln_to_stack(accumulated, layer=-1, pos_slice=-1, recompute_ln=False)
+    assert cached.shape == recomputed.shape and not torch.allclose(cached, recomputed, atol=1e-7)
+
+    heads, head_labels = cache.stack_head_results(layer=c.n_layers, pos_slice=utils.Slice(-1),
+                                                  apply_ln=True, return_labels=True)
+    mlps, mlp_labels = cache.decompose_resid(layer=c.n_layers, pos_slice=utils.Slice(-1), incl_embeds=False,
+                                             mode="mlp", apply_ln=True, return_labels=True)
+    full, full_labels = cache.get_full_resid_decomposition(layer=-1, pos_slice=-1, apply_ln=True,
+                                                           expand_neurons=False, return_labels=True)
+    n_h, n_m = heads.shape[0], mlps.shape[0]
+    assert_close(full[:n_h], heads, atol=1e-6)
+    assert full_labels[:n_h] == head_labels
+    assert_close(full[n_h:n_h + n_m], mlps, atol=1e-6)
+    assert full_labels[n_h:n_h + n_m] == mlp_labels
+    assert_close(full[n_h + n_m], cache.apply_ln_to_stack(cache["embed"][None, :, -1], pos_slice=utils.Slice(-1))[0],
+                 atol=1e-6)
+    assert full_labels[n_h + n_m:] == ["embed", "bias"]
+    directions = torch.randn(c.d_model, 2, generator=torch.Generator().manual_seed(0))
+    projected = cache.get_full_resid_decomposition(layer=-1, pos_slice=-1, project_output_onto=directions)
+    unprojected = cache.get_full_resid_decomposition(layer=-1, pos_slice=-1)
+    assert projected.shape == (*unprojected.shape[:-1], 2)
+    assert_close(projected, unprojected @ directions)
+
+
 # ------------------------------------------------------------------ patching (item 4)
 
 @pytest.fixture
