@@ -590,6 +590,25 @@ def test_get_act_patch_block_every(model, patch_setup):
     assert_close(out[2], mlp)
 
 
+def test_get_act_patch_attn_head_every(model, patch_setup):
+    # tests/unit/test_patching.py: get_act_patch_attn_head_all_pos_every is [5, n_layers, n_heads],
+    # finite, not constant; k/v (GQA) are zero-padded to n_heads (patching.py).
+    clean, corrupt, clean_cache, metric = patch_setup
+    c = model.cfg
+    every = patching.get_act_patch_attn_head_all_pos_every(model, corrupt, clean_cache, metric,
+                                                           patches_per_forward=8)
+    assert every.shape == (5, c.n_layers, c.n_heads)
+    assert torch.isfinite(every).all() and not torch.all(every == every[0, 0, 0])
+    assert torch.all(every[2:4, :, c.n_key_value_heads:] == 0)
+    assert_close(every[0], patching.get_act_patch_attn_head_out_all_pos(model, corrupt, clean_cache, metric))
+    by_pos = patching.get_act_patch_attn_head_by_pos_every(model, corrupt, clean_cache, metric,
+                                                          patches_per_forward=16)
+    assert by_pos.shape == (5, c.n_layers, corrupt.shape[1], c.n_heads)
+    pattern = patching.get_act_patch_attn_head_pattern_by_pos(model, corrupt, clean_cache, metric)
+    assert pattern.shape == (c.n_layers, c.n_heads, corrupt.shape[1])
+    assert_close(by_pos[4], pattern.transpose(1, 2))
+
+
 def test_generic_activation_patch_index_df_and_kv_heads(model, patch_setup):
     # generic_activation_patch: index_df gives flat output; return_index_df returns the indices;
     # k/v sweeps range over the key/value heads.

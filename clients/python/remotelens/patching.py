@@ -35,7 +35,8 @@ __all__ = [
     "get_act_patch_attn_head_pattern_dest_src_pos", "get_act_patch_attn_head_out_all_pos",
     "get_act_patch_attn_head_q_all_pos", "get_act_patch_attn_head_k_all_pos",
     "get_act_patch_attn_head_v_all_pos", "get_act_patch_attn_head_pattern_all_pos",
-    "get_act_patch_block_every",
+    "get_act_patch_block_every", "get_act_patch_attn_head_all_pos_every",
+    "get_act_patch_attn_head_by_pos_every",
 ]
 
 
@@ -291,4 +292,43 @@ def get_act_patch_block_every(model, corrupted_tokens: torch.Tensor, clean_cache
     return torch.stack([
         sweep(model, corrupted_tokens, clean_cache, metric, patches_per_forward=patches_per_forward)
         for sweep in (get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out)
+    ], dim=0)
+
+
+def _pad_heads(results: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Zero-pads the last (head) dim of a key/value sweep to n_heads, as TL does for GQA."""
+    return torch.nn.functional.pad(results, (0, n_heads - results.size(-1)))
+
+
+def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens: torch.Tensor, clean_cache,
+                                          metric: Callable[[torch.Tensor], torch.Tensor],
+                                          patches_per_forward: int = 1) -> torch.Tensor:
+    """z, q, k, v and pattern of each head patched at every position: [5, n_layers, n_heads]
+    (k and v have n_key_value_heads entries, zero-padded to n_heads)."""
+    kw = {"patches_per_forward": patches_per_forward}
+    n_heads = model.cfg.n_heads
+    return torch.stack([
+        get_act_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache, metric, **kw),
+        get_act_patch_attn_head_q_all_pos(model, corrupted_tokens, clean_cache, metric, **kw),
+        _pad_heads(get_act_patch_attn_head_k_all_pos(model, corrupted_tokens, clean_cache, metric, **kw), n_heads),
+        _pad_heads(get_act_patch_attn_head_v_all_pos(model, corrupted_tokens, clean_cache, metric, **kw), n_heads),
+        get_act_patch_attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache, metric, **kw),
+    ], dim=0)
+
+
+def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens: torch.Tensor, clean_cache,
+                                         metric: Callable[[torch.Tensor], torch.Tensor],
+                                         patches_per_forward: int = 1) -> torch.Tensor:
+    """z, q, k, v and pattern of each head patched per position: [5, n_layers, pos, n_heads]
+    (k and v zero-padded to n_heads; the pattern sweep's [layer, head, pos] moved to
+    [layer, pos, head])."""
+    kw = {"patches_per_forward": patches_per_forward}
+    n_heads = model.cfg.n_heads
+    return torch.stack([
+        get_act_patch_attn_head_out_by_pos(model, corrupted_tokens, clean_cache, metric, **kw),
+        get_act_patch_attn_head_q_by_pos(model, corrupted_tokens, clean_cache, metric, **kw),
+        _pad_heads(get_act_patch_attn_head_k_by_pos(model, corrupted_tokens, clean_cache, metric, **kw), n_heads),
+        _pad_heads(get_act_patch_attn_head_v_by_pos(model, corrupted_tokens, clean_cache, metric, **kw), n_heads),
+        get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric,
+                                               **kw).transpose(1, 2),
     ], dim=0)
