@@ -38,7 +38,9 @@ def reference(demo_model_dir):
 
 @pytest.fixture(scope="session")
 def session_model(demo_server):
-    model = remotelens.HookedTransformer.from_server(demo_server.address)
+    # The reference computes raw logits; center_unembed (from_server's TransformerLens default)
+    # is tested on its own in test_tl_surface.py.
+    model = remotelens.HookedTransformer.from_server(demo_server.address, center_unembed=False)
     yield model
     model.close()
 

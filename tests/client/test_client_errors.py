@@ -34,7 +34,8 @@ def secure_server(demo_model_dir, tmp_path_factory):
 
 def test_tls_and_api_key(secure_server, model):
     with remotelens.HookedTransformer.from_server(secure_server.address, api_key=ALICE,
-                                                  root_certificates=secure_server.cert) as alice:
+                                                  root_certificates=secure_server.cert,
+                                                  center_unembed=False) as alice:
         tokens = alice.to_tokens("The cat sat")
         assert_close(alice(tokens), model(tokens))
     with open(secure_server.cert, "rb") as f:

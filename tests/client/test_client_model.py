@@ -235,7 +235,8 @@ def test_folded_weights_reproduce_activations(model):
 
 
 def test_unfolded_weights(demo_server, reference):
-    with remotelens.HookedTransformer.from_server(demo_server.address, fold_ln=False) as raw:
+    with remotelens.HookedTransformer.from_server(demo_server.address, fold_ln=False,
+                                                  center_unembed=False) as raw:
         assert raw.cfg.normalization_type == "RMS"
         assert torch.equal(raw.W_U, reference.W_U.T)
         assert torch.equal(raw.W_in[0], reference.w["model.layers.0.mlp.up_proj.weight"].T)

@@ -205,7 +205,7 @@ def test_gradient_and_plain_requests_from_two_users_at_once_stay_correct(demo_se
                     errors.append("gradient differs")
 
     def plain():
-        with remotelens.HookedTransformer.from_server(demo_server.address) as m:
+        with remotelens.HookedTransformer.from_server_no_processing(demo_server.address) as m:
             for _ in range(12):
                 logits = m(TOKENS)
                 if float((logits - ref_logits).abs().max()) > 1e-4:

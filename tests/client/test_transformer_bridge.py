@@ -294,7 +294,8 @@ def test_compatibility_mode_aliases_resolve_both_ways(compat, model, reference):
     # A filter matching both names of one hook point adds the hook once (scale 2, not 4).
     compat.add_hook(lambda n: n.endswith((f"{layer}.hook_resid_post", f"{layer}.hook_out")), ops.scale(2.0))
     expected, _ = reference.forward(tokens, ops=[{"hook": f"blocks.{layer}.hook_resid_post", "op": "scale", "factor": 2.0}])
-    assert_close(compat(tokens), expected)
+    # enable_compatibility_mode() centres W_U (TL4 bridge.py process_weights, center_unembed=True).
+    assert_close(compat(tokens), expected - expected.mean(-1, keepdim=True))
 
 
 def test_compatibility_mode_cache_has_both_schemes(compat, model):
@@ -334,10 +335,12 @@ def test_remove_batch_dim_with_aliases(compat):
 def test_weights_fold_only_in_compatibility_mode(demo_server, bridge, compat, model):
     # TL4: a bridge starts with the checkpoint's weights; enable_compatibility_mode() folds the
     # norms (fold_ln=True), no_processing=True only registers the names.
-    raw = remotelens.HookedTransformer.from_server(demo_server.address, fold_ln=False)
+    raw = remotelens.HookedTransformer.from_server_no_processing(demo_server.address)
     try:
         assert torch.equal(bridge.W_Q, raw.W_Q) and not bridge.cfg.fold_ln
         assert torch.equal(compat.W_Q, model.W_Q) and compat.cfg.fold_ln
+        assert compat.cfg.center_unembed and not bridge.cfg.center_unembed
+        assert torch.allclose(compat.W_U.mean(-1), torch.zeros(compat.cfg.d_model), atol=1e-6)
         assert not torch.equal(model.W_Q, raw.W_Q)  # the demo's norm weights are not all 1
         names_only = remotelens.TransformerBridge.from_server(demo_server.address)
         try:

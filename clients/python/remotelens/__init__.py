@@ -10,9 +10,10 @@ HookedTransformer.from_server(...); `from transformer_lens import utils` may bec
 TransformerBridge.boot_transformers(...) with TransformerBridge.from_server(...).
 """
 
-from . import metrics, ops, readouts, utils
+from . import metrics, ops, patching, readouts, utils
 from .activation_cache import ActivationCache
 from .config import HookedTransformerConfig
+from .factored_matrix import FactoredMatrix
 from .errors import (CancelledError, DeadlineExceededError, FailedPreconditionError,
                      IncompatibleServerError, InvalidArgumentError, NotFoundError,
                      OutOfRangeError, PermissionDeniedError, RemoteLensError,
@@ -25,7 +26,7 @@ from .utils import get_act_name
 
 __all__ = [
     "HookedTransformer", "TransformerBridge", "HookedTransformerConfig", "ActivationCache", "HookPoint", "Output",
-    "metrics", "ops", "readouts", "utils", "get_act_name",
+    "FactoredMatrix", "metrics", "ops", "patching", "readouts", "utils", "get_act_name",
     "RemoteLensError", "InvalidArgumentError", "OutOfRangeError", "NotFoundError",
     "PermissionDeniedError", "UnauthenticatedError", "DeadlineExceededError", "UnavailableError",
     "ResourceExhaustedError", "CancelledError", "FailedPreconditionError",

@@ -150,6 +150,62 @@ class _WeightModule(Module):
                              f"attribute {attr!r}")
 
 
+class _Norm(_WeightModule):
+    """An RMSNorm (ln1, ln2, ln_final): model.ln_final(resid) normalises here, like
+    TransformerLens's RMSNorm (fold_ln=False: times the weight) or RMSNormPre (fold_ln=True)."""
+
+    def __call__(self, x):
+        return self._root._apply_norm(self._weights["w"], self._layer, x)
+
+
+class _Attention(_WeightModule):
+    """A block's attention: weights (W_Q ... b_O) and its QK / OV circuits."""
+
+    @property
+    def QK(self):
+        """FactoredMatrix(W_Q, W_K^T) [n_heads, d_model, d_model] (TransformerLens attn.QK)."""
+        from .factored_matrix import FactoredMatrix
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self):
+        """FactoredMatrix(W_V, W_O) [n_heads, d_model, d_model] (TransformerLens attn.OV)."""
+        from .factored_matrix import FactoredMatrix
+        return FactoredMatrix(self.W_V, self.W_O)
+
+
+class _Block(Module):
+    """A transformer block: model.blocks[L](resid_pre) runs it on the server (resid_post)."""
+
+    def __init__(self, name: str, layer: int, root: Any):
+        super().__init__(name)
+        self._layer = layer
+        self._root = root
+
+    def __call__(self, resid_pre, shortformer_pos_embed=None, past_kv_cache_entry=None,
+                 attention_mask=None):
+        """TransformerBlock.forward's signature; resid_pre [batch, pos, d_model] -> resid_post."""
+        if shortformer_pos_embed is not None or past_kv_cache_entry is not None:
+            raise NotImplementedError("a remotelens block takes no shortformer_pos_embed (Llama is "
+                                      "rotary) and no past_kv_cache_entry")
+        return self._root._block_forward(self._layer, resid_pre, attention_mask)
+
+
+class _Embed(_WeightModule):
+    """model.embed(tokens) -> W_E[tokens] [batch, pos, d_model] (TransformerLens Embed)."""
+
+    def __call__(self, tokens):
+        return self._root._embed_tokens(tokens)
+
+
+class _Unembed(_WeightModule):
+    """model.unembed(x) -> x @ W_U + b_U [..., d_vocab] (TransformerLens Unembed), with the
+    model's processed W_U (ln_final folded with fold_ln, centred with center_unembed)."""
+
+    def __call__(self, x):
+        return self._root._unembed(x)
+
+
 # Per-block weights each sublayer exposes, as in TransformerLens (attn.W_Q, mlp.W_in, ln1.w).
 _SUBLAYER_WEIGHTS = {
     "attn": {"W_Q": "W_Q", "W_K": "W_K", "W_V": "W_V", "W_O": "W_O", "_W_K": "_W_K",
@@ -158,6 +214,7 @@ _SUBLAYER_WEIGHTS = {
     "ln1": {"w": "ln1_w"},
     "ln2": {"w": "ln2_w"},
 }
+_SUBLAYER_CLASS = {"attn": _Attention, "ln1": _Norm, "ln2": _Norm}
 
 
 def build_module_tree(root: Any, hook_points: Dict[str, HookPoint], n_layers: int,
@@ -165,7 +222,9 @@ def build_module_tree(root: Any, hook_points: Dict[str, HookPoint], n_layers: in
     """Attaches blocks, sublayers and hook points to `root` as attributes.
 
     Args:
-        root: the model object; gets .blocks (a list), .ln_final, .hook_embed, ...
+        root: the model object; gets .blocks (a list), .embed, .unembed, .ln_final,
+            .hook_embed, ... Calling a module calls back root._embed_tokens, _unembed,
+            _apply_norm or _block_forward.
         hook_points: name -> HookPoint, in forward order.
         n_layers: number of blocks.
         fetch_weight: fetch_weight(stacked attribute name, layer) -> tensor for one layer.
@@ -174,17 +233,22 @@ def build_module_tree(root: Any, hook_points: Dict[str, HookPoint], n_layers: in
         mod_dict: every module and hook point by its dotted name.
     """
     mod_dict: Dict[str, Any] = {}
-    blocks = [Module(f"blocks.{i}") for i in range(n_layers)]
+    blocks = [_Block(f"blocks.{i}", i, root) for i in range(n_layers)]
     for i, block in enumerate(blocks):
         mod_dict[block.name] = block
         for sub, weights in _SUBLAYER_WEIGHTS.items():
-            module = _WeightModule(f"blocks.{i}.{sub}", i, weights, fetch_weight)
+            module = _SUBLAYER_CLASS.get(sub, _WeightModule)(f"blocks.{i}.{sub}", i, weights, fetch_weight)
+            module._root = root
             setattr(block, sub, module)
             mod_dict[module.name] = module
     root.blocks = blocks
-    ln_final = _WeightModule("ln_final", None, {"w": "ln_final_w"}, fetch_weight)
-    root.ln_final = ln_final
-    mod_dict["ln_final"] = ln_final
+    for name, cls, weights in (("ln_final", _Norm, {"w": "ln_final_w"}),
+                               ("embed", _Embed, {"W_E": "W_E"}),
+                               ("unembed", _Unembed, {"W_U": "W_U", "b_U": "b_U"})):
+        module = cls(name, None, weights, fetch_weight)
+        module._root = root
+        setattr(root, name, module)
+        mod_dict[name] = module
     for name, hp in hook_points.items():
         parts = name.split(".")
         if parts[0] == "blocks":

@@ -14,6 +14,10 @@ Shapes (stacked over layers, like TransformerLens's HookedTransformer properties
     W_out   [n_layers, d_mlp, d_model]
     b_*     zeros of TransformerLens's bias shapes (Llama has no biases)
 
+With center_unembed=True (the default, like TransformerLens's from_pretrained) W_U has its mean
+over the vocabulary subtracted from each row, and the logits the model returns are shifted by
+their per-position mean to match (log-probabilities, the loss and sampling are unchanged).
+
 With fold_ln=True (the default, like TransformerLens's from_pretrained) each RMSNorm weight is
 folded into the matrices that read its output: ln1 into W_Q/W_K/W_V, ln2 into W_in/W_gate,
 ln_final into W_U. The server's hook_normalized activations are taken before the norm weight,
@@ -128,6 +132,8 @@ class WeightsMixin:
         """Weight access for the module tree: model.blocks[L].attn.W_Q, model.ln_final.w."""
         if name == "ln_final_w":
             return self._to_device(self._fetch_raw_weight(name))
+        if name in ("W_E", "W_U", "b_U"):
+            return getattr(self, name)
         return self._to_device(self._layer_weight(name, layer))
 
     @property
@@ -137,10 +143,16 @@ class WeightsMixin:
 
     @property
     def W_U(self) -> torch.Tensor:
-        """Unembedding [d_model, d_vocab] (ln_final's weight folded in when fold_ln)."""
+        """Unembedding [d_model, d_vocab] (ln_final's weight folded in when fold_ln; each row's
+        mean over the vocabulary subtracted when center_unembed)."""
         key = ("W_U", None)
         if key not in self._weights:
-            self._weights[key] = self._fold("W_U", None, self._fetch_raw_weight("W_U"))
+            value = self._fold("W_U", None, self._fetch_raw_weight("W_U"))
+            if getattr(self.cfg, "center_unembed", False):
+                # TransformerLens ProcessWeights.center_unembed: W_U - W_U.mean(-1, keepdim=True)
+                # (b_U is zero here), which shifts each position's logits by their mean.
+                value = (value.float() - value.float().mean(-1, keepdim=True)).to(value.dtype)
+            self._weights[key] = value
         return self._to_device(self._weights[key])
 
     @property

@@ -9,7 +9,9 @@
     stack, labels = cache.decompose_resid(return_labels=True)
 
 Llama normalises with RMSNorm, so the apply_ln helpers divide by the cached hook_scale
-(sqrt(mean(x^2) + eps)) and never centre. A cache run with store=True also lives on the server
+(sqrt(mean(x^2) + eps)) and never centre; accumulated_resid(apply_ln=True) up to the unembed
+normalises each layer's stream by its own RMS instead (model.ln_final), as current
+TransformerLens does. A cache run with store=True also lives on the server
 under `cache.handle`, so remotelens.ops.patch_from(cache) patches from the server's copy; with
 download=False its tensors are fetched only when first read.
 """
@@ -236,8 +238,13 @@ class ActivationCache:
             layer: stack up to the input of this block (resid_pre of blocks < layer); None, -1 or
                 n_layers also includes the final resid_post ("final_post").
             incl_mid: also include resid_mid of each earlier block.
-            apply_ln: divide by the cached scale of the norm the stack feeds (ln1 of `layer`, or
-                ln_final for the final layer), with no centering (RMSNorm).
+            apply_ln: normalise the stack as the norm it feeds would. Up to the unembed (layer
+                None / -1 / n_layers) each component goes through model.ln_final with its own
+                RMS (a logit lens of every layer); for an earlier layer each is divided by the
+                cached scale of that block's ln1 (ln2 with mlp_input). As TransformerLens's
+                ActivationCache.accumulated_resid (transformer_lens/ActivationCache.py at
+                TransformerLensOrg/TransformerLens@4cd36aaeb5dad931d085bd5d46a12b402fe15272:
+                recompute_ln = layer == n_layers).
             pos_slice: positions to keep (utils.Slice input).
             mlp_input: also include resid_mid of `layer` (the MLP's input).
             return_labels: also return labels like "0_pre", "1_mid", "final_post".
@@ -258,7 +265,11 @@ class ActivationCache:
             if (incl_mid and l < layer) or (mlp_input and l == layer):
                 components.append(self[("resid_mid", l)])
                 labels.append(f"{l}_mid")
-        return self._stacked(components, labels, layer, apply_ln, pos_slice, mlp_input, return_labels)
+        stack = torch.stack([pos_slice.apply(c, dim=-2) for c in components], dim=0)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice,
+                                           recompute_ln=layer == self._n_layers)
+        return (stack, labels) if return_labels else stack
 
     def decompose_resid(self, layer: Optional[int] = None, mlp_input: bool = False,
                         mode: str = "all", apply_ln: bool = False,
@@ -270,7 +281,8 @@ class ActivationCache:
             layer: decompose the input of this block; None, -1 or n_layers: the final residual.
             mlp_input: decompose the MLP's input instead (adds attn_out of `layer`).
             mode: "all", "attn" (attention outputs only) or "mlp" (MLP outputs only).
-            apply_ln: divide by the cached scale of the norm the stack feeds.
+            apply_ln: divide by the cached scale of the norm the stack feeds (one scale for
+                every component, so the components still sum to that norm's output).
             pos_slice: positions to keep.
             incl_embeds: include hook_embed (label "embed").
             return_labels: also return labels like "embed", "0_attn_out", "0_mlp_out".
@@ -378,6 +390,59 @@ class ActivationCache:
         return self._finish_component_stack(parts, labels, layer, pos_slice,
                                             return_labels, incl_remainder, apply_ln)
 
+    def get_full_resid_decomposition(self, layer: Optional[int] = None, mlp_input: bool = False,
+                                     expand_neurons: bool = True, apply_ln: bool = False,
+                                     pos_slice: Union[Slice, SliceInput] = None,
+                                     return_labels: bool = False,
+                                     project_output_onto: Optional[torch.Tensor] = None):
+        """The residual stream entering `layer`, split into every head, every neuron (or MLP
+        layer), the embedding and the accumulated bias (TransformerLens's order and labels).
+
+        Args:
+            layer: the block whose input is decomposed; None, -1 or n_layers: the unembed's.
+            mlp_input: decompose the MLP's input of `layer` (adds that block's heads).
+            expand_neurons: one component per neuron ("L{l}N{n}"); False: per MLP ("{l}_mlp_out").
+            apply_ln: divide every component by the cached scale of the norm it feeds.
+            pos_slice: positions to keep.
+            return_labels: also return the labels.
+            project_output_onto: [d_model] or [d_model, n] directions to project every
+                component onto (e.g. W_U[:, token]); the last dim is then 1-less or n.
+
+        Returns:
+            [components, *batch_and_pos, d_model (or projection)] summing to the decomposed
+            residual stream: heads (L*n_heads, "L{l}H{h}"), neurons or MLPs, "embed", "bias".
+        """
+        layer = self._normalise_layer(layer)
+        if mlp_input and layer >= self._n_layers:
+            raise ValueError("mlp_input needs a layer before the unembed")
+        pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+        heads, labels = self.stack_head_results(layer + (1 if mlp_input else 0), pos_slice=pos_slice,
+                                                return_labels=True)
+        components = [heads]
+        if layer > 0:
+            if expand_neurons:
+                neurons, neuron_labels = self.stack_neuron_results(layer, pos_slice=pos_slice,
+                                                                   return_labels=True)
+            else:
+                neurons, neuron_labels = self.decompose_resid(layer, mlp_input=mlp_input,
+                                                              pos_slice=pos_slice, mode="mlp",
+                                                              incl_embeds=False, return_labels=True)
+            components.append(neurons.to(heads.dtype))
+            labels.extend(neuron_labels)
+        embed = pos_slice.apply(self["hook_embed"], dim=-2)[None]
+        components.append(embed.to(heads.dtype))
+        labels.append("embed")
+        bias = self.model.accumulated_bias(layer, mlp_input, include_mlp_biases=expand_neurons)
+        components.append(bias.to(heads.device, heads.dtype).expand((1,) + tuple(heads.shape[1:])))
+        labels.append("bias")
+        stack = torch.cat(components, dim=0)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+        if project_output_onto is not None:
+            directions = project_output_onto.to(stack.device, stack.dtype)
+            stack = stack @ directions
+        return (stack, labels) if return_labels else stack
+
     def _finish_component_stack(self, components: List[torch.Tensor], labels: List[str],
                                 layer: int, pos_slice: Slice, return_labels: bool,
                                 incl_remainder: bool, apply_ln: bool):
@@ -452,11 +517,9 @@ class ActivationCache:
         if has_batch_dim:
             residual_stack = batch_slice.apply(residual_stack, dim=1)
         if recompute_ln and layer == self._n_layers:
-            eps = self.model.cfg.eps
-            normalised = residual_stack / torch.sqrt(residual_stack.pow(2).mean(-1, keepdim=True) + eps)
-            if not getattr(self.model.cfg, "fold_ln", True):
-                normalised = normalised * self.model.ln_final.w.to(normalised.device, normalised.dtype)
-            return normalised
+            # Each component through ln_final with its own RMS (times ln_final's weight when it
+            # is not folded into W_U), as TransformerLens's apply_ln_to_stack(recompute_ln=True).
+            return self.model.ln_final(residual_stack)
         scale = self._cached_scale(layer, mlp_input, pos_slice, batch_slice)
         return residual_stack / scale
 

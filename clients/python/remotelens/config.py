@@ -42,6 +42,8 @@ class HookedTransformerConfig:
     tie_word_embeddings: bool = False
     rope_scaling: str = ""
     fold_ln: bool = True
+    center_unembed: bool = True
+    center_writing_weights: bool = False  # RMSNorm: nothing to centre
     use_attn_result: bool = False
     default_prepend_bos: bool = True
     tokenizer_prepends_bos: bool = True

@@ -31,6 +31,7 @@ import torch
 from . import metrics as metrics_module
 from . import ops as ops_module
 from . import readouts as readouts_module
+from ._analysis import AnalysisMixin
 from ._generation import GenerationMixin
 from ._run import Progress, execute_run, pos_dim, server_pos_slice
 from ._tokens import TokensMixin
@@ -74,12 +75,13 @@ class Output(NamedTuple):
     loss: torch.Tensor
 
 
-class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
+class HookedTransformer(TokensMixin, WeightsMixin, AnalysisMixin, GenerationMixin):
     """A Llama model resident on a remotelens server, driven with TransformerLens's API.
 
     Construct with from_server(). Attributes: cfg (HookedTransformerConfig), tokenizer
     (RemoteTokenizer), hook_dict (name -> HookPoint, forward order), mod_dict, blocks[L] (with
-    .attn/.mlp/.ln1/.ln2 and their hook points and weights), ln_final, hook_embed.
+    .attn/.mlp/.ln1/.ln2 and their hook points and weights), ln_final, hook_embed. embed,
+    unembed, ln_final, blocks[L].ln1/ln2 and blocks[L] itself are callable, as in TransformerLens.
     """
 
     # Cache and weight downloads larger than this show a tqdm progress bar (None: never).
@@ -87,7 +89,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
 
     def __init__(self, channel: grpc.Channel, metadata: Sequence[Tuple[str, str]],
                  timeout: Optional[float], fold_ln: bool = True, session_ttl_seconds: int = 0,
-                 address: str = ""):
+                 address: str = "", center_unembed: bool = True):
         self._channel = channel
         self._stub = remotelens_pb2_grpc.RemoteLensStub(channel)
         self._metadata = list(metadata)
@@ -96,6 +98,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
         info = self._unary("GetModelInfo", pb.GetModelInfoRequest())
         check_api_version(info, address)
         self.cfg = HookedTransformerConfig.from_model_info(info, fold_ln)
+        self.cfg.center_unembed = bool(center_unembed)
         self._init_weights_cache()
         # The server's hook points (TransformerLens 3 names, forward order): what goes on the wire.
         self._hook_index = {h.name: i for i, h in enumerate(info.hooks)}
@@ -126,8 +129,14 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
                     root_certificates: Optional[Union[bytes, str]] = None,
                     timeout: Optional[float] = None, fold_ln: bool = True,
                     session_ttl_seconds: int = 0,
-                    channel_options: Sequence[Tuple[str, Any]] = ()) -> "HookedTransformer":
+                    channel_options: Sequence[Tuple[str, Any]] = (), center_unembed: bool = True,
+                    center_writing_weights: bool = True, fold_value_biases: bool = True,
+                    refactor_factored_attn_matrices: bool = False) -> "HookedTransformer":
         """Connects to a remotelens server and opens a session on it.
+
+        Processing defaults are TransformerLens from_pretrained's, where they apply to a Llama
+        (RMSNorm, no biases): fold_ln and center_unembed on. from_server_no_processing() turns
+        them off (TransformerLens's from_pretrained_no_processing).
 
         Args:
             address: host:port; default $REMOTELENS_ADDRESS, else "127.0.0.1:50051".
@@ -136,14 +145,24 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
                 server's certificate; enables TLS. None: plaintext.
             timeout: seconds allowed for each call (a whole streamed run); None: no deadline.
             fold_ln: fold RMSNorm weights into W_Q/W_K/W_V/W_in/W_gate/W_U (TransformerLens's
-                from_pretrained default); activations are unaffected.
+                from_pretrained default); the norms become weightless (model.ln_final(x) is
+                x / rms); activations, hook_normalized included, are unaffected.
             session_ttl_seconds: idle time before the server frees the session and its stored
                 caches; 0: the server's default.
             channel_options: extra grpc channel options.
+            center_unembed: subtract W_U's mean over the vocabulary (TransformerLens's default):
+                returned logits are shifted by their per-position mean; log-probabilities, the
+                loss and generation do not change.
+            center_writing_weights, fold_value_biases: accepted for TransformerLens
+                compatibility; no effect on an RMSNorm model without biases (TransformerLens
+                skips them silently too).
+            refactor_factored_attn_matrices: must be False (not supported).
 
         Returns:
             The model.
         """
+        if refactor_factored_attn_matrices:
+            raise NotImplementedError("refactor_factored_attn_matrices is not supported by remotelens")
         address = address or os.environ.get("REMOTELENS_ADDRESS") or "127.0.0.1:50051"
         api_key = api_key if api_key is not None else os.environ.get("REMOTELENS_API_KEY")
         options = [("grpc.max_receive_message_length", 256 << 20),
@@ -161,10 +180,26 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
             channel = grpc.insecure_channel(address, options)
         metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
         try:
-            return cls(channel, metadata, timeout, fold_ln, session_ttl_seconds, address)
+            return cls(channel, metadata, timeout, fold_ln, session_ttl_seconds, address,
+                       center_unembed=center_unembed)
         except BaseException:
             channel.close()
             raise
+
+    @classmethod
+    def from_server_no_processing(cls, address: Optional[str] = None, fold_ln: bool = False,
+                                  center_writing_weights: bool = False,
+                                  center_unembed: bool = False, **kwargs) -> "HookedTransformer":
+        """from_server with every weight processing off (TransformerLens's
+        from_pretrained_no_processing): the checkpoint's weights and the model's raw logits.
+
+        Args:
+            address: as for from_server.
+            fold_ln, center_writing_weights, center_unembed: default False here.
+            **kwargs: from_server's other arguments.
+        """
+        return cls.from_server(address, fold_ln=fold_ln, center_unembed=center_unembed,
+                               center_writing_weights=center_writing_weights, **kwargs)
 
     def __repr__(self) -> str:
         return (f"HookedTransformer(model_name={self.cfg.model_name!r}, address={self.address!r}, "
@@ -548,6 +583,8 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
         if pos_slice is not None and server_slice is None:
             cache = {n: pos_slice.apply(t, dim=pos_dim(n)) for n, t in cache.items()}
         logits = outputs.get("logits")
+        if stop is None and logits is not None and not (attach_backward and return_type == "logits"):
+            logits = self._center_logits(logits, in_place=True)
         loss = outputs.get("loss")
         if return_type in ("loss", "both") and stop is None:
             if server_loss:
@@ -569,6 +606,9 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
                                 or (return_type == "loss" and server_loss and not loss_per_token)):
             out = self._attach_backward(out, request, callbacks, metric_is_loss=(
                 stop is None and return_type == "loss"))
+            if stop is None and return_type == "logits":
+                # Centred after the graph node, so the server gets d/d(raw logits).
+                out = self._center_logits(out)
         return out, cache, summary, readout_results
 
     def _attach_backward(self, out: torch.Tensor, request: pb.RunRequest,

@@ -233,7 +233,7 @@ class TransformerBridge(HookedTransformer):
             The model.
         """
         return super().from_server(address, api_key, root_certificates, timeout, fold_ln,
-                                   session_ttl_seconds, channel_options)
+                                   session_ttl_seconds, channel_options, center_unembed=False)
 
     def __repr__(self) -> str:
         return (f"TransformerBridge(model_name={self.cfg.model_name!r}, address={self.address!r}, "
@@ -289,24 +289,30 @@ class TransformerBridge(HookedTransformer):
                                   refactor_factored_attn_matrices: bool = False) -> None:
         """Registers the HookedTransformer names as aliases and folds the norms into the weights.
 
-        Arguments are TransformerLens 4's (bridge.py). Only fold_ln has an effect here: it
-        folds RMSNorm weights into the weight properties (W_Q ... W_U), as
-        HookedTransformer.from_server(fold_ln=True) does. Centring does not apply to RMSNorm
-        models and Llama has no value biases; refactor_factored_attn_matrices is not supported.
+        Arguments are TransformerLens 4's (bridge.py). fold_ln folds RMSNorm weights into the
+        weight properties (W_Q ... W_U), as HookedTransformer.from_server(fold_ln=True) does;
+        center_unembed centres W_U and shifts returned logits by their per-position mean, as
+        from_server(center_unembed=True) does. Writing weights have no mean to centre under
+        RMSNorm and Llama has no value biases; refactor_factored_attn_matrices is not supported.
         Activations are never changed: the server runs the checkpoint's weights.
 
         Args:
             disable_warnings: accepted (no warnings are issued).
             no_processing: register the names only; leave the weight properties unfolded.
             fold_ln: fold RMSNorm weights into the weight properties.
-            center_writing_weights, center_unembed, fold_value_biases: accepted; no effect
-                on an RMSNorm model without biases.
+            center_unembed: centre W_U (and so the logits).
+            center_writing_weights, fold_value_biases: accepted; no effect on an RMSNorm model
+                without biases.
             refactor_factored_attn_matrices: must be False.
         """
         if refactor_factored_attn_matrices and not no_processing:
             raise NotImplementedError("refactor_factored_attn_matrices is not supported by remotelens")
         self.compatibility_mode = True
         self._set_fold_ln(bool(fold_ln) and not no_processing)
+        centre = bool(center_unembed) and not no_processing
+        if centre != self.cfg.center_unembed:
+            self.cfg.center_unembed = centre
+            self._weights.pop(("W_U", None), None)
         self.hook_dict = self._make_hook_dict()
         self.mod_dict = build_module_tree(self, self.hook_dict, self.cfg.n_layers, self._weight_attr)
 

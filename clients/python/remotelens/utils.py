@@ -12,8 +12,10 @@ from typing import List, Optional, Union
 import numpy as np
 import torch
 
+from .factored_matrix import composition_scores
+
 __all__ = ["get_act_name", "Slice", "SliceInput", "lm_cross_entropy_loss", "lm_accuracy",
-           "sample_logits", "to_numpy"]
+           "sample_logits", "to_numpy", "composition_scores"]
 
 # Shorthand activation names and the canonical names they stand for.
 _ACT_NAME_ALIASES = {
