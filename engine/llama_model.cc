@@ -275,14 +275,18 @@ absl::StatusOr<HeadInputs> PerHeadInputs(const at::Tensor& resid_pre, const Llam
       out.v = out.k;
     }
   }
-  // With use_split_qkv_input each input is a fresh copy of resid_pre (TransformerLens 3's
-  // transformer_block.py), whatever hook_attn_in did.
+  if (!split) return out;
+  // use_split_qkv_input (any of the three requested): each input is a fresh copy of resid_pre
+  // (TransformerLens 3's transformer_block.py), whatever hook_attn_in did.
   const std::tuple<HookSite, int64_t, at::Tensor*> inputs[] = {
       {HookSite::kQInput, c.n_heads, &out.q},
       {HookSite::kKInput, c.n_kv_heads, &out.k},
       {HookSite::kVInput, c.n_kv_heads, &out.v}};
   for (const auto& [site, heads, slot] : inputs) {
-    if (!Hooked(plan, layer, site)) continue;
+    if (!Hooked(plan, layer, site)) {
+      *slot = at::Tensor();
+      continue;
+    }
     at::Tensor copies = repeated(heads);
     const at::Tensor before = copies;
     RETURN_IF_ERROR(Hook(plan, layer, site, copies));

@@ -54,6 +54,9 @@ def expected_hook_shape(name, c):
         "mlp.hook_pre_linear": [-1, -1, m], "mlp.hook_post": [-1, -1, m],
         "hook_mlp_out": [-1, -1, d], "hook_resid_post": [-1, -1, d],
         "ln_final.hook_scale": [-1, -1, 1], "ln_final.hook_normalized": [-1, -1, d],
+        "hook_attn_in": [-1, -1, H_, d], "hook_q_input": [-1, -1, H_, d],
+        "hook_k_input": [-1, -1, K, d], "hook_v_input": [-1, -1, K, d], "hook_mlp_in": [-1, -1, d],
+        "unembed.hook_in": [-1, -1, d], "unembed.hook_out": [-1, -1, c.d_vocab],
     }[site]
 
 
@@ -77,7 +80,7 @@ def test_model_info_matches_checkpoint_and_lists_every_hook(info, ref, demo_mode
     assert len(info.eos_token_ids) >= 1
     # Every hook point, in forward order, with TransformerLens shapes.
     assert [h.name for h in info.hooks] == all_hook_names(c.n_layers)
-    assert len(info.hooks) == 3 + len(BLOCK_SITES) * c.n_layers
+    assert len(info.hooks) == 5 + len(BLOCK_SITES) * c.n_layers
     for h in info.hooks:
         assert list(h.shape) == expected_hook_shape(h.name, c), h.name
 
