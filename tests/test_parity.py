@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from tests.reference import safetensors_io  # noqa: E402
-from tests.reference.llama_reference import LlamaReference, left_pad  # noqa: E402
+from tests.reference.llama_reference import ALL_FLAGS, LlamaReference, left_pad  # noqa: E402
 from tests.reference.random_model import VARIANTS, write_random_model  # noqa: E402
 
 ATOL = 1e-4
@@ -135,6 +135,9 @@ def assert_all_close(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]
 def reference_outputs(model: LlamaReference, rows=None, tokens=None, mask=None, **kw):
     if tokens is None:
         tokens = torch.tensor(rows, dtype=torch.int64)
+    kw.setdefault("flags", ALL_FLAGS)  # names="all" runs every hook point, every flag's too
+    if kw["flags"] is None:
+        kw["flags"] = ALL_FLAGS
     logits, cache = model.forward(tokens, attention_mask=mask, **kw)
     cache = dict(cache)
     cache["logits"] = logits

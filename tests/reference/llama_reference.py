@@ -68,6 +68,7 @@ FLAG_SITES = {
     "use_split_qkv_input": ("hook_q_input", "hook_k_input", "hook_v_input"),
     "use_hook_mlp_in": ("hook_mlp_in",),
 }
+ALL_FLAGS = tuple(FLAG_SITES)
 # Sites whose activation is [batch, n_heads, query_pos, key_pos]: heads dim 1, positions dim 2.
 _HEAD_THEN_POS_SITES = ("attn.hook_attn_scores", "attn.hook_pattern")
 
@@ -342,8 +343,8 @@ class LlamaReference:
             in place of the logits (TransformerLens semantics).
           collect: when False, no cache is built and the per-head result is not materialised
             (the fast path for benchmarks).
-          flags: the TransformerLens flags on (keys of FLAG_SITES); None: all of them when
-            collecting, none otherwise (unedited, they change no value). Their hook
+          flags: the TransformerLens flags on (keys of FLAG_SITES; ALL_FLAGS for every one);
+            None: none, TransformerLens's default. Their hook
             points run only when on. With use_attn_in, attention reads hook_attn_in's copies
             (keys and values of grouped-query attention the first n_kv_heads of them, as the
             TransformerLens 4 bridge does); with use_split_qkv_input it reads hook_q/k/v_input,
@@ -356,9 +357,7 @@ class LlamaReference:
         c = self.config
         ops = list(ops or [])
         hook_tensors = dict(hook_tensors or {})
-        if flags is None:  # the same values either way; without a cache, skip the per-head work
-            flags = FLAG_SITES if collect else ()
-        flags = set(flags)
+        flags = set(flags or ())
         if flags - set(FLAG_SITES):
             raise ReferenceError(f"unknown flags {sorted(flags - set(FLAG_SITES))}; valid: {sorted(FLAG_SITES)}")
         self.validate_ops(ops, hook_tensors)

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from tests.reference import safetensors_io  # noqa: E402
-from tests.reference.llama_reference import (LlamaConfig, LlamaReference, ReferenceError,  # noqa: E402
+from tests.reference.llama_reference import (ALL_FLAGS, LlamaConfig, LlamaReference, ReferenceError,  # noqa: E402
                                              left_pad, rope_regions, rotary_inverse_frequencies)
 from tests.reference.random_model import VARIANTS, write_random_model  # noqa: E402
 
@@ -253,7 +253,7 @@ def test_left_padding_matches_unpadded_rows(model):
 def test_hook_identities(model):
     c = model.config
     tokens = random_tokens(2, 12, seed=6)
-    logits, cache = model.forward(tokens)
+    logits, cache = model.forward(tokens, flags=ALL_FLAGS)
     assert set(cache) == set(model.hook_names)
     shapes = {"hook_embed": (2, 12, c.d_model), "ln_final.hook_scale": (2, 12, 1)}
     for layer in range(c.n_layers):
@@ -374,8 +374,8 @@ def test_opt_in_hook_points_hold_transformer_lens_values(model):
     # use_hook_mlp_in) and components/unembed.py (unembed.hook_in / hook_out).
     c = model.config
     tokens = random_tokens(2, 9, seed=21)
-    logits, cache = model.forward(tokens)
-    plain, plain_cache = model.forward(tokens, flags=())
+    logits, cache = model.forward(tokens, flags=ALL_FLAGS)
+    plain, plain_cache = model.forward(tokens)
     assert max_abs(logits, plain) < ATOL
     assert not any(k.endswith(("hook_q_input", "hook_attn_in", "hook_mlp_in")) for k in plain_cache)
     for layer in range(c.n_layers):
@@ -429,7 +429,7 @@ def test_mlp_in_edits_leave_the_residual_stream(model):
     _, clean = model.forward(tokens)
     d = torch.full((model.config.d_model,), 0.5)
     _, cache = model.forward(tokens, ops=[{"hook": "blocks.1.hook_mlp_in", "op": "add", "tensor": "d"}],
-                             hook_tensors={"d": d})
+                             hook_tensors={"d": d}, flags=["use_hook_mlp_in"])
     assert torch.equal(cache["blocks.1.hook_resid_mid"], clean["blocks.1.hook_resid_mid"])
     assert max_abs(cache["blocks.1.hook_mlp_out"], clean["blocks.1.hook_mlp_out"]) > 1e-4
     assert max_abs(cache["blocks.1.hook_resid_post"],

@@ -17,7 +17,7 @@ from .errors import (CancelledError, DeadlineExceededError, FailedPreconditionEr
                      InvalidArgumentError, NotFoundError, OutOfRangeError, PermissionDeniedError,
                      RemoteLensError, ResourceExhaustedError, UnauthenticatedError,
                      UnavailableError)
-from ._hooks import HookPoint
+from ._hooks import HookPoint, HookPointInfo
 from .hooked_transformer import HookedTransformer, Output
 from .transformer_bridge import TransformerBridge
 from .utils import get_act_name
@@ -25,7 +25,7 @@ from .utils import get_act_name
 __version__ = "0.1.0"
 
 __all__ = [
-    "HookedTransformer", "TransformerBridge", "HookedTransformerConfig", "ActivationCache", "HookPoint", "Output",
+    "HookedTransformer", "TransformerBridge", "HookedTransformerConfig", "ActivationCache", "HookPoint", "HookPointInfo", "Output",
     "metrics", "ops", "readouts", "utils", "get_act_name",
     "RemoteLensError", "InvalidArgumentError", "OutOfRangeError", "NotFoundError",
     "PermissionDeniedError", "UnauthenticatedError", "DeadlineExceededError", "UnavailableError",

@@ -43,6 +43,9 @@ class HookedTransformerConfig:
     rope_scaling: str = ""
     fold_ln: bool = True
     use_attn_result: bool = False
+    use_split_qkv_input: bool = False
+    use_attn_in: bool = False
+    use_hook_mlp_in: bool = False
     default_prepend_bos: bool = True
     tokenizer_prepends_bos: bool = True
     normalization_type: str = "RMSPre"

@@ -34,7 +34,7 @@ from . import readouts as readouts_module
 from ._generation import GenerationMixin
 from ._run import Progress, execute_run, pos_dim, server_pos_slice
 from ._tokens import TokensMixin
-from ._hooks import HookPoint, build_module_tree
+from ._hooks import HookPoint, HookPointInfo, build_module_tree
 from ._weights import WeightsMixin
 from ._wire import ChunkAssembler, tensor_to_proto
 from .activation_cache import ActivationCache, _RemoteTensors
@@ -98,6 +98,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
         # The server's hook points (TransformerLens 3 names, forward order): what goes on the wire.
         self._hook_index = {h.name: i for i, h in enumerate(info.hooks)}
         self._wire_shapes = {h.name: tuple(h.shape) for h in info.hooks}
+        self._hook_infos = {h.name: HookPointInfo.from_proto(h) for h in info.hooks}
         self.hook_dict: Dict[str, HookPoint] = self._make_hook_dict()
         self.mod_dict = build_module_tree(self, self.hook_dict, self.cfg.n_layers, self._weight_attr)
         self.tokenizer = RemoteTokenizer(self)
@@ -249,17 +250,67 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
         """Whether attn.hook_result (per-head outputs) is cached by default and may be hooked."""
         self.cfg.use_attn_result = bool(use_attn_result)
 
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Whether blocks.L.hook_q_input / hook_k_input / hook_v_input run: separate copies of
+        resid_pre per query head (per key/value head for k and v), each normalised by ln1 on its
+        own, so one head's input can be patched alone. Costs memory and time only for the hook
+        points a run actually hooks or caches."""
+        self.cfg.use_split_qkv_input = bool(use_split_qkv_input)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Whether blocks.L.hook_mlp_in runs: the MLP's input (resid_mid, before ln2); editing it
+        changes the MLP's output but not the residual stream."""
+        assert not self.cfg.attn_only, "Can't use hook_mlp_in with attn_only model"
+        self.cfg.use_hook_mlp_in = bool(use_hook_mlp_in)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """Whether blocks.L.hook_attn_in runs: resid_pre repeated per head, feeding queries, keys
+        and values. As in TransformerLens 3, not with grouped-query attention (Llama 3.1 has
+        it): use set_use_split_qkv_input, or TransformerBridge, whose use_attn_in allows it."""
+        assert self.cfg.n_key_value_heads == self.cfg.n_heads, (
+            "Can't use attn_in with GroupedQueryAttention, please use split_qkv_input instead")
+        self.cfg.use_attn_in = bool(use_attn_in)
+
+    def _flag_is_on(self, wire_name: str) -> bool:
+        """Whether the TransformerLens flag that gates this server hook point (if any) is on."""
+        info = self._hook_infos.get(wire_name)
+        flag = info.enabled_by if info is not None else ""
+        if not flag and wire_name.endswith("attn.hook_result"):
+            flag = "use_attn_result"  # a server that does not send enabled_by
+        return not flag or bool(getattr(self.cfg, flag, False))
+
     def _firing_names(self) -> List[str]:
-        """Hook names a filter function is evaluated over (hook_result only with use_attn_result)."""
-        return [n for n in self.hook_dict
-                if self.cfg.use_attn_result or not n.endswith("attn.hook_result")]
+        """Hook names a filter function is evaluated over: those whose TransformerLens flag (if
+        any) is on, e.g. hook_result only with use_attn_result."""
+        return [n for n, hp in self.hook_dict.items() if self._flag_is_on(hp.wire_name)]
 
     def check_hooks_to_add(self, hook_point: HookPoint, hook_point_name: str, hook: Callable,
                            dir: str = "fwd", is_permanent: bool = False, prepend: bool = False) -> None:
-        """TransformerLens's checks: hook_result needs set_use_attn_result(True)."""
-        if hook_point_name.endswith("attn.hook_result"):
-            assert self.cfg.use_attn_result, (
-                f"Cannot add hook {hook_point_name} if use_attn_result_hook is False")
+        """TransformerLens's checks: an opt-in hook point needs its flag (set_use_attn_result,
+        set_use_split_qkv_input, set_use_hook_mlp_in, set_use_attn_in)."""
+        if not self._flag_is_on(hook_point.wire_name):
+            info = self._hook_infos.get(hook_point.wire_name)
+            flag = info.enabled_by if info is not None and info.enabled_by else "use_attn_result"
+            # TransformerLens 3's wording (HookedTransformer.check_hooks_to_add).
+            shown = "use_attn_result_hook" if flag == "use_attn_result" else flag
+            raise AssertionError(f"Cannot add hook {hook_point_name} if {shown} is False")
+
+    def supported_hook_points(self) -> List["HookPointInfo"]:
+        """What the server says about each hook point, in forward order (capability
+        introspection, as TransformerLens 4 lists a bridge's supported hook points): its name
+        here, its other names, shape, dimension names, which dims hold positions and heads,
+        the flag that enables it and whether it is on, and backward support."""
+        out = []
+        for name, hp in self.hook_dict.items():
+            if name != hp.name:
+                continue  # an alias: listed under its hook point's own name
+            info = self._hook_infos[hp.wire_name]
+            out.append(info.renamed(name, self._other_names(name, hp), self._flag_is_on(hp.wire_name)))
+        return out
+
+    def _other_names(self, name: str, hook_point: HookPoint) -> List[str]:
+        """Other names of this hook point: here the TransformerLens 4 bridge names."""
+        return list(self._hook_infos[hook_point.wire_name].aliases)
 
     def _hook_point(self, name: str) -> HookPoint:
         try:

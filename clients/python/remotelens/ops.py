@@ -36,7 +36,8 @@ Index = Optional[Union[int, Sequence[int], torch.Tensor]]
 _HEAD_THEN_POS = ("attn.hook_attn_scores", "attn.hook_pattern")
 # [batch, pos, heads, ...]: positions index dim 1, heads dim 2.
 _POS_THEN_HEAD = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q",
-                  "attn.hook_rot_k", "attn.hook_z", "attn.hook_result")
+                  "attn.hook_rot_k", "attn.hook_z", "attn.hook_result", "hook_attn_in",
+                  "hook_q_input", "hook_k_input", "hook_v_input")
 
 
 def site_of(hook_name: str) -> str:
