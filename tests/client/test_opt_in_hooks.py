@@ -141,3 +141,25 @@ def test_supported_hook_points_list_the_servers_hook_points(model, bridge):
     assert by_tl4["blocks.0.attn.o.hook_in"].wire_name == "blocks.0.attn.hook_z"
     assert by_tl4["blocks.0.attn.hook_out"].aliases == ("blocks.0.attn.o.hook_out",)
     assert "blocks.0.hook_resid_pre" not in by_tl4
+
+
+def test_gradients_at_opt_in_hook_points_match_the_reference(model, reference):
+    # TransformerLens run_with_cache(incl_bwd=True) keys gradients "<name>_grad"; the per-head
+    # copies each get their own head's gradient, summed into resid_pre's.
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    tokens = torch.tensor([[1, 17, 250, 3, 99, 42, 7]])
+    names = ["blocks.1.hook_resid_pre", "blocks.1.hook_q_input", "blocks.1.hook_k_input",
+             "blocks.1.hook_v_input", "blocks.2.hook_mlp_in", "unembed.hook_in"]
+    _, cache = model.run_with_cache(tokens, return_type="loss", incl_bwd=True, names_filter=names)
+    anchor = torch.zeros(1, tokens.shape[1], model.cfg.d_model, requires_grad=True)
+    logits, ref_cache = reference.forward(tokens, ops=[{"hook": "hook_embed", "op": "add", "tensor": "a"}],
+                                          hook_tensors={"a": anchor},
+                                          flags=["use_split_qkv_input", "use_hook_mlp_in"])
+    loss = -torch.log_softmax(logits[:, :-1], -1).gather(-1, tokens[:, 1:, None]).mean()
+    grads = torch.autograd.grad(loss, [ref_cache[n] for n in names])
+    for name, want in zip(names, grads):
+        got = cache[f"{name}_grad"]
+        assert got.shape == want.shape, name
+        assert float(want.abs().max()) > 0, name
+        assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()), name

@@ -481,7 +481,8 @@ class LlamaReference:
             attn_out = hook(p + "hook_attn_out", attn_out)  # [batch, pos, d_model]
             resid_mid = hook(p + "hook_resid_mid", resid_pre + attn_out)
 
-            mlp_in = hook(p + "hook_mlp_in", resid_mid) if "use_hook_mlp_in" in flags else resid_mid
+            # A copy (TL: resid_mid.clone()): its gradient is the MLP's alone, not the residual's.
+            mlp_in = hook(p + "hook_mlp_in", resid_mid.clone()) if "use_hook_mlp_in" in flags else resid_mid
             x = rms_norm(mlp_in, p + "ln2.", self.w[w + "post_attention_layernorm.weight"])
             gate = hook(p + "mlp.hook_pre", x @ self.w[w + "mlp.gate_proj.weight"].T)  # [batch, pos, d_mlp]
             up = hook(p + "mlp.hook_pre_linear", x @ self.w[w + "mlp.up_proj.weight"].T)  # [batch, pos, d_mlp]
