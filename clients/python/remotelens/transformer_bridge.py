@@ -15,7 +15,10 @@ TransformerLens 3 names on the wire; this class only renames: every hook point h
 one server hook point (HookPoint.wire_name), so values, shapes and ops are exactly those of
 HookedTransformer.from_server.
 
-Names for Llama, from TransformerLensOrg/TransformerLens (main at 4cd36aa, 2026-07-22):
+The TransformerLens 4 name(s) of each server hook point come from the server (ModelInfo's
+HookInfo.aliases, from the one hook-site table in engine/hook_names.cc); this module keeps only
+TransformerLens 4's compatibility aliases (HookedTransformer name -> TL4 name). The names follow
+TransformerLensOrg/TransformerLens (main at 4cd36aa, 2026-07-22):
   transformer_lens/model_bridge/supported_architectures/llama.py      component tree: embed,
       rotary_emb, blocks{ln1, ln2, attn{q,k,v,o}, mlp{gate,in,out}}, ln_final, unembed
   transformer_lens/model_bridge/generalized_components/base.py        hook_in/hook_out everywhere
@@ -40,8 +43,9 @@ blocks.{i}.hook_in, but an edit there would change only the norm's input, which 
 do); ln1.hook_out, ln2.hook_out, ln_final.hook_out and what reads them (attn.hook_in,
 attn.q/k/v.hook_in, mlp.hook_in, mlp.gate.hook_in, mlp.in.hook_in): the norm's output after its
 weight, where the server has only hook_normalized (before the weight); attn.hook_hidden_states.
-attn.hook_attn_in, attn.hook_q_input/k_input/v_input, blocks.{i}.hook_mlp_in and
-unembed.hook_in/hook_out appear exactly when the server lists the corresponding hook point.
+attn.hook_attn_in, attn.hook_q_input/k_input/v_input and blocks.{i}.hook_mlp_in run once
+set_use_attn_in / set_use_split_qkv_input / set_use_hook_mlp_in turn them on (the first two are
+mutually exclusive, as in TransformerLens 4); unembed.hook_in/hook_out always run.
 """
 
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
