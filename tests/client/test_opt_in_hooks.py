@@ -163,3 +163,22 @@ def test_gradients_at_opt_in_hook_points_match_the_reference(model, reference):
         assert got.shape == want.shape, name
         assert float(want.abs().max()) > 0, name
         assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()), name
+
+
+def test_client_reads_dims_from_the_listing(model):
+    # A HookPoint knows its position and head dims from the server: an op applied locally
+    # (TransformerLens-style hook function) and a client-side pos_slice use them.
+    hp = model.hook_dict["blocks.0.hook_k_input"]
+    assert (hp.pos_dim, hp.head_dim) == (1, 2)
+    assert (model.hook_dict["blocks.0.attn.hook_pattern"].pos_dim,
+            model.hook_dict["blocks.0.attn.hook_pattern"].head_dim) == (2, 1)
+    act = torch.ones(1, 5, model.cfg.n_key_value_heads, model.cfg.d_model)
+    out = ops.zero(pos=[-1], head=1)(act, hp)
+    assert float(out[0, -1, 1].abs().max()) == 0 and float(out[0, :-1].min()) == 1 and float(out[0, -1, 0].min()) == 1
+    model.set_use_split_qkv_input(True)
+    tokens = model.to_tokens(PROMPT)
+    _, full = model.run_with_cache(tokens, names_filter=["blocks.1.hook_v_input", "blocks.1.attn.hook_pattern"])
+    _, sliced = model.run_with_cache(tokens, names_filter=["blocks.1.hook_v_input", "blocks.1.attn.hook_pattern"],
+                                     pos_slice=[0, 2])
+    assert torch.equal(sliced["blocks.1.hook_v_input"], full["blocks.1.hook_v_input"][:, [0, 2]])
+    assert torch.equal(sliced["blocks.1.attn.hook_pattern"], full["blocks.1.attn.hook_pattern"][:, :, [0, 2]])

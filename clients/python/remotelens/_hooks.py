@@ -80,6 +80,8 @@ class HookPoint:
         wire_name: the server's hook point it stands for (its TransformerLens 3 name); equal to
             name except for TransformerBridge's TransformerLens 4 names.
         shape: the activation's shape from the server, -1 for batch and position dimensions.
+        pos_dim, head_dim: which dimensions hold positions and heads (None: no heads), as the
+            server lists them; None when the server does not say.
         fwd_hooks: the registered hook functions, in application order.
         bwd_hooks: backward hooks: fn(grad, hook) returning None or a replacement gradient, or
             remotelens.ops zero/set/add/scale/mean (run on the server); they fire when a backward
@@ -87,10 +89,13 @@ class HookPoint:
         ctx: a dict hook functions may use to keep state between calls (clear_contexts empties it).
     """
 
-    def __init__(self, name: str, shape=(), wire_name: Optional[str] = None):
+    def __init__(self, name: str, shape=(), wire_name: Optional[str] = None,
+                 pos_dim: Optional[int] = None, head_dim: Optional[int] = None):
         self.name = name
         self.wire_name = wire_name or name
         self.shape = tuple(shape)
+        self.pos_dim = pos_dim
+        self.head_dim = head_dim
         self.fwd_hooks: List[LensHandle] = []
         self.bwd_hooks: List[LensHandle] = []
         self.ctx: Dict[Any, Any] = {}

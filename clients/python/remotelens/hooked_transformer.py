@@ -228,7 +228,23 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
 
     def _make_hook_dict(self) -> Dict[str, HookPoint]:
         """name -> HookPoint as the notebook sees them; here the server's names themselves."""
-        return {name: HookPoint(name, shape) for name, shape in self._wire_shapes.items()}
+        return {name: self._new_hook_point(name, name) for name in self._wire_shapes}
+
+    def _new_hook_point(self, name: str, wire_name: str) -> HookPoint:
+        """A HookPoint for server hook point `wire_name`, with the dims the server lists."""
+        info = self._hook_infos.get(wire_name)
+        return HookPoint(name, self._wire_shapes[wire_name], wire_name=wire_name,
+                         pos_dim=info.pos_dim if info is not None and info.dims else None,
+                         head_dim=info.head_dim if info is not None and info.dims else None)
+
+    def _pos_dim_from_end(self, wire_name: str) -> int:
+        """The position dimension of a server hook point's tensor (or of its "_grad"), counted
+        from the end, as the server lists it."""
+        base = wire_name[:-len("_grad")] if wire_name.endswith("_grad") else wire_name
+        info = self._hook_infos.get(base)
+        if info is None or not info.dims:  # a server that does not list dims
+            return pos_dim(wire_name)
+        return info.pos_dim - len(info.shape)
 
     def hook_points(self):
         """Every HookPoint once, in forward order."""
@@ -595,7 +611,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
                           if f"{n}_grad" in outputs})
         readout_results = [r.decode(outputs, i) for i, r in enumerate(readouts)]
         if pos_slice is not None and server_slice is None:
-            cache = {n: pos_slice.apply(t, dim=pos_dim(n)) for n, t in cache.items()}
+            cache = {n: pos_slice.apply(t, dim=self._pos_dim_from_end(n)) for n, t in cache.items()}
         logits = outputs.get("logits")
         loss = outputs.get("loss")
         if return_type in ("loss", "both") and stop is None:
@@ -813,7 +829,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, GenerationMixin):
             call.cancel()
             progress.close()
         if pos_slice is not None:
-            out = {n: pos_slice.apply(t, dim=pos_dim(n)) for n, t in out.items()}
+            out = {n: pos_slice.apply(t, dim=self._pos_dim_from_end(n)) for n, t in out.items()}
         return {n: self._to_device(t) for n, t in out.items()}
 
     def _delete_cache(self, session_id: str, handle: str) -> int:

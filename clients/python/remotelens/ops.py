@@ -193,7 +193,10 @@ class HookOperation:
         """
         # The server's name tells the dimensions (a TransformerBridge hook's name is a TL4 name).
         name = getattr(hook, "wire_name", None) or getattr(hook, "name", None) or ""
-        pos_dim, head_dim = pos_and_head_dims(name)
+        if getattr(hook, "pos_dim", None) is not None:  # as the server lists the hook point
+            pos_dim, head_dim = hook.pos_dim, hook.head_dim
+        else:
+            pos_dim, head_dim = pos_and_head_dims(name)
         if self.head and head_dim is None:
             raise ValueError(f"hook {name!r} has no head dimension; head= is not allowed")
         out = activation.clone()

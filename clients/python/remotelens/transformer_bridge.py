@@ -218,7 +218,7 @@ class TransformerBridge(HookedTransformer):
     def _make_hook_dict(self) -> Dict[str, HookPoint]:
         pairs = self._native_sites()
         self._native_hooks: Dict[str, HookPoint] = {
-            name: HookPoint(name, self._wire_shapes[wire], wire_name=wire) for name, wire in pairs}
+            name: self._new_hook_point(name, wire) for name, wire in pairs}
         mapped = {wire for _, wire in pairs}
         self.unmapped_server_hooks = [w for w in self._wire_shapes if w not in mapped]
         hook_dict = dict(self._native_hooks)
