@@ -16,7 +16,9 @@ reason. Processing options are those HookedTransformer.from_server takes as keyw
 with none, only "none". Needs bazel build //server:remotelens_server.
 
 Output: a markdown table, `| dtype | processing | hook | max | mean | median | std | n |`, the logits
-first, then hook points in forward order. Masked attention scores (-inf in both runs) are left out
+first, then hook points in forward order, the opt-in ones included (use_attn_result,
+use_split_qkv_input, use_hook_mlp_in; use_attn_in where HookedTransformer allows it, i.e. not with
+grouped-query attention). Masked attention scores (-inf in both runs) are left out
 of the statistics; a -inf in one run only is reported as an infinite max.
 """
 
@@ -77,8 +79,27 @@ def site_of(name: str) -> str:
     return name
 
 
+# The opt-in hook points, turned on so the table covers every hook point the client can run.
+OPT_IN_SETTERS = ("set_use_attn_result", "set_use_split_qkv_input", "set_use_hook_mlp_in",
+                  "set_use_attn_in")
+
+
+def enable_opt_in_hooks(model: HookedTransformer) -> List[str]:
+    """Turns on every opt-in hook point the model accepts; returns the setters it refused
+    (HookedTransformer.set_use_attn_in refuses grouped-query attention, as TransformerLens 3)."""
+    refused = []
+    for setter in OPT_IN_SETTERS:
+        if not hasattr(model, setter):
+            continue
+        try:
+            getattr(model, setter)(True)
+        except (AssertionError, ValueError):
+            refused.append(setter)
+    return refused
+
+
 def run_all(model: HookedTransformer, tokens: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Logits and every hook point a default run_with_cache returns, as float32."""
+    """Logits and every hook point run_with_cache returns, as float32."""
     logits, cache = model.run_with_cache(tokens)
     out = {"logits": logits.float()}
     out.update({name: cache[name].float() for name in cache.keys()})
@@ -138,7 +159,11 @@ def report(model_dir: str, dtypes: Sequence[str], device: str, batch: int, n_pos
             for label, kwargs in options:
                 model = HookedTransformer.from_server(server.address, **kwargs)
                 try:
+                    refused = enable_opt_in_hooks(model)
                     if tokens is None:
+                        if refused:
+                            notes.append(f"opt-in hook points left out: {', '.join(refused)} "
+                                         f"refused by HookedTransformer on this model")
                         g = torch.Generator().manual_seed(seed)
                         tokens = torch.randint(0, model.cfg.d_vocab, (batch, n_pos), generator=g)
                     got = run_all(model, tokens)

@@ -51,7 +51,11 @@ def test_table_has_every_dtype_option_and_site(report):
             assert got == sites, (dtype, option)  # the same hook points, in forward order
     assert {"hook_embed", "blocks.*.hook_resid_post", "blocks.*.attn.hook_pattern",
             "ln_final.hook_normalized", "unembed.hook_out"} <= set(sites)
-    assert not any(s.endswith(("hook_q_input", "attn.hook_result")) for s in sites)  # opt-in: off
+    # Opt-in hook points too, except use_attn_in, which TransformerLens 3 refuses for GQA models.
+    assert {"blocks.*.hook_q_input", "blocks.*.hook_v_input", "blocks.*.attn.hook_result",
+            "blocks.*.hook_mlp_in"} <= set(sites)
+    assert "blocks.*.hook_attn_in" not in sites
+    assert any("set_use_attn_in refused" in n for n in notes), notes
     assert all(int(r["n"]) > 0 for r in rows)
 
 
