@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <memory>
+
 #include "engine/test_model.h"
 #include "engine/model_dir.h"
 #include "gtest/gtest.h"
@@ -213,6 +215,37 @@ TEST_F(LlamaModelTest, MlpInEditsReachTheMlpButNotTheResidualStream) {
   EXPECT_GT(MaxDiff(Cached(plan, 2, HookSite::kMlpOut), Cached(reference, 2, HookSite::kMlpOut)), 1e-4);
   EXPECT_LT(MaxDiff(Cached(plan, 2, HookSite::kResidPost),
                     Cached(plan, 2, HookSite::kResidMid) + Cached(plan, 2, HookSite::kMlpOut)), 1e-5);
+}
+
+TEST_F(LlamaModelTest, HeadInputEditsDecodeIncrementallyAsInOneForward) {
+  // Per-head projections of new positions append to the key/value cache like shared ones.
+  const at::Tensor tokens = Tokens(1, 9, 16);
+  auto plan_for = [] {
+    auto plan = std::make_unique<HookPlan>(3);
+    InterventionOp op;
+    op.hook = {1, HookSite::kKInput};
+    op.kind = OpKind::kScale;
+    op.factor = -1.0;  // a negated copy: its RMSNorm keeps the sign, so keys flip
+    op.selector.heads = {0};
+    EXPECT_TRUE(plan->AddIntervention(op).ok());
+    return plan;
+  };
+  ForwardInput full;
+  full.tokens = tokens;
+  auto full_plan = plan_for();
+  const at::Tensor expected = Run(full, full_plan.get());
+  EXPECT_GT(MaxDiff(expected, Run(full)), 1e-3);
+  KvCache kv;
+  ForwardInput prefix;
+  prefix.tokens = tokens.narrow(1, 0, 6);
+  auto prefix_plan = plan_for();
+  EXPECT_LT(MaxDiff(Run(prefix, prefix_plan.get(), &kv), expected.narrow(1, 0, 6)), 1e-4);
+  for (int64_t p = 6; p < 9; ++p) {
+    ForwardInput step;
+    step.tokens = tokens.narrow(1, p, 1);
+    auto step_plan = plan_for();
+    EXPECT_LT(MaxDiff(Run(step, step_plan.get(), &kv)[0][0], expected[0][p]), 1e-4) << p;
+  }
 }
 
 TEST_F(LlamaModelTest, UnembedHookOutEditsAreTheLogits) {
