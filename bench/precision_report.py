@@ -38,10 +38,11 @@ import torch  # noqa: E402
 import server_harness  # noqa: E402
 from remotelens import HookedTransformer  # noqa: E402
 
-# Keyword flags of HookedTransformer.from_server that are weight/logit processing options, in the
-# order TransformerLens's from_pretrained applies them.
-KNOWN_PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed",
-                          "fold_value_biases", "refactor_factored_attn_matrices")
+# Keyword flags of HookedTransformer.from_server that are processing options with an effect on an
+# RMSNorm model without biases (issue 12: fold_ln, and center_unembed's per-position logit shift),
+# in the order TransformerLens's from_pretrained applies them. TransformerLens's other flags
+# (center_writing_weights, fold_value_biases) change nothing here, so they add no rows.
+KNOWN_PROCESSING_FLAGS = ("fold_ln", "center_unembed")
 COLUMNS = ("dtype", "processing", "hook", "max", "mean", "median", "std", "n")
 
 
