@@ -107,7 +107,17 @@ int Main() {
       if (mode == "resid_post") {
         for (int layer = 0; layer < c.n_layers; ++layer) plan.AddCache({{layer, HookSite::kResidPost}});
       } else if (mode == "all") {
-        for (HookId id : AllHookIds(c.n_layers)) plan.AddCache({id});
+        for (HookId id : AllHookIds(c.n_layers)) {
+          // The set measured before the opt-in per-head inputs, hook_mlp_in and unembed.* hook
+          // points existed, so "all" stays comparable across BENCHMARKS.md entries.
+          const HookSite s = id.site;
+          if (s == HookSite::kAttnIn || s == HookSite::kQInput || s == HookSite::kKInput ||
+              s == HookSite::kVInput || s == HookSite::kMlpIn || s == HookSite::kUnembedIn ||
+              s == HookSite::kUnembedOut) {
+            continue;
+          }
+          plan.AddCache({id});
+        }
       }
       const bool hooked = mode == "resid_post" || mode == "all";
       const auto start = std::chrono::steady_clock::now();

@@ -25,6 +25,10 @@ enum class HookSite : uint8_t {
   kResidPre,           // blocks.L.hook_resid_pre       [batch, pos, d_model]
   kLn1Scale,           // blocks.L.ln1.hook_scale       [batch, pos, 1]  sqrt(mean(x^2) + eps)
   kLn1Normalized,      // blocks.L.ln1.hook_normalized  [batch, pos, d_model]  x / scale
+  kAttnIn,             // blocks.L.hook_attn_in         [batch, pos, n_heads, d_model]  opt-in
+  kQInput,             // blocks.L.hook_q_input         [batch, pos, n_heads, d_model]  opt-in
+  kKInput,             // blocks.L.hook_k_input         [batch, pos, n_kv_heads, d_model]  opt-in
+  kVInput,             // blocks.L.hook_v_input         [batch, pos, n_kv_heads, d_model]  opt-in
   kAttnQ,              // blocks.L.attn.hook_q          [batch, pos, n_heads, d_head]  pre-rotary
   kAttnK,              // blocks.L.attn.hook_k          [batch, pos, n_kv_heads, d_head]
   kAttnV,              // blocks.L.attn.hook_v          [batch, pos, n_kv_heads, d_head]
@@ -36,6 +40,7 @@ enum class HookSite : uint8_t {
   kAttnResult,         // blocks.L.attn.hook_result     [batch, pos, n_heads, d_model]  opt-in
   kAttnOut,            // blocks.L.hook_attn_out        [batch, pos, d_model]
   kResidMid,           // blocks.L.hook_resid_mid       [batch, pos, d_model]
+  kMlpIn,              // blocks.L.hook_mlp_in          [batch, pos, d_model]  opt-in
   kLn2Scale,           // blocks.L.ln2.hook_scale       [batch, pos, 1]
   kLn2Normalized,      // blocks.L.ln2.hook_normalized  [batch, pos, d_model]
   kMlpPre,             // blocks.L.mlp.hook_pre         [batch, pos, d_mlp]  gate, before SiLU
@@ -45,9 +50,11 @@ enum class HookSite : uint8_t {
   kResidPost,          // blocks.L.hook_resid_post      [batch, pos, d_model]
   kLnFinalScale,       // ln_final.hook_scale           [batch, pos, 1]
   kLnFinalNormalized,  // ln_final.hook_normalized      [batch, pos, d_model]
+  kUnembedIn,          // unembed.hook_in               [batch, pos, d_model]  ln_final's output
+  kUnembedOut,         // unembed.hook_out              [batch, pos, d_vocab]  the logits
 };
 
-inline constexpr int kNumHookSites = static_cast<int>(HookSite::kLnFinalNormalized) + 1;
+inline constexpr int kNumHookSites = static_cast<int>(HookSite::kUnembedOut) + 1;
 
 // A hook point. `layer` is -1 for the sites outside the blocks (hook_embed, ln_final.*).
 struct HookId {
@@ -82,6 +89,21 @@ std::vector<int64_t> HookShape(HookId id, const LlamaConfig& config);
 // patterns) and which indexes heads (-1: none). Selectors in hook ops use these.
 int PosDim(HookSite site);
 int HeadDim(HookSite site);
+
+// TransformerLens's words for each dimension of HookShape, e.g. {"batch", "pos", "head_index",
+// "d_head"}; "kv_head_index" for key/value heads, "query_pos"/"key_pos" for attention patterns,
+// "1" for the norms' scale.
+std::vector<std::string> HookDims(HookSite site);
+
+// The TransformerLens HookedTransformer flag that must be on for the hook point to fire there
+// ("use_attn_result", "use_attn_in", "use_split_qkv_input", "use_hook_mlp_in"); empty for the
+// hook points TransformerLens always runs. The engine computes them only when requested.
+absl::string_view EnablingFlag(HookSite site);
+
+// The TransformerLens 4 (TransformerBridge, Llama architecture) names of `id`, in the bridge's
+// order; empty when the bridge has none. ln_final.hook_in is an alias of the last block's
+// hook_resid_post, so it appears among that hook's names.
+std::vector<std::string> HookAliases(HookId id, int64_t n_layers);
 
 }  // namespace remotelens
 

@@ -18,7 +18,7 @@ TEST(HookNames, RoundTripsEveryHook) {
     names.insert(name);
   }
   EXPECT_EQ(names.size(), static_cast<size_t>(NumHookIds(n_layers)));
-  EXPECT_EQ(NumHookIds(n_layers), 3 + 3 * 21);
+  EXPECT_EQ(NumHookIds(n_layers), 5 + 3 * 26);
 }
 
 TEST(HookNames, UsesTransformerLensSpelling) {
@@ -28,6 +28,38 @@ TEST(HookNames, UsesTransformerLensSpelling) {
   EXPECT_EQ(HookName({1, HookSite::kMlpPreLinear}), "blocks.1.mlp.hook_pre_linear");
   EXPECT_EQ(HookName({1, HookSite::kAttnOut}), "blocks.1.hook_attn_out");
   EXPECT_EQ(HookName({-1, HookSite::kLnFinalNormalized}), "ln_final.hook_normalized");
+  EXPECT_EQ(HookName({0, HookSite::kQInput}), "blocks.0.hook_q_input");
+  EXPECT_EQ(HookName({2, HookSite::kAttnIn}), "blocks.2.hook_attn_in");
+  EXPECT_EQ(HookName({1, HookSite::kMlpIn}), "blocks.1.hook_mlp_in");
+  EXPECT_EQ(HookName({-1, HookSite::kUnembedIn}), "unembed.hook_in");
+  EXPECT_EQ(HookName({-1, HookSite::kUnembedOut}), "unembed.hook_out");
+}
+
+TEST(HookNames, ListsOptInFlagsAndBridgeNames) {
+  // TransformerLens HookedTransformer.check_hooks_to_add: which flag each opt-in hook needs.
+  EXPECT_EQ(EnablingFlag(HookSite::kAttnResult), "use_attn_result");
+  EXPECT_EQ(EnablingFlag(HookSite::kQInput), "use_split_qkv_input");
+  EXPECT_EQ(EnablingFlag(HookSite::kVInput), "use_split_qkv_input");
+  EXPECT_EQ(EnablingFlag(HookSite::kAttnIn), "use_attn_in");
+  EXPECT_EQ(EnablingFlag(HookSite::kMlpIn), "use_hook_mlp_in");
+  EXPECT_EQ(EnablingFlag(HookSite::kResidPost), "");
+  EXPECT_EQ(EnablingFlag(HookSite::kUnembedOut), "");
+  // TransformerLens 4 block.py / attention.py / gated_mlp.py hook_aliases, Llama adapter.
+  EXPECT_EQ(HookAliases({1, HookSite::kResidPre}, 3), (std::vector<std::string>{"blocks.1.hook_in"}));
+  EXPECT_EQ(HookAliases({1, HookSite::kAttnZ}, 3), (std::vector<std::string>{"blocks.1.attn.o.hook_in"}));
+  EXPECT_EQ(HookAliases({0, HookSite::kMlpOut}, 3),
+            (std::vector<std::string>{"blocks.0.mlp.out.hook_out", "blocks.0.mlp.hook_out"}));
+  EXPECT_EQ(HookAliases({1, HookSite::kResidPost}, 3), (std::vector<std::string>{"blocks.1.hook_out"}));
+  EXPECT_EQ(HookAliases({2, HookSite::kResidPost}, 3),
+            (std::vector<std::string>{"blocks.2.hook_out", "ln_final.hook_in"}));
+  EXPECT_EQ(HookAliases({-1, HookSite::kEmbed}, 3), (std::vector<std::string>{"embed.hook_out"}));
+  EXPECT_EQ(HookAliases({-1, HookSite::kUnembedIn}, 3), (std::vector<std::string>{"unembed.hook_in"}));
+  // Every bridge name is unique across the model.
+  std::set<std::string> seen;
+  for (HookId id : AllHookIds(3)) {
+    EXPECT_EQ(HookDims(id.site).size(), HookShape(id, LlamaConfig()).size()) << HookName(id);
+    for (const std::string& alias : HookAliases(id, 3)) EXPECT_TRUE(seen.insert(alias).second) << alias;
+  }
 }
 
 TEST(HookNames, DenseIndexIsForwardOrder) {
@@ -78,6 +110,19 @@ TEST(HookNames, ShapesFollowTransformerLens) {
   EXPECT_EQ(HeadDim(HookSite::kAttnPattern), 1);
   EXPECT_EQ(HeadDim(HookSite::kAttnZ), 2);
   EXPECT_EQ(HeadDim(HookSite::kResidPost), -1);
+  EXPECT_EQ(HookShape({0, HookSite::kQInput}, c), (std::vector<int64_t>{-1, -1, 8, 64}));
+  EXPECT_EQ(HookShape({0, HookSite::kAttnIn}, c), (std::vector<int64_t>{-1, -1, 8, 64}));
+  EXPECT_EQ(HookShape({0, HookSite::kKInput}, c), (std::vector<int64_t>{-1, -1, 2, 64}));
+  EXPECT_EQ(HookShape({0, HookSite::kMlpIn}, c), (std::vector<int64_t>{-1, -1, 64}));
+  c.d_vocab = 500;
+  EXPECT_EQ(HookShape({-1, HookSite::kUnembedOut}, c), (std::vector<int64_t>{-1, -1, 500}));
+  EXPECT_EQ(HookShape({-1, HookSite::kUnembedIn}, c), (std::vector<int64_t>{-1, -1, 64}));
+  EXPECT_EQ(HeadDim(HookSite::kKInput), 2);
+  EXPECT_EQ(PosDim(HookSite::kQInput), 1);
+  EXPECT_EQ(HookDims(HookSite::kKInput),
+            (std::vector<std::string>{"batch", "pos", "kv_head_index", "d_model"}));
+  EXPECT_EQ(HookDims(HookSite::kAttnPattern),
+            (std::vector<std::string>{"batch", "head_index", "query_pos", "key_pos"}));
 }
 
 }  // namespace

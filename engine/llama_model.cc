@@ -237,20 +237,110 @@ std::pair<at::Tensor, at::Tensor> AppendToCache(const LayerKvCache& cache, const
   return {kc.narrow(2, 0, need), vc.narrow(2, 0, need)};
 }
 
+// Per-head copies of the residual stream that feed queries, keys and values, as TransformerLens
+// builds them with use_attn_in (hook_attn_in) and use_split_qkv_input (hook_q/k/v_input):
+// resid_pre repeated along a head dimension, [batch, pos, heads, d_model], then ln1 per copy.
+// Undefined members read the block's shared normalised input. A copy the hooks left untouched
+// equals that shared input, so it takes the shared path (the copies cost nothing beyond the
+// hooks' own reads); a replaced copy, or any copy in a differentiable forward (its gradient
+// must flow through it), is normalised and projected per head.
+struct HeadInputs {
+  at::Tensor q;  // [batch, pos, n_heads, d_model]
+  at::Tensor k;  // [batch, pos, n_kv_heads, d_model]
+  at::Tensor v;  // [batch, pos, n_kv_heads, d_model]
+  bool any() const { return q.defined() || k.defined() || v.defined(); }
+};
+
+absl::StatusOr<HeadInputs> PerHeadInputs(const at::Tensor& resid_pre, const LlamaConfig& c,
+                                         const Kernels& kernels, HookPlan* plan, int64_t layer) {
+  HeadInputs out;
+  const bool attn_in = Hooked(plan, layer, HookSite::kAttnIn);
+  const bool split = Hooked(plan, layer, HookSite::kQInput) ||
+                     Hooked(plan, layer, HookSite::kKInput) || Hooked(plan, layer, HookSite::kVInput);
+  if (!attn_in && !split) return out;
+  const int64_t batch = resid_pre.size(0), pos = resid_pre.size(1);
+  // A view: nothing is copied unless a hook caches or replaces it.
+  auto repeated = [&](int64_t heads) {
+    return resid_pre.unsqueeze(2).expand({batch, pos, heads, c.d_model});
+  };
+  if (attn_in) {
+    at::Tensor copies = repeated(c.n_heads);
+    const at::Tensor before = copies;
+    RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnIn, copies));
+    if (!copies.is_same(before) || kernels.differentiable) {
+      // Keys and values of grouped-query attention read the first n_kv_heads copies, as the
+      // TransformerLens 4 bridge does (TransformerLens 3 refuses use_attn_in with GQA).
+      out.q = copies;
+      out.k = copies.narrow(2, 0, c.n_kv_heads);
+      out.v = out.k;
+    }
+  }
+  if (!split) return out;
+  // use_split_qkv_input (any of the three requested): each input is a fresh copy of resid_pre
+  // (TransformerLens 3's transformer_block.py), whatever hook_attn_in did.
+  const std::tuple<HookSite, int64_t, at::Tensor*> inputs[] = {
+      {HookSite::kQInput, c.n_heads, &out.q},
+      {HookSite::kKInput, c.n_kv_heads, &out.k},
+      {HookSite::kVInput, c.n_kv_heads, &out.v}};
+  for (const auto& [site, heads, slot] : inputs) {
+    if (!Hooked(plan, layer, site)) {
+      *slot = at::Tensor();
+      continue;
+    }
+    at::Tensor copies = repeated(heads);
+    const at::Tensor before = copies;
+    RETURN_IF_ERROR(Hook(plan, layer, site, copies));
+    *slot = (!copies.is_same(before) || kernels.differentiable) ? copies : at::Tensor();
+  }
+  return out;
+}
+
+// Queries, keys or values ([batch, pos, heads, d_head]) from per-head residual copies
+// [batch, pos, heads, d_model]: each copy through ln1, then its own head's rows of the projection
+// `w_rows` [heads * d_head, d_model].
+at::Tensor PerHeadProjection(const at::Tensor& copies, const at::Tensor& ln_weight, double eps,
+                             const at::Tensor& w_rows, const Kernels& kernels) {
+  const int64_t batch = copies.size(0), pos = copies.size(1), heads = copies.size(2);
+  const int64_t d_model = copies.size(3), dh = w_rows.size(0) / heads;
+  const at::Tensor normed = kernels.RmsNorm(copies.contiguous(), ln_weight, eps);  // [batch, pos, heads, d_model]
+  const at::Tensor rows = normed.permute({2, 0, 1, 3}).reshape({heads, batch * pos, d_model});
+  const at::Tensor w_heads = w_rows.view({heads, dh, d_model}).transpose(1, 2);  // [heads, d_model, d_head]
+  return kernels.BatchedMatmul(rows, w_heads, 1.0)
+      .view({heads, batch, pos, dh})
+      .permute({1, 2, 0, 3})
+      .contiguous();
+}
+
 // Grouped-query attention of one block, from the normalised residual `h` [batch, pos, d_model]
-// to hook_attn_out [batch, pos, d_model], with its hook points q, k, v, rot_q, rot_k, scores,
-// pattern, z and result.
-absl::StatusOr<at::Tensor> Attention(const at::Tensor& h, const LayerWeights& w,
-                                     const LlamaConfig& c, const Positions& p,
-                                     const BlockInputs& in, const LayerKvCache* kv,
-                                     const Kernels& kernels, HookPlan* plan, int64_t layer) {
+// to hook_attn_out [batch, pos, d_model], with its hook points attn_in, q/k/v_input (which read
+// `resid_pre`), q, k, v, rot_q, rot_k, scores, pattern, z and result.
+absl::StatusOr<at::Tensor> Attention(const at::Tensor& resid_pre, const at::Tensor& h,
+                                     const LayerWeights& w, const LlamaConfig& c,
+                                     const Positions& p, const BlockInputs& in,
+                                     const LayerKvCache* kv, const Kernels& kernels,
+                                     HookPlan* plan, int64_t layer) {
   const int64_t batch = p.batch, pos = p.pos;
   const int64_t H = c.n_heads, Hkv = c.n_kv_heads, dh = c.d_head, group = H / Hkv;
   const double inv_sqrt_dh = 1.0 / std::sqrt(static_cast<double>(dh));
-  const at::Tensor qkv = kernels.Linear(h, w.w_qkv);  // [batch, pos, (H + 2 Hkv) d_head]
-  at::Tensor q = qkv.narrow(-1, 0, H * dh).view({batch, pos, H, dh});
-  at::Tensor k = qkv.narrow(-1, H * dh, Hkv * dh).view({batch, pos, Hkv, dh});
-  at::Tensor v = qkv.narrow(-1, (H + Hkv) * dh, Hkv * dh).view({batch, pos, Hkv, dh});
+  ASSIGN_OR_RETURN(const HeadInputs head_inputs, PerHeadInputs(resid_pre, c, kernels, plan, layer));
+  at::Tensor q, k, v;
+  if (!head_inputs.any()) {
+    const at::Tensor qkv = kernels.Linear(h, w.w_qkv);  // [batch, pos, (H + 2 Hkv) d_head]
+    q = qkv.narrow(-1, 0, H * dh).view({batch, pos, H, dh});
+    k = qkv.narrow(-1, H * dh, Hkv * dh).view({batch, pos, Hkv, dh});
+    v = qkv.narrow(-1, (H + Hkv) * dh, Hkv * dh).view({batch, pos, Hkv, dh});
+  } else {
+    // w_qkv rows: queries [0, H), keys [H, H + Hkv), values [H + Hkv, H + 2 Hkv) heads.
+    auto project = [&](const at::Tensor& copies, int64_t first_head, int64_t heads) {
+      const at::Tensor rows = w.w_qkv.narrow(0, first_head * dh, heads * dh);
+      return copies.defined()
+                 ? PerHeadProjection(copies, w.ln1, c.rms_norm_eps, rows, kernels)
+                 : kernels.Linear(h, rows).view({batch, pos, heads, dh});
+    };
+    q = project(head_inputs.q, 0, H);
+    k = project(head_inputs.k, H, Hkv);
+    v = project(head_inputs.v, H + Hkv, Hkv);
+  }
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnQ, q));
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnK, k));
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnV, v));
@@ -338,11 +428,14 @@ absl::StatusOr<at::Tensor> Block(at::Tensor x, const LayerWeights& w, const Llam
   ASSIGN_OR_RETURN(at::Tensor h, HookedRmsNorm(x, w.ln1, c.rms_norm_eps, plan, layer,
                                                HookSite::kLn1Scale, HookSite::kLn1Normalized,
                                                !kernels.differentiable));
-  ASSIGN_OR_RETURN(at::Tensor attn_out, Attention(h, w, c, p, in, kv, kernels, plan, layer));
+  ASSIGN_OR_RETURN(at::Tensor attn_out, Attention(x, h, w, c, p, in, kv, kernels, plan, layer));
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kAttnOut, attn_out));
   at::Tensor resid_mid = x + attn_out;
   RETURN_IF_ERROR(Hook(plan, layer, HookSite::kResidMid, resid_mid));
-  ASSIGN_OR_RETURN(at::Tensor h2, HookedRmsNorm(resid_mid, w.ln2, c.rms_norm_eps, plan, layer,
+  // hook_mlp_in: what ln2 reads; an edit here leaves the residual stream (resid_mid) alone.
+  at::Tensor mlp_in = resid_mid;
+  RETURN_IF_ERROR(Hook(plan, layer, HookSite::kMlpIn, mlp_in));
+  ASSIGN_OR_RETURN(at::Tensor h2, HookedRmsNorm(mlp_in, w.ln2, c.rms_norm_eps, plan, layer,
                                                 HookSite::kLn2Scale, HookSite::kLn2Normalized,
                                                 !kernels.differentiable));
   ASSIGN_OR_RETURN(at::Tensor mlp_out, Mlp(h2, w, c, kernels, plan, layer));
@@ -638,7 +731,10 @@ absl::StatusOr<at::Tensor> LlamaModel::ForwardImpl(const ForwardInput& input, Ho
                    HookedRmsNorm(x, weights_.ln_final, c.rms_norm_eps, plan, -1,
                                  HookSite::kLnFinalScale, HookSite::kLnFinalNormalized,
                                  !kernels.differentiable));
-  return kernels.Linear(final_normed, weights_.unembed);  // [batch, pos, d_vocab]
+  RETURN_IF_ERROR(Hook(plan, -1, HookSite::kUnembedIn, final_normed));
+  at::Tensor logits = kernels.Linear(final_normed, weights_.unembed);  // [batch, pos, d_vocab]
+  RETURN_IF_ERROR(Hook(plan, -1, HookSite::kUnembedOut, logits));
+  return logits;
 }
 
 at::Tensor LlamaModel::Lens(const at::Tensor& residual) const {

@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <memory>
+
 #include "engine/test_model.h"
 #include "engine/model_dir.h"
 #include "gtest/gtest.h"
@@ -81,6 +83,181 @@ TEST_F(LlamaModelTest, HookResultSumsToAttnOut) {
   const at::Tensor logits = Run(input, &plan);
   EXPECT_LT(MaxDiff(plan.cache()[0].second.sum(2), plan.cache()[1].second), 1e-5);
   EXPECT_LT(MaxDiff(logits, Run(input)), 1e-5);
+}
+
+// Helpers for the opt-in hook points: the cached tensor of `site` at `layer` in `plan`.
+at::Tensor Cached(const HookPlan& plan, int layer, HookSite site) {
+  for (const auto& [id, tensor] : plan.cache()) {
+    if (id == HookId{layer, site}) return tensor;
+  }
+  ADD_FAILURE() << "not cached: " << HookName({layer, site});
+  return at::Tensor();
+}
+
+TEST_F(LlamaModelTest, OptInHookPointsHoldTransformerLensValues) {
+  // TransformerLens components/transformer_block.py: hook_attn_in and hook_q_input are resid_pre
+  // repeated over n_heads, hook_k/v_input over n_key_value_heads; hook_mlp_in is resid_mid.
+  // components/unembed.py: unembed.hook_in is ln_final's output, unembed.hook_out the logits.
+  ForwardInput input;
+  input.tokens = Tokens(2, 6, 11);
+  const at::Tensor plain = Run(input);
+  HookPlan plan(3);
+  for (HookSite site : {HookSite::kResidPre, HookSite::kAttnIn, HookSite::kQInput, HookSite::kKInput,
+                        HookSite::kVInput, HookSite::kResidMid, HookSite::kMlpIn}) {
+    plan.AddCache({{1, site}});
+  }
+  plan.AddCache({{-1, HookSite::kLnFinalNormalized}});
+  plan.AddCache({{-1, HookSite::kUnembedIn}});
+  plan.AddCache({{-1, HookSite::kUnembedOut}});
+  const at::Tensor logits = Run(input, &plan);
+  EXPECT_LT(MaxDiff(logits, plain), 1e-5);
+  const at::Tensor resid_pre = Cached(plan, 1, HookSite::kResidPre);
+  ASSERT_EQ(Cached(plan, 1, HookSite::kAttnIn).sizes(), (std::vector<int64_t>{2, 6, 4, 64}));
+  ASSERT_EQ(Cached(plan, 1, HookSite::kQInput).sizes(), (std::vector<int64_t>{2, 6, 4, 64}));
+  ASSERT_EQ(Cached(plan, 1, HookSite::kKInput).sizes(), (std::vector<int64_t>{2, 6, 2, 64}));
+  ASSERT_EQ(Cached(plan, 1, HookSite::kVInput).sizes(), (std::vector<int64_t>{2, 6, 2, 64}));
+  for (int64_t head = 0; head < 4; ++head) {
+    EXPECT_EQ(MaxDiff(Cached(plan, 1, HookSite::kQInput).select(2, head), resid_pre), 0.f);
+    EXPECT_EQ(MaxDiff(Cached(plan, 1, HookSite::kAttnIn).select(2, head), resid_pre), 0.f);
+  }
+  EXPECT_EQ(MaxDiff(Cached(plan, 1, HookSite::kVInput).select(2, 1), resid_pre), 0.f);
+  EXPECT_EQ(MaxDiff(Cached(plan, 1, HookSite::kMlpIn), Cached(plan, 1, HookSite::kResidMid)), 0.f);
+  EXPECT_EQ(MaxDiff(Cached(plan, -1, HookSite::kUnembedOut), logits), 0.f);
+  EXPECT_LT(MaxDiff(Cached(plan, -1, HookSite::kUnembedIn),
+                    Cached(plan, -1, HookSite::kLnFinalNormalized) * model_->weights().ln_final),
+            1e-6);
+}
+
+TEST_F(LlamaModelTest, ReplacedHeadInputsGoThroughTheirOwnNorm) {
+  // A scale-by-1 op replaces each copy with equal values: the per-head path must reproduce the
+  // shared one.
+  ForwardInput input;
+  input.tokens = Tokens(2, 7, 12);
+  const at::Tensor plain = Run(input);
+  for (HookSite site : {HookSite::kAttnIn, HookSite::kQInput, HookSite::kKInput, HookSite::kVInput}) {
+    HookPlan plan(3);
+    for (int layer = 0; layer < 3; ++layer) {
+      InterventionOp op;
+      op.hook = {layer, site};
+      op.kind = OpKind::kScale;
+      op.factor = 1.0;
+      ASSERT_TRUE(plan.AddIntervention(op).ok());
+    }
+    EXPECT_LT(MaxDiff(Run(input, &plan), plain), 1e-4) << HookName({0, site});
+  }
+  // RMSNorm per copy: scaling one copy by 3 barely changes anything (only eps sees it) ...
+  HookPlan scaled(3);
+  InterventionOp op;
+  op.hook = {1, HookSite::kKInput};
+  op.kind = OpKind::kScale;
+  op.factor = 3.0;
+  ASSERT_TRUE(scaled.AddIntervention(op).ok());
+  EXPECT_LT(MaxDiff(Run(input, &scaled), plain), 1e-3);
+  // ... while zeroing one copy zeroes exactly that head's keys and nothing else.
+  HookPlan zeroed(3);
+  op.kind = OpKind::kZero;
+  op.selector.heads = {1};
+  ASSERT_TRUE(zeroed.AddIntervention(op).ok());
+  zeroed.AddCache({{1, HookSite::kAttnK}});
+  zeroed.AddCache({{1, HookSite::kAttnQ}});
+  HookPlan reference(3);
+  reference.AddCache({{1, HookSite::kAttnK}});
+  reference.AddCache({{1, HookSite::kAttnQ}});
+  const at::Tensor edited = Run(input, &zeroed);
+  Run(input, &reference);
+  const at::Tensor k = Cached(zeroed, 1, HookSite::kAttnK), k_ref = Cached(reference, 1, HookSite::kAttnK);
+  EXPECT_EQ(k.select(2, 1).abs().max().item<float>(), 0.f);
+  EXPECT_LT(MaxDiff(k.select(2, 0), k_ref.select(2, 0)), 1e-5);
+  EXPECT_LT(MaxDiff(Cached(zeroed, 1, HookSite::kAttnQ), Cached(reference, 1, HookSite::kAttnQ)), 1e-5);
+  EXPECT_GT(MaxDiff(edited, plain), 1e-3);
+}
+
+TEST_F(LlamaModelTest, AttnInFeedsKeysAndValuesFromTheFirstCopies) {
+  // TransformerLens 4 (position_embeddings_attention.py): with grouped-query attention, keys and
+  // values read hook_attn_in's first n_key_value_heads copies.
+  ForwardInput input;
+  input.tokens = Tokens(1, 5, 13);
+  HookPlan plan(3), reference(3);
+  InterventionOp op;
+  op.hook = {0, HookSite::kAttnIn};
+  op.kind = OpKind::kZero;
+  op.selector.heads = {1};
+  ASSERT_TRUE(plan.AddIntervention(op).ok());
+  for (HookPlan* p : {&plan, &reference}) {
+    for (HookSite site : {HookSite::kAttnQ, HookSite::kAttnK, HookSite::kAttnV}) p->AddCache({{0, site}});
+  }
+  Run(input, &plan);
+  Run(input, &reference);
+  for (HookSite site : {HookSite::kAttnQ, HookSite::kAttnK, HookSite::kAttnV}) {
+    const at::Tensor got = Cached(plan, 0, site), want = Cached(reference, 0, site);
+    EXPECT_EQ(got.select(2, 1).abs().max().item<float>(), 0.f) << HookName({0, site});
+    EXPECT_LT(MaxDiff(got.select(2, 0), want.select(2, 0)), 1e-5) << HookName({0, site});
+  }
+  EXPECT_LT(MaxDiff(Cached(plan, 0, HookSite::kAttnQ).narrow(2, 2, 2),
+                    Cached(reference, 0, HookSite::kAttnQ).narrow(2, 2, 2)), 1e-5);
+}
+
+TEST_F(LlamaModelTest, MlpInEditsReachTheMlpButNotTheResidualStream) {
+  ForwardInput input;
+  input.tokens = Tokens(1, 6, 14);
+  HookPlan plan(3), reference(3);
+  InterventionOp op;
+  op.hook = {2, HookSite::kMlpIn};
+  op.kind = OpKind::kAdd;
+  op.value = at::full({64}, 0.5);
+  ASSERT_TRUE(plan.AddIntervention(op).ok());
+  for (HookPlan* p : {&plan, &reference}) {
+    for (HookSite site : {HookSite::kResidMid, HookSite::kMlpOut, HookSite::kResidPost}) p->AddCache({{2, site}});
+  }
+  Run(input, &plan);
+  Run(input, &reference);
+  EXPECT_EQ(MaxDiff(Cached(plan, 2, HookSite::kResidMid), Cached(reference, 2, HookSite::kResidMid)), 0.f);
+  EXPECT_GT(MaxDiff(Cached(plan, 2, HookSite::kMlpOut), Cached(reference, 2, HookSite::kMlpOut)), 1e-4);
+  EXPECT_LT(MaxDiff(Cached(plan, 2, HookSite::kResidPost),
+                    Cached(plan, 2, HookSite::kResidMid) + Cached(plan, 2, HookSite::kMlpOut)), 1e-5);
+}
+
+TEST_F(LlamaModelTest, HeadInputEditsDecodeIncrementallyAsInOneForward) {
+  // Per-head projections of new positions append to the key/value cache like shared ones.
+  const at::Tensor tokens = Tokens(1, 9, 16);
+  auto plan_for = [] {
+    auto plan = std::make_unique<HookPlan>(3);
+    InterventionOp op;
+    op.hook = {1, HookSite::kKInput};
+    op.kind = OpKind::kScale;
+    op.factor = -1.0;  // a negated copy: its RMSNorm keeps the sign, so keys flip
+    op.selector.heads = {0};
+    EXPECT_TRUE(plan->AddIntervention(op).ok());
+    return plan;
+  };
+  ForwardInput full;
+  full.tokens = tokens;
+  auto full_plan = plan_for();
+  const at::Tensor expected = Run(full, full_plan.get());
+  EXPECT_GT(MaxDiff(expected, Run(full)), 1e-3);
+  KvCache kv;
+  ForwardInput prefix;
+  prefix.tokens = tokens.narrow(1, 0, 6);
+  auto prefix_plan = plan_for();
+  EXPECT_LT(MaxDiff(Run(prefix, prefix_plan.get(), &kv), expected.narrow(1, 0, 6)), 1e-4);
+  for (int64_t p = 6; p < 9; ++p) {
+    ForwardInput step;
+    step.tokens = tokens.narrow(1, p, 1);
+    auto step_plan = plan_for();
+    EXPECT_LT(MaxDiff(Run(step, step_plan.get(), &kv)[0][0], expected[0][p]), 1e-4) << p;
+  }
+}
+
+TEST_F(LlamaModelTest, UnembedHookOutEditsAreTheLogits) {
+  ForwardInput input;
+  input.tokens = Tokens(1, 4, 15);
+  HookPlan plan(3);
+  InterventionOp op;
+  op.hook = {-1, HookSite::kUnembedOut};
+  op.kind = OpKind::kScale;
+  op.factor = 2.0;
+  ASSERT_TRUE(plan.AddIntervention(op).ok());
+  EXPECT_LT(MaxDiff(Run(input, &plan), 2 * Run(input)), 1e-5);
 }
 
 TEST_F(LlamaModelTest, PatternRowsSumToOneAndAreCausal) {

@@ -55,7 +55,7 @@ TEST_F(RequestBuilderTest, CacheSelectionExpandsStarInForwardOrderOnce) {
   ASSERT_TRUE(requests.ok()) << requests.status();
   ASSERT_EQ(requests->size(), static_cast<size_t>(NumHookIds(2)));
   EXPECT_EQ(HookName(requests->front().hook), "hook_embed");
-  EXPECT_EQ(HookName(requests->back().hook), "ln_final.hook_normalized");
+  EXPECT_EQ(HookName(requests->back().hook), "unembed.hook_out");
   EXPECT_EQ(requests->front().dtype, at::kBFloat16);
   EXPECT_EQ(requests->front().pos_start, -2);
   EXPECT_FALSE(requests->front().pos_stop.has_value());

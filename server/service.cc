@@ -105,6 +105,12 @@ grpc::ServerUnaryReactor* RemoteLensService::GetModelInfo(grpc::CallbackServerCo
       v1::HookInfo* info = out->add_hooks();
       info->set_name(HookName(id));
       for (int64_t d : HookShape(id, c)) info->add_shape(d);
+      for (std::string& dim : HookDims(id.site)) info->add_dims(std::move(dim));
+      info->set_pos_dim(PosDim(id.site));
+      info->set_head_dim(HeadDim(id.site));
+      for (std::string& alias : HookAliases(id, c.n_layers)) info->add_aliases(std::move(alias));
+      info->set_enabled_by(std::string(EnablingFlag(id.site)));
+      info->set_supports_backward(true);  // every hook point is on the differentiable path
     }
     out->set_bos_token_id(c.bos_token_id);
     for (int64_t id : c.eos_token_ids) out->add_eos_token_ids(id);

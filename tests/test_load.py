@@ -105,8 +105,9 @@ def test_server_refuses_a_request_that_would_not_fit(demo_model_dir):
     """A huge batch storing every hook's activations is refused before its forward runs, naming
     its need and what is available; a small one on the same server runs."""
     # The demo weights (3.5 MB) and the server's own ~200 MB fit under the limit; 16 x 512
-    # positions storing every hook do not: 47,241 float32 per position over the hooks of the
-    # four layers (8,192 of them scores and pattern), 1.5 GB.
+    # positions storing every hook do not: 58,633 float32 per position over the hooks of the
+    # four layers (8,192 of them scores and pattern, 10,752 the opt-in per-head inputs and
+    # hook_mlp_in) and unembed.hook_in/hook_out (640), 1.9 GB.
     args = ("--host_memory_limit_bytes=700000000", "--load_reserve_bytes=0")
     with server_harness.ServerProcess(demo_model_dir, args=args) as server:
         stub = server.stub()
@@ -126,7 +127,7 @@ def test_server_refuses_a_request_that_would_not_fit(demo_model_dir):
         message = refused.value.details()
         assert "this request needs about" in message, message
         assert "(16 rows x 512 positions: activations" in message, message
-        assert "activations kept until it ends 1.5 GB" in message, message
+        assert "activations kept until it ends 1.9 GB" in message, message
         assert "(load.host_memory_limit_bytes less what the server holds)" in message, message
         # Refused before the forward: the server did not take the memory.
         assert server.rss_bytes() < rss_before + 64 * 2**20

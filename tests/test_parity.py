@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from tests.reference import safetensors_io  # noqa: E402
-from tests.reference.llama_reference import LlamaReference, left_pad  # noqa: E402
+from tests.reference.llama_reference import ALL_FLAGS, LlamaReference, left_pad  # noqa: E402
 from tests.reference.random_model import VARIANTS, write_random_model  # noqa: E402
 
 ATOL = 1e-4
@@ -135,6 +135,9 @@ def assert_all_close(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]
 def reference_outputs(model: LlamaReference, rows=None, tokens=None, mask=None, **kw):
     if tokens is None:
         tokens = torch.tensor(rows, dtype=torch.int64)
+    kw.setdefault("flags", ALL_FLAGS)  # names="all" runs every hook point, every flag's too
+    if kw["flags"] is None:
+        kw["flags"] = ALL_FLAGS
     logits, cache = model.forward(tokens, attention_mask=mask, **kw)
     cache = dict(cache)
     cache["logits"] = logits
@@ -325,6 +328,40 @@ def test_scale_mean_and_pattern_ops(engine, untied_model, tmp_path, case):
     clean = reference_outputs(ref, rows)
     assert float((want["logits"] - clean["logits"]).abs().max()) > 1e-3
     assert_all_close(run.outputs, want, ["logits"] + ref.hook_names, what=case)
+
+
+# ------------------------------------------------------------------ opt-in hook points
+
+
+@pytest.mark.parametrize("case", ["split_qkv", "attn_in", "mlp_in_and_unembed"])
+def test_opt_in_hook_point_edits(engine, untied_model, tmp_path, case):
+    """TransformerLens's use_split_qkv_input / use_attn_in / use_hook_mlp_in hook points and
+    unembed.hook_in/hook_out (components/transformer_block.py, components/unembed.py), edited:
+    a replaced per-head copy goes through ln1 and its own head's projection."""
+    model_dir, ref = untied_model
+    rows = random_rows(2, 13, seed=12)
+    d = torch.randn(ref.config.d_model, generator=torch.Generator().manual_seed(1))
+    tensors = {"d": d}
+    names, flags = "all", None  # every hook point: the engine then runs every flag's path
+    if case == "split_qkv":
+        ops = [{"hook": "blocks.0.hook_k_input", "op": "zero", "heads": [1]},
+               {"hook": "blocks.1.hook_q_input", "op": "add", "tensor": "d", "heads": [0, 3], "positions": [2, -1]},
+               {"hook": "blocks.2.hook_v_input", "op": "scale", "factor": -1.5, "heads": [0]}]
+    elif case == "attn_in":
+        # use_attn_in alone: no split-input hook point requested.
+        ops = [{"hook": "blocks.1.hook_attn_in", "op": "add", "tensor": "d", "heads": [0, 2]}]
+        names = "blocks.1.hook_attn_in,blocks.1.attn.hook_q,blocks.1.attn.hook_k,blocks.1.attn.hook_v,blocks.1.hook_attn_out"
+        flags = ["use_attn_in"]
+    else:
+        ops = [{"hook": "blocks.1.hook_mlp_in", "op": "add", "tensor": "d", "positions": [4]},
+               {"hook": "unembed.hook_in", "op": "scale", "factor": 0.5, "positions": [-1]}]
+    run = run_engine(model_dir, rows, str(tmp_path / f"{case}.safetensors"), names=names, ops=ops,
+                     hook_tensors={k: v.numpy() for k, v in tensors.items()})
+    want = reference_outputs(ref, rows, ops=ops, hook_tensors=tensors, flags=flags)
+    clean = reference_outputs(ref, rows)
+    assert float((want["logits"] - clean["logits"]).abs().max()) > 1e-3
+    compared = ["logits"] + (ref.hook_names if names == "all" else names.split(","))
+    assert_all_close(run.outputs, want, compared, what=case)
 
 
 # ------------------------------------------------------------------ 7: stop_at_layer

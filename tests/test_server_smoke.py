@@ -9,7 +9,8 @@ def test_model_info_and_run(demo_server):
     stub = demo_server.stub()
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
     assert info.model_name == "remotelens-demo"
-    assert len(info.hooks) == 3 + 21 * info.n_layers
+    # hook_embed, ln_final.* and unembed.*, then 26 per block (5 of them opt-in: attn_in, q/k/v_input, mlp_in)
+    assert len(info.hooks) == 5 + 26 * info.n_layers
     tokens = np.array([[1, 2, 3]], dtype=np.int64)
     request = pb.RunRequest(tokens=tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT64, shape=[1, 3],
                                                      data=tokens.tobytes()))

@@ -51,5 +51,8 @@ def model(session_model):
     yield session_model
     session_model.reset_hooks(including_permanent=True)
     session_model.set_use_attn_result(False)
+    session_model.set_use_split_qkv_input(False)
+    session_model.set_use_hook_mlp_in(False)
+    session_model.cfg.use_attn_in = False
     session_model.tokenizer.padding_side = "right"
     session_model.cfg.device = "cpu"

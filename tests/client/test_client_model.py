@@ -74,14 +74,18 @@ def test_loss_both_and_none(model, reference):
 
 def test_run_with_cache_every_hook_matches_reference(model, reference):
     model.set_use_attn_result(True)
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)  # use_attn_in: not with grouped-query attention (TL3)
     tokens = model.to_tokens(PROMPTS, padding_side="left")
     _, mask = model._encode(PROMPTS, padding_side="left")
     logits, cache = model.run_with_cache(tokens, attention_mask=mask)
-    ref_logits, ref_cache = reference.forward(tokens, attention_mask=mask)
-    assert list(cache.keys()) == reference.hook_names
+    ref_logits, ref_cache = reference.forward(tokens, attention_mask=mask,
+                                              flags=["use_split_qkv_input", "use_hook_mlp_in"])
+    names = [n for n in reference.hook_names if n in ref_cache]
+    assert list(cache.keys()) == names
     real = mask.bool()
     assert_close(logits[real], ref_logits[real], what="logits")
-    for name in reference.hook_names:
+    for name in names:
         got, want = cache[name], ref_cache[name]
         if name.endswith(("hook_attn_scores", "hook_pattern")):
             rows = real[:, None, :, None].expand_as(want)  # real query positions
@@ -101,7 +105,8 @@ def test_names_filter_forms(model):
     _, by_fn = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
     assert list(by_fn.keys()) == [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
     _, everything = model.run_with_cache(tokens)
-    assert len(everything) == len(model.hook_dict) - model.cfg.n_layers  # no hook_result by default
+    # No opt-in hook point by default: hook_result, hook_attn_in, hook_q/k/v_input, hook_mlp_in.
+    assert len(everything) == len(model.hook_dict) - 6 * model.cfg.n_layers
     assert_close(by_str["resid_post", 1], everything["resid_post", 1])  # fast path vs full cache
     with pytest.raises(ValueError, match="not hook points"):
         model.run_with_cache(tokens, names_filter=["blocks.0.hook_pos_embed"])

@@ -104,7 +104,9 @@ def test_cache_keys_are_in_forward_order(model):
     _, cache = model.run_with_cache(PROMPT)
     keys = list(cache.keys())
     assert keys[:3] == ["hook_embed", "blocks.0.hook_resid_pre", "blocks.0.ln1.hook_scale"]
-    assert keys[-2:] == ["ln_final.hook_scale", "ln_final.hook_normalized"]
+    # TransformerLens >= 3.0 components/unembed.py: unembed.hook_in / hook_out come last.
+    assert keys[-4:] == ["ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in",
+                         "unembed.hook_out"]
     assert "blocks.0.attn.hook_result" not in keys  # only with use_attn_result, as in TL
     assert len(cache) == len(keys) and list(iter(cache)) == keys
     assert [k for k, _ in cache.items()] == keys and len(list(cache.values())) == len(keys)

@@ -29,6 +29,10 @@ BLOCK_SITES = {
     "hook_in": "hook_resid_pre",
     "ln1.hook_scale": "ln1.hook_scale",
     "ln1.hook_normalized": "ln1.hook_normalized",
+    "attn.hook_attn_in": "hook_attn_in",
+    "attn.hook_q_input": "hook_q_input",
+    "attn.hook_k_input": "hook_k_input",
+    "attn.hook_v_input": "hook_v_input",
     "attn.q.hook_out": "attn.hook_q",
     "attn.k.hook_out": "attn.hook_k",
     "attn.v.hook_out": "attn.hook_v",
@@ -41,6 +45,7 @@ BLOCK_SITES = {
     "attn.o.hook_out": "hook_attn_out",
     "attn.hook_out": "hook_attn_out",
     "ln2.hook_in": "hook_resid_mid",
+    "hook_mlp_in": "hook_mlp_in",
     "ln2.hook_scale": "ln2.hook_scale",
     "ln2.hook_normalized": "ln2.hook_normalized",
     "mlp.gate.hook_out": "mlp.hook_pre",
@@ -50,6 +55,10 @@ BLOCK_SITES = {
     "mlp.hook_out": "hook_mlp_out",
     "hook_out": "hook_resid_post",
 }
+# TL4 sites that run only with their flag (use_attn_result, use_attn_in, use_split_qkv_input,
+# use_hook_mlp_in; TL4 bridge.py set_use_*).
+OPT_IN = ("attn.hook_result", "attn.hook_attn_in", "attn.hook_q_input", "attn.hook_k_input",
+          "attn.hook_v_input", "hook_mlp_in")
 
 
 def tl4_to_tl3(model):
@@ -61,13 +70,17 @@ def tl4_to_tl3(model):
             table[f"blocks.{layer}.{site}"] = f"blocks.{layer}.{wire}"
     table.update({"ln_final.hook_in": f"blocks.{last}.hook_resid_post",
                   "ln_final.hook_scale": "ln_final.hook_scale",
-                  "ln_final.hook_normalized": "ln_final.hook_normalized"})
+                  "ln_final.hook_normalized": "ln_final.hook_normalized",
+                  "unembed.hook_in": "unembed.hook_in", "unembed.hook_out": "unembed.hook_out"})
     return table
 
 
 def _reset(bridge):
     bridge.reset_hooks(including_permanent=True)
     bridge.set_use_attn_result(False)
+    bridge.set_use_attn_in(False)
+    bridge.set_use_split_qkv_input(False)
+    bridge.set_use_hook_mlp_in(False)
 
 
 @pytest.fixture(scope="module")
@@ -115,13 +128,15 @@ def test_hook_names_are_the_llama_adapters_tl4_names(bridge, model):
 
 
 def test_full_cache_matches_hooked_transformer_and_reference(bridge, model, reference):
-    bridge.set_use_attn_result(True)
-    model.set_use_attn_result(True)
+    for m in (bridge, model):
+        m.set_use_attn_result(True)
+        m.set_use_split_qkv_input(True)
+        m.set_use_hook_mlp_in(True)
     tokens = bridge.to_tokens(CLEAN)
     logits, cache = bridge.run_with_cache(tokens)
     ht_logits, ht_cache = model.run_with_cache(tokens)
-    ref_logits, ref_cache = reference.forward(tokens)
-    table = tl4_to_tl3(bridge)
+    ref_logits, ref_cache = reference.forward(tokens, flags=["use_split_qkv_input", "use_hook_mlp_in"])
+    table = {k: v for k, v in tl4_to_tl3(bridge).items() if not k.endswith("attn.hook_attn_in")}
     assert list(cache.keys()) == list(table)
     assert torch.equal(logits, ht_logits)
     assert_close(logits, ref_logits, what="logits")
@@ -134,7 +149,8 @@ def test_default_cache_leaves_out_hook_result_until_enabled(bridge):
     tokens = bridge.to_tokens(CLEAN)
     _, cache = bridge.run_with_cache(tokens)
     assert not any(k.endswith("attn.hook_result") for k in cache.keys())
-    assert len(cache) == len(bridge.hook_dict) - bridge.cfg.n_layers
+    assert not any(k.endswith(OPT_IN) for k in cache.keys())
+    assert len(cache) == len(bridge.hook_dict) - len(OPT_IN) * bridge.cfg.n_layers
 
 
 def test_names_filter_forms_with_tl4_names(bridge, model):
@@ -305,7 +321,7 @@ def test_compatibility_mode_cache_has_both_schemes(compat, model):
     for name, tensor in ht.items():  # every HookedTransformer key, same values
         assert torch.equal(full[name], tensor), name
     for name, wire in tl4_to_tl3(compat).items():
-        if not wire.endswith("attn.hook_result"):
+        if not name.endswith(OPT_IN):
             assert torch.equal(full[name], ht[wire]), name
     # A TL3 name in names_filter brings its TL4 name too, and the reverse (bridge.py run_with_cache).
     _, by_tl3 = compat.run_with_cache(tokens, names_filter="blocks.2.hook_resid_post")
@@ -410,37 +426,35 @@ def test_generate_with_a_hook_on_a_tl4_name(bridge, model):
     assert not torch.equal(got, plain)  # the hook did change what was generated
 
 
-def test_optional_hook_points_get_their_tl4_names_when_the_server_lists_them():
-    # Issue 12 item 1 adds hook_attn_in, hook_q/k/v_input, hook_mlp_in and unembed.hook_in/out
-    # on the server; the bridge names them as TL4 does (BlockBridge / AttentionBridge aliases,
-    # bridge.py hook_unembed) as soon as they are listed. No server needed: the table alone.
+def test_tl4_names_come_from_the_servers_listing():
+    # One source of truth: the TL4 names are the server's HookInfo.aliases (engine/hook_names).
+    # A server hook point without TL4 names is listed as unmapped, not guessed at; a server that
+    # sends no aliases at all cannot serve a bridge. No server needed: a fake listing.
     from types import SimpleNamespace
+    from remotelens._hooks import HookPointInfo
     from remotelens.transformer_bridge import TransformerBridge
-    block = ["hook_resid_pre", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input",
-             "attn.hook_z", "hook_attn_out", "hook_resid_mid", "hook_mlp_in", "hook_mlp_out",
-             "hook_resid_post"]
-    wire = ["hook_embed"] + [f"blocks.0.{s}" for s in block] + [
-        "ln_final.hook_scale", "unembed.hook_in", "unembed.hook_out"]
+
+    def info(name, *aliases):
+        return HookPointInfo(name, name, aliases, (-1, -1, 8), ("batch", "pos", "d_model"), 1, None,
+                             "", True, True)
     fake = object.__new__(TransformerBridge)
     fake.cfg = SimpleNamespace(n_layers=1)
-    fake._wire_shapes = {w: (-1, -1, 8) for w in wire}
     fake.compatibility_mode = True
+    fake._hook_infos = {i.name: i for i in [
+        info("hook_embed", "embed.hook_out"), info("blocks.0.hook_q_input", "blocks.0.attn.hook_q_input"),
+        info("blocks.0.hook_resid_post", "blocks.0.hook_out", "ln_final.hook_in"),
+        info("blocks.0.hook_something_new"), info("unembed.hook_out", "unembed.hook_out")]}
+    fake._wire_shapes = {w: i.shape for w, i in fake._hook_infos.items()}
     hook_dict = fake._make_hook_dict()
-    assert fake.unmapped_server_hooks == []
-    for tl4, tl3 in [("blocks.0.attn.hook_attn_in", "blocks.0.hook_attn_in"),
-                     ("blocks.0.attn.hook_q_input", "blocks.0.hook_q_input"),
-                     ("blocks.0.attn.hook_v_input", "blocks.0.hook_v_input"),
-                     ("unembed.hook_out", "hook_unembed")]:
-        assert hook_dict[tl4] is hook_dict[tl3], tl4
-        assert hook_dict[tl4].wire_name == (tl3 if tl3 != "hook_unembed" else "unembed.hook_out")
-    assert hook_dict["blocks.0.hook_mlp_in"].wire_name == "blocks.0.hook_mlp_in"
-    assert hook_dict["unembed.hook_in"].wire_name == "unembed.hook_in"
-    assert list(fake._native_hooks)[-4:] == ["ln_final.hook_in", "ln_final.hook_scale",
-                                             "unembed.hook_in", "unembed.hook_out"]  # forward order
-    # A server hook point the client has no TL4 name for is listed, not guessed at.
-    fake._wire_shapes["blocks.0.hook_something_new"] = (-1, -1, 8)
-    fake._make_hook_dict()
+    assert list(fake._native_hooks) == ["embed.hook_out", "blocks.0.attn.hook_q_input", "blocks.0.hook_out",
+                                        "ln_final.hook_in", "unembed.hook_out"]
+    assert hook_dict["blocks.0.hook_q_input"] is hook_dict["blocks.0.attn.hook_q_input"]  # BlockBridge alias
+    assert hook_dict["hook_unembed"] is hook_dict["unembed.hook_out"]  # bridge.py hook_unembed
+    assert hook_dict["ln_final.hook_in"].wire_name == "blocks.0.hook_resid_post"
     assert fake.unmapped_server_hooks == ["blocks.0.hook_something_new"]
+    fake._hook_infos = {n: info(n) for n in fake._hook_infos}
+    with pytest.raises(RuntimeError, match="aliases"):
+        fake._make_hook_dict()
 
 
 def test_backward_hooks_by_tl4_name(bridge, model):

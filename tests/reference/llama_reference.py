@@ -33,6 +33,10 @@ BLOCK_SITES = (
     "hook_resid_pre",
     "ln1.hook_scale",
     "ln1.hook_normalized",
+    "hook_attn_in",
+    "hook_q_input",
+    "hook_k_input",
+    "hook_v_input",
     "attn.hook_q",
     "attn.hook_k",
     "attn.hook_v",
@@ -44,6 +48,7 @@ BLOCK_SITES = (
     "attn.hook_result",
     "hook_attn_out",
     "hook_resid_mid",
+    "hook_mlp_in",
     "ln2.hook_scale",
     "ln2.hook_normalized",
     "mlp.hook_pre",
@@ -54,7 +59,16 @@ BLOCK_SITES = (
 )
 # Sites whose activation is [batch, pos, heads, ...]: positions index dim 1, heads dim 2.
 _POS_THEN_HEAD_SITES = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q",
-                        "attn.hook_rot_k", "attn.hook_z", "attn.hook_result")
+                        "attn.hook_rot_k", "attn.hook_z", "attn.hook_result", "hook_attn_in",
+                        "hook_q_input", "hook_k_input", "hook_v_input")
+# TransformerLens HookedTransformer flags that switch on a block's opt-in hook points, and the
+# sites each enables (HookedTransformer.check_hooks_to_add, components/transformer_block.py).
+FLAG_SITES = {
+    "use_attn_in": ("hook_attn_in",),
+    "use_split_qkv_input": ("hook_q_input", "hook_k_input", "hook_v_input"),
+    "use_hook_mlp_in": ("hook_mlp_in",),
+}
+ALL_FLAGS = tuple(FLAG_SITES)
 # Sites whose activation is [batch, n_heads, query_pos, key_pos]: heads dim 1, positions dim 2.
 _HEAD_THEN_POS_SITES = ("attn.hook_attn_scores", "attn.hook_pattern")
 
@@ -163,7 +177,7 @@ def all_hook_names(n_layers: int) -> List[str]:
     names = ["hook_embed"]
     for layer in range(n_layers):
         names += [f"blocks.{layer}.{site}" for site in BLOCK_SITES]
-    names += ["ln_final.hook_scale", "ln_final.hook_normalized"]
+    names += ["ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out"]
     return names
 
 
@@ -314,7 +328,8 @@ class LlamaReference:
                 ops: Optional[Sequence[dict]] = None,
                 hook_tensors: Optional[Dict[str, torch.Tensor]] = None,
                 stop_at_layer: Optional[int] = None,
-                collect: bool = True) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                collect: bool = True,
+                flags: Optional[Sequence[str]] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Runs the model.
 
         Args:
@@ -328,6 +343,13 @@ class LlamaReference:
             in place of the logits (TransformerLens semantics).
           collect: when False, no cache is built and the per-head result is not materialised
             (the fast path for benchmarks).
+          flags: the TransformerLens flags on (keys of FLAG_SITES; ALL_FLAGS for every one);
+            None: none, TransformerLens's default. Their hook
+            points run only when on. With use_attn_in, attention reads hook_attn_in's copies
+            (keys and values of grouped-query attention the first n_kv_heads of them, as the
+            TransformerLens 4 bridge does); with use_split_qkv_input it reads hook_q/k/v_input,
+            fresh copies of resid_pre, whatever hook_attn_in did; each copy goes through ln1
+            on its own, then its own head's projection.
 
         Returns:
           (logits [batch, pos, d_vocab] float32, cache {hook name: activation}).
@@ -335,7 +357,14 @@ class LlamaReference:
         c = self.config
         ops = list(ops or [])
         hook_tensors = dict(hook_tensors or {})
+        flags = set(flags or ())
+        if flags - set(FLAG_SITES):
+            raise ReferenceError(f"unknown flags {sorted(flags - set(FLAG_SITES))}; valid: {sorted(FLAG_SITES)}")
         self.validate_ops(ops, hook_tensors)
+        disabled = {site for flag, sites in FLAG_SITES.items() if flag not in flags for site in sites}
+        for op in ops:
+            if _site_of(op["hook"]) in disabled:
+                raise ReferenceError(f"op on {op['hook']} needs its TransformerLens flag on")
         ops_by_hook: Dict[str, List[dict]] = {}
         for op in ops:
             ops_by_hook.setdefault(op["hook"], []).append(op)
@@ -393,13 +422,33 @@ class LlamaReference:
             w = f"model.layers.{layer}."
             resid_pre = hook(p + "hook_resid_pre", residual)  # [batch, pos, d_model]
 
-            x = rms_norm(resid_pre, p + "ln1.", self.w[w + "input_layernorm.weight"])
-            q = hook(p + "attn.hook_q", (x @ self.w[w + "self_attn.q_proj.weight"].T)
-                     .reshape(batch, n_pos, c.n_heads, c.d_head))
-            k = hook(p + "attn.hook_k", (x @ self.w[w + "self_attn.k_proj.weight"].T)
-                     .reshape(batch, n_pos, c.n_kv_heads, c.d_head))
-            v = hook(p + "attn.hook_v", (x @ self.w[w + "self_attn.v_proj.weight"].T)
-                     .reshape(batch, n_pos, c.n_kv_heads, c.d_head))
+            ln1_weight = self.w[w + "input_layernorm.weight"]
+            x = rms_norm(resid_pre, p + "ln1.", ln1_weight)
+
+            def copies(heads: int) -> torch.Tensor:  # [batch, pos, heads, d_model]
+                return resid_pre[:, :, None, :].repeat(1, 1, heads, 1)
+
+            # Per-head inputs (None: every head reads x).
+            q_in = k_in = v_in = None
+            if "use_attn_in" in flags:
+                attn_in = hook(p + "hook_attn_in", copies(c.n_heads))
+                q_in, k_in, v_in = attn_in, attn_in[:, :, :c.n_kv_heads], attn_in[:, :, :c.n_kv_heads]
+            if "use_split_qkv_input" in flags:
+                q_in = hook(p + "hook_q_input", copies(c.n_heads))
+                k_in = hook(p + "hook_k_input", copies(c.n_kv_heads))
+                v_in = hook(p + "hook_v_input", copies(c.n_kv_heads))
+
+            def project(inputs: Optional[torch.Tensor], weight: str, heads: int) -> torch.Tensor:
+                W = self.w[w + weight]  # [heads * d_head, d_model]
+                if inputs is None:
+                    return (x @ W.T).reshape(batch, n_pos, heads, c.d_head)
+                normed = inputs / torch.sqrt(torch.mean(inputs * inputs, dim=-1, keepdim=True) + c.eps)
+                return torch.einsum("bphm,hdm->bphd", normed * ln1_weight,
+                                    W.reshape(heads, c.d_head, c.d_model))
+
+            q = hook(p + "attn.hook_q", project(q_in, "self_attn.q_proj.weight", c.n_heads))
+            k = hook(p + "attn.hook_k", project(k_in, "self_attn.k_proj.weight", c.n_kv_heads))
+            v = hook(p + "attn.hook_v", project(v_in, "self_attn.v_proj.weight", c.n_kv_heads))
             rot_q = hook(p + "attn.hook_rot_q", apply_rotary(q))  # [batch, pos, n_heads, d_head]
             rot_k = hook(p + "attn.hook_rot_k", apply_rotary(k))  # [batch, pos, n_kv_heads, d_head]
 
@@ -432,7 +481,9 @@ class LlamaReference:
             attn_out = hook(p + "hook_attn_out", attn_out)  # [batch, pos, d_model]
             resid_mid = hook(p + "hook_resid_mid", resid_pre + attn_out)
 
-            x = rms_norm(resid_mid, p + "ln2.", self.w[w + "post_attention_layernorm.weight"])
+            # A copy (TL: resid_mid.clone()): its gradient is the MLP's alone, not the residual's.
+            mlp_in = hook(p + "hook_mlp_in", resid_mid.clone()) if "use_hook_mlp_in" in flags else resid_mid
+            x = rms_norm(mlp_in, p + "ln2.", self.w[w + "post_attention_layernorm.weight"])
             gate = hook(p + "mlp.hook_pre", x @ self.w[w + "mlp.gate_proj.weight"].T)  # [batch, pos, d_mlp]
             up = hook(p + "mlp.hook_pre_linear", x @ self.w[w + "mlp.up_proj.weight"].T)  # [batch, pos, d_mlp]
             post = hook(p + "mlp.hook_post", silu(gate) * up)  # [batch, pos, d_mlp]
@@ -441,8 +492,8 @@ class LlamaReference:
 
         if stop_at_layer is not None:
             return residual, cache
-        x = rms_norm(residual, "ln_final.", self.w["model.norm.weight"])
-        logits = x @ self.W_U.T  # [batch, pos, d_vocab]
+        x = hook("unembed.hook_in", rms_norm(residual, "ln_final.", self.w["model.norm.weight"]))
+        logits = hook("unembed.hook_out", x @ self.W_U.T)  # [batch, pos, d_vocab]
         return logits, cache
 
 

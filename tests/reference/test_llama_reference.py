@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from tests.reference import safetensors_io  # noqa: E402
-from tests.reference.llama_reference import (LlamaConfig, LlamaReference, ReferenceError,  # noqa: E402
+from tests.reference.llama_reference import (ALL_FLAGS, LlamaConfig, LlamaReference, ReferenceError,  # noqa: E402
                                              left_pad, rope_regions, rotary_inverse_frequencies)
 from tests.reference.random_model import VARIANTS, write_random_model  # noqa: E402
 
@@ -253,7 +253,7 @@ def test_left_padding_matches_unpadded_rows(model):
 def test_hook_identities(model):
     c = model.config
     tokens = random_tokens(2, 12, seed=6)
-    logits, cache = model.forward(tokens)
+    logits, cache = model.forward(tokens, flags=ALL_FLAGS)
     assert set(cache) == set(model.hook_names)
     shapes = {"hook_embed": (2, 12, c.d_model), "ln_final.hook_scale": (2, 12, 1)}
     for layer in range(c.n_layers):
@@ -364,3 +364,73 @@ def test_invalid_ops_are_rejected(untied):
         untied.forward(torch.tensor([[300]]))
     with pytest.raises(ReferenceError, match="max_position_embeddings"):
         untied.forward(torch.ones(1, 129, dtype=torch.int64))
+
+
+# ------------------------------------------------------------------ opt-in hook points
+
+
+def test_opt_in_hook_points_hold_transformer_lens_values(model):
+    # TransformerLens components/transformer_block.py (use_attn_in, use_split_qkv_input,
+    # use_hook_mlp_in) and components/unembed.py (unembed.hook_in / hook_out).
+    c = model.config
+    tokens = random_tokens(2, 9, seed=21)
+    logits, cache = model.forward(tokens, flags=ALL_FLAGS)
+    plain, plain_cache = model.forward(tokens)
+    assert max_abs(logits, plain) < ATOL
+    assert not any(k.endswith(("hook_q_input", "hook_attn_in", "hook_mlp_in")) for k in plain_cache)
+    for layer in range(c.n_layers):
+        p = f"blocks.{layer}."
+        resid_pre = cache[p + "hook_resid_pre"]
+        assert cache[p + "hook_attn_in"].shape == (2, 9, c.n_heads, c.d_model)
+        assert cache[p + "hook_q_input"].shape == (2, 9, c.n_heads, c.d_model)
+        assert cache[p + "hook_k_input"].shape == (2, 9, c.n_kv_heads, c.d_model)
+        for h in range(c.n_heads):
+            assert torch.equal(cache[p + "hook_q_input"][:, :, h], resid_pre)
+        assert torch.equal(cache[p + "hook_mlp_in"], cache[p + "hook_resid_mid"])
+        assert max_abs(cache[p + "attn.hook_q"], plain_cache[p + "attn.hook_q"]) < ATOL
+    assert torch.equal(cache["unembed.hook_out"], logits)
+    assert max_abs(cache["unembed.hook_in"],
+                   cache["ln_final.hook_normalized"] * model.w["model.norm.weight"]) < ATOL
+
+
+def test_split_inputs_feed_their_own_heads(model):
+    c = model.config
+    tokens = random_tokens(1, 8, seed=22)
+    _, clean = model.forward(tokens)
+    ops = [{"hook": "blocks.1.hook_k_input", "op": "zero", "heads": [1]}]
+    _, cache = model.forward(tokens, ops=ops, flags=["use_split_qkv_input"])
+    assert float(cache["blocks.1.attn.hook_k"][:, :, 1].abs().max()) == 0.0
+    assert max_abs(cache["blocks.1.attn.hook_k"][:, :, 0], clean["blocks.1.attn.hook_k"][:, :, 0]) < ATOL
+    assert max_abs(cache["blocks.1.attn.hook_v"], clean["blocks.1.attn.hook_v"]) < ATOL
+    # A copy scaled up goes through its own RMSNorm: the scale cancels (up to eps).
+    _, scaled = model.forward(tokens, ops=[{"hook": "blocks.1.hook_q_input", "op": "scale", "factor": 4.0}],
+                              flags=["use_split_qkv_input"])
+    assert max_abs(scaled["blocks.1.attn.hook_q"], clean["blocks.1.attn.hook_q"]) < 1e-3
+    with pytest.raises(ReferenceError, match="flag"):
+        model.forward(tokens, ops=ops, flags=["use_attn_in"])
+
+
+def test_attn_in_is_overridden_by_split_inputs(model):
+    c = model.config
+    tokens = random_tokens(1, 8, seed=23)
+    _, clean = model.forward(tokens)
+    ops = [{"hook": "blocks.0.hook_attn_in", "op": "zero", "heads": [0]}]
+    _, alone = model.forward(tokens, ops=ops, flags=["use_attn_in"])
+    # Query head 0 and, with grouped-query attention, key/value head 0 read copy 0.
+    for site in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
+        assert float(alone["blocks.0." + site][:, :, 0].abs().max()) == 0.0, site
+        assert max_abs(alone["blocks.0." + site][:, :, 1], clean["blocks.0." + site][:, :, 1]) < ATOL
+    _, both = model.forward(tokens, ops=ops, flags=["use_attn_in", "use_split_qkv_input"])
+    assert max_abs(both["blocks.0.attn.hook_q"], clean["blocks.0.attn.hook_q"]) < ATOL
+
+
+def test_mlp_in_edits_leave_the_residual_stream(model):
+    tokens = random_tokens(1, 6, seed=24)
+    _, clean = model.forward(tokens)
+    d = torch.full((model.config.d_model,), 0.5)
+    _, cache = model.forward(tokens, ops=[{"hook": "blocks.1.hook_mlp_in", "op": "add", "tensor": "d"}],
+                             hook_tensors={"d": d}, flags=["use_hook_mlp_in"])
+    assert torch.equal(cache["blocks.1.hook_resid_mid"], clean["blocks.1.hook_resid_mid"])
+    assert max_abs(cache["blocks.1.hook_mlp_out"], clean["blocks.1.hook_mlp_out"]) > 1e-4
+    assert max_abs(cache["blocks.1.hook_resid_post"],
+                   cache["blocks.1.hook_resid_mid"] + cache["blocks.1.hook_mlp_out"]) < ATOL

@@ -85,6 +85,7 @@ import queue  # noqa: E402
 import torch  # noqa: E402
 
 from remotelens.v1 import remotelens_pb2 as pb  # noqa: E402
+from tests.reference.llama_reference import ALL_FLAGS  # noqa: E402
 
 ATOL = 1e-4
 
@@ -98,6 +99,7 @@ def ref_forward(ref, rows, ops=None, hook_tensors=None, mask=None, **kw):
     """Reference forward -> (logits numpy, {hook: numpy})."""
     tensors = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in (hook_tensors or {}).items()}
     m = None if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.int64)
+    kw.setdefault("flags", ALL_FLAGS)  # "*" runs every hook point, the opt-in ones too
     logits, cache = ref.forward(torch.as_tensor(np.asarray(rows), dtype=torch.int64), attention_mask=m,
                                 ops=ops, hook_tensors=tensors, **kw)
     return logits.numpy(), {k: v.numpy() for k, v in cache.items()}

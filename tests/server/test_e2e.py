@@ -54,6 +54,9 @@ def expected_hook_shape(name, c):
         "mlp.hook_pre_linear": [-1, -1, m], "mlp.hook_post": [-1, -1, m],
         "hook_mlp_out": [-1, -1, d], "hook_resid_post": [-1, -1, d],
         "ln_final.hook_scale": [-1, -1, 1], "ln_final.hook_normalized": [-1, -1, d],
+        "hook_attn_in": [-1, -1, H_, d], "hook_q_input": [-1, -1, H_, d],
+        "hook_k_input": [-1, -1, K, d], "hook_v_input": [-1, -1, K, d], "hook_mlp_in": [-1, -1, d],
+        "unembed.hook_in": [-1, -1, d], "unembed.hook_out": [-1, -1, c.d_vocab],
     }[site]
 
 
@@ -77,9 +80,42 @@ def test_model_info_matches_checkpoint_and_lists_every_hook(info, ref, demo_mode
     assert len(info.eos_token_ids) >= 1
     # Every hook point, in forward order, with TransformerLens shapes.
     assert [h.name for h in info.hooks] == all_hook_names(c.n_layers)
-    assert len(info.hooks) == 3 + len(BLOCK_SITES) * c.n_layers
+    assert len(info.hooks) == 5 + len(BLOCK_SITES) * c.n_layers
     for h in info.hooks:
         assert list(h.shape) == expected_hook_shape(h.name, c), h.name
+
+
+def test_model_info_lists_dims_aliases_and_flags(info, ref):
+    # Capability introspection (TransformerLens 4 supported hook points): the client needs no
+    # hook tables of its own. Names from TL4 model_bridge/generalized_components/block.py,
+    # attention.py and gated_mlp.py hook_aliases; flags from TL3 HookedTransformer.check_hooks_to_add.
+    c = ref.config
+    by_name = {h.name: h for h in info.hooks}
+    words = {"batch": -1, "pos": -1, "query_pos": -1, "key_pos": -1, "head_index": c.n_heads,
+             "kv_head_index": c.n_kv_heads, "d_head": c.d_head, "d_model": c.d_model,
+             "d_mlp": c.d_mlp, "d_vocab": c.d_vocab, "1": 1}
+    aliases = [a for h in info.hooks for a in h.aliases]
+    assert len(aliases) == len(set(aliases))
+    # An alias spelled like a wire name (blocks.L.hook_mlp_in, unembed.hook_in) is that same hook.
+    assert all(a == h.name for h in info.hooks for a in h.aliases if a in by_name)
+    for h in info.hooks:
+        assert [words[d] for d in h.dims] == list(h.shape), h.name
+        assert h.dims[h.pos_dim] in ("pos", "query_pos"), h.name
+        assert (h.head_dim == -1) == all(d not in ("head_index", "kv_head_index") for d in h.dims), h.name
+        assert h.supports_backward, h.name
+    last = c.n_layers - 1
+    assert list(by_name["blocks.0.hook_resid_pre"].aliases) == ["blocks.0.hook_in"]
+    assert list(by_name["blocks.1.attn.hook_z"].aliases) == ["blocks.1.attn.o.hook_in"]
+    assert list(by_name["blocks.0.hook_attn_out"].aliases) == ["blocks.0.attn.o.hook_out", "blocks.0.attn.hook_out"]
+    assert list(by_name[f"blocks.{last}.hook_resid_post"].aliases) == [f"blocks.{last}.hook_out", "ln_final.hook_in"]
+    assert list(by_name["hook_embed"].aliases) == ["embed.hook_out"]
+    assert list(by_name["unembed.hook_out"].aliases) == ["unembed.hook_out"]
+    assert list(by_name["blocks.0.hook_k_input"].dims) == ["batch", "pos", "kv_head_index", "d_model"]
+    assert list(by_name["blocks.0.attn.hook_pattern"].dims) == ["batch", "head_index", "query_pos", "key_pos"]
+    flags = {h.name.split(".", 2)[-1]: h.enabled_by for h in info.hooks if h.enabled_by}
+    assert flags == {"attn.hook_result": "use_attn_result", "hook_attn_in": "use_attn_in",
+                     "hook_q_input": "use_split_qkv_input", "hook_k_input": "use_split_qkv_input",
+                     "hook_v_input": "use_split_qkv_input", "hook_mlp_in": "use_hook_mlp_in"}
 
 
 def test_model_info_shapes_match_real_activations(stub, info):

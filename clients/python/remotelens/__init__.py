@@ -18,14 +18,14 @@ from .errors import (CancelledError, DeadlineExceededError, FailedPreconditionEr
                      IncompatibleServerError, InvalidArgumentError, NotFoundError,
                      OutOfRangeError, PermissionDeniedError, RemoteLensError,
                      ResourceExhaustedError, UnauthenticatedError, UnavailableError)
-from ._hooks import HookPoint
+from ._hooks import HookPoint, HookPointInfo
 from ._version import API_VERSION, __version__
 from .hooked_transformer import HookedTransformer, Output
 from .transformer_bridge import TransformerBridge
 from .utils import get_act_name
 
 __all__ = [
-    "HookedTransformer", "TransformerBridge", "HookedTransformerConfig", "ActivationCache", "HookPoint", "Output",
+    "HookedTransformer", "TransformerBridge", "HookedTransformerConfig", "ActivationCache", "HookPoint", "HookPointInfo", "Output",
     "FactoredMatrix", "metrics", "ops", "patching", "readouts", "utils", "get_act_name",
     "RemoteLensError", "InvalidArgumentError", "OutOfRangeError", "NotFoundError",
     "PermissionDeniedError", "UnauthenticatedError", "DeadlineExceededError", "UnavailableError",

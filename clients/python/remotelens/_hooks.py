@@ -11,13 +11,56 @@ server's hook list, so attribute access works like on a local HookedTransformer.
 """
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-__all__ = ["HookPoint", "LensHandle", "build_module_tree"]
+__all__ = ["HookPoint", "HookPointInfo", "LensHandle", "build_module_tree"]
 
 
 # remotelens.ops kinds the server can apply to gradients (HookOp.backward).
 _BACKWARD_OPS = frozenset({"zero", "set", "add", "scale", "mean"})
+
+
+@dataclasses.dataclass(frozen=True)
+class HookPointInfo:
+    """What the server lists about one hook point (ModelInfo.hooks; engine/hook_names).
+
+    Attributes:
+        name: the name in this model's naming scheme.
+        wire_name: the server's (TransformerLens 3) name, used in requests.
+        aliases: other names of the same hook point (TransformerLens 4 bridge names for a
+            HookedTransformer; HookedTransformer names for a TransformerBridge in compatibility
+            mode).
+        shape: -1 for batch, pos, query_pos and key_pos.
+        dims: TransformerLens's word for each dimension ("batch", "pos", "head_index",
+            "kv_head_index", "d_head", "d_model", "d_mlp", "d_vocab", "query_pos", "key_pos", "1").
+        pos_dim: which dimension holds positions (query positions for patterns).
+        head_dim: which dimension holds heads, or None.
+        enabled_by: the TransformerLens flag it needs ("use_attn_result", "use_split_qkv_input",
+            "use_attn_in", "use_hook_mlp_in"), or "" when it always runs.
+        enabled: whether it runs now (its flag, if any, is on).
+        supports_backward: backward hooks and gradients may name it.
+    """
+
+    name: str
+    wire_name: str
+    aliases: Tuple[str, ...]
+    shape: Tuple[int, ...]
+    dims: Tuple[str, ...]
+    pos_dim: int
+    head_dim: Optional[int]
+    enabled_by: str
+    enabled: bool
+    supports_backward: bool
+
+    @classmethod
+    def from_proto(cls, h) -> "HookPointInfo":
+        return cls(name=h.name, wire_name=h.name, aliases=tuple(h.aliases), shape=tuple(h.shape),
+                   dims=tuple(h.dims), pos_dim=int(h.pos_dim),
+                   head_dim=None if h.head_dim < 0 else int(h.head_dim), enabled_by=h.enabled_by,
+                   enabled=not h.enabled_by, supports_backward=bool(h.supports_backward))
+
+    def renamed(self, name: str, aliases, enabled: bool) -> "HookPointInfo":
+        return dataclasses.replace(self, name=name, aliases=tuple(aliases), enabled=enabled)
 
 
 @dataclasses.dataclass
@@ -37,6 +80,8 @@ class HookPoint:
         wire_name: the server's hook point it stands for (its TransformerLens 3 name); equal to
             name except for TransformerBridge's TransformerLens 4 names.
         shape: the activation's shape from the server, -1 for batch and position dimensions.
+        pos_dim, head_dim: which dimensions hold positions and heads (None: no heads), as the
+            server lists them; None when the server does not say.
         fwd_hooks: the registered hook functions, in application order.
         bwd_hooks: backward hooks: fn(grad, hook) returning None or a replacement gradient, or
             remotelens.ops zero/set/add/scale/mean (run on the server); they fire when a backward
@@ -44,10 +89,13 @@ class HookPoint:
         ctx: a dict hook functions may use to keep state between calls (clear_contexts empties it).
     """
 
-    def __init__(self, name: str, shape=(), wire_name: Optional[str] = None):
+    def __init__(self, name: str, shape=(), wire_name: Optional[str] = None,
+                 pos_dim: Optional[int] = None, head_dim: Optional[int] = None):
         self.name = name
         self.wire_name = wire_name or name
         self.shape = tuple(shape)
+        self.pos_dim = pos_dim
+        self.head_dim = head_dim
         self.fwd_hooks: List[LensHandle] = []
         self.bwd_hooks: List[LensHandle] = []
         self.ctx: Dict[Any, Any] = {}

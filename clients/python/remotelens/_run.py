@@ -23,7 +23,8 @@ from .v1 import remotelens_pb2 as pb
 
 Callbacks = Dict[int, Tuple[Callable, HookPoint]]
 # Sites whose position dimension is third from last ([batch, pos, heads, d]).
-_POS_DIM_3 = ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z", "hook_result")
+_POS_DIM_3 = ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z", "hook_result",
+              "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
 
 
 def execute_run(stub, request: pb.RunRequest, callbacks: Callbacks, call_kwargs: Dict[str, Any],

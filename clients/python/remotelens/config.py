@@ -45,6 +45,9 @@ class HookedTransformerConfig:
     center_unembed: bool = True
     center_writing_weights: bool = False  # RMSNorm: nothing to centre
     use_attn_result: bool = False
+    use_split_qkv_input: bool = False
+    use_attn_in: bool = False
+    use_hook_mlp_in: bool = False
     default_prepend_bos: bool = True
     tokenizer_prepends_bos: bool = True
     normalization_type: str = "RMSPre"

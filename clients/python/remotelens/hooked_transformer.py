@@ -36,7 +36,7 @@ from ._generation import GenerationMixin
 from ._run import Progress, execute_run, pos_dim, server_pos_slice
 from ._tokens import TokensMixin
 from ._version import check_api_version
-from ._hooks import HookPoint, build_module_tree
+from ._hooks import HookPoint, HookPointInfo, build_module_tree
 from ._weights import WeightsMixin
 from ._wire import ChunkAssembler, tensor_to_proto
 from .activation_cache import ActivationCache, _RemoteTensors
@@ -103,6 +103,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, AnalysisMixin, GenerationMixi
         # The server's hook points (TransformerLens 3 names, forward order): what goes on the wire.
         self._hook_index = {h.name: i for i, h in enumerate(info.hooks)}
         self._wire_shapes = {h.name: tuple(h.shape) for h in info.hooks}
+        self._hook_infos = {h.name: HookPointInfo.from_proto(h) for h in info.hooks}
         self.hook_dict: Dict[str, HookPoint] = self._make_hook_dict()
         self.mod_dict = build_module_tree(self, self.hook_dict, self.cfg.n_layers, self._weight_attr)
         self.tokenizer = RemoteTokenizer(self, info)
@@ -264,7 +265,23 @@ class HookedTransformer(TokensMixin, WeightsMixin, AnalysisMixin, GenerationMixi
 
     def _make_hook_dict(self) -> Dict[str, HookPoint]:
         """name -> HookPoint as the notebook sees them; here the server's names themselves."""
-        return {name: HookPoint(name, shape) for name, shape in self._wire_shapes.items()}
+        return {name: self._new_hook_point(name, name) for name in self._wire_shapes}
+
+    def _new_hook_point(self, name: str, wire_name: str) -> HookPoint:
+        """A HookPoint for server hook point `wire_name`, with the dims the server lists."""
+        info = self._hook_infos.get(wire_name)
+        return HookPoint(name, self._wire_shapes[wire_name], wire_name=wire_name,
+                         pos_dim=info.pos_dim if info is not None and info.dims else None,
+                         head_dim=info.head_dim if info is not None and info.dims else None)
+
+    def _pos_dim_from_end(self, wire_name: str) -> int:
+        """The position dimension of a server hook point's tensor (or of its "_grad"), counted
+        from the end, as the server lists it."""
+        base = wire_name[:-len("_grad")] if wire_name.endswith("_grad") else wire_name
+        info = self._hook_infos.get(base)
+        if info is None or not info.dims:  # a server that does not list dims
+            return pos_dim(wire_name)
+        return info.pos_dim - len(info.shape)
 
     def hook_points(self):
         """Every HookPoint once, in forward order."""
@@ -286,17 +303,67 @@ class HookedTransformer(TokensMixin, WeightsMixin, AnalysisMixin, GenerationMixi
         """Whether attn.hook_result (per-head outputs) is cached by default and may be hooked."""
         self.cfg.use_attn_result = bool(use_attn_result)
 
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Whether blocks.L.hook_q_input / hook_k_input / hook_v_input run: separate copies of
+        resid_pre per query head (per key/value head for k and v), each normalised by ln1 on its
+        own, so one head's input can be patched alone. Costs memory and time only for the hook
+        points a run actually hooks or caches."""
+        self.cfg.use_split_qkv_input = bool(use_split_qkv_input)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Whether blocks.L.hook_mlp_in runs: the MLP's input (resid_mid, before ln2); editing it
+        changes the MLP's output but not the residual stream."""
+        assert not self.cfg.attn_only, "Can't use hook_mlp_in with attn_only model"
+        self.cfg.use_hook_mlp_in = bool(use_hook_mlp_in)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """Whether blocks.L.hook_attn_in runs: resid_pre repeated per head, feeding queries, keys
+        and values. As in TransformerLens 3, not with grouped-query attention (Llama 3.1 has
+        it): use set_use_split_qkv_input, or TransformerBridge, whose use_attn_in allows it."""
+        assert self.cfg.n_key_value_heads == self.cfg.n_heads, (
+            "Can't use attn_in with GroupedQueryAttention, please use split_qkv_input instead")
+        self.cfg.use_attn_in = bool(use_attn_in)
+
+    def _flag_is_on(self, wire_name: str) -> bool:
+        """Whether the TransformerLens flag that gates this server hook point (if any) is on."""
+        info = self._hook_infos.get(wire_name)
+        flag = info.enabled_by if info is not None else ""
+        if not flag and wire_name.endswith("attn.hook_result"):
+            flag = "use_attn_result"  # a server that does not send enabled_by
+        return not flag or bool(getattr(self.cfg, flag, False))
+
     def _firing_names(self) -> List[str]:
-        """Hook names a filter function is evaluated over (hook_result only with use_attn_result)."""
-        return [n for n in self.hook_dict
-                if self.cfg.use_attn_result or not n.endswith("attn.hook_result")]
+        """Hook names a filter function is evaluated over: those whose TransformerLens flag (if
+        any) is on, e.g. hook_result only with use_attn_result."""
+        return [n for n, hp in self.hook_dict.items() if self._flag_is_on(hp.wire_name)]
 
     def check_hooks_to_add(self, hook_point: HookPoint, hook_point_name: str, hook: Callable,
                            dir: str = "fwd", is_permanent: bool = False, prepend: bool = False) -> None:
-        """TransformerLens's checks: hook_result needs set_use_attn_result(True)."""
-        if hook_point_name.endswith("attn.hook_result"):
-            assert self.cfg.use_attn_result, (
-                f"Cannot add hook {hook_point_name} if use_attn_result_hook is False")
+        """TransformerLens's checks: an opt-in hook point needs its flag (set_use_attn_result,
+        set_use_split_qkv_input, set_use_hook_mlp_in, set_use_attn_in)."""
+        if not self._flag_is_on(hook_point.wire_name):
+            info = self._hook_infos.get(hook_point.wire_name)
+            flag = info.enabled_by if info is not None and info.enabled_by else "use_attn_result"
+            # TransformerLens 3's wording (HookedTransformer.check_hooks_to_add).
+            shown = "use_attn_result_hook" if flag == "use_attn_result" else flag
+            raise AssertionError(f"Cannot add hook {hook_point_name} if {shown} is False")
+
+    def supported_hook_points(self) -> List["HookPointInfo"]:
+        """What the server says about each hook point, in forward order (capability
+        introspection, as TransformerLens 4 lists a bridge's supported hook points): its name
+        here, its other names, shape, dimension names, which dims hold positions and heads,
+        the flag that enables it and whether it is on, and backward support."""
+        out = []
+        for name, hp in self.hook_dict.items():
+            if name != hp.name:
+                continue  # an alias: listed under its hook point's own name
+            info = self._hook_infos[hp.wire_name]
+            out.append(info.renamed(name, self._other_names(name, hp), self._flag_is_on(hp.wire_name)))
+        return out
+
+    def _other_names(self, name: str, hook_point: HookPoint) -> List[str]:
+        """Other names of this hook point: here the TransformerLens 4 bridge names."""
+        return list(self._hook_infos[hook_point.wire_name].aliases)
 
     def _hook_point(self, name: str) -> HookPoint:
         try:
@@ -581,7 +648,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, AnalysisMixin, GenerationMixi
                           if f"{n}_grad" in outputs})
         readout_results = [r.decode(outputs, i) for i, r in enumerate(readouts)]
         if pos_slice is not None and server_slice is None:
-            cache = {n: pos_slice.apply(t, dim=pos_dim(n)) for n, t in cache.items()}
+            cache = {n: pos_slice.apply(t, dim=self._pos_dim_from_end(n)) for n, t in cache.items()}
         logits = outputs.get("logits")
         if stop is None and logits is not None and not (attach_backward and return_type == "logits"):
             logits = self._center_logits(logits, in_place=True)
@@ -804,7 +871,7 @@ class HookedTransformer(TokensMixin, WeightsMixin, AnalysisMixin, GenerationMixi
             call.cancel()
             progress.close()
         if pos_slice is not None:
-            out = {n: pos_slice.apply(t, dim=pos_dim(n)) for n, t in out.items()}
+            out = {n: pos_slice.apply(t, dim=self._pos_dim_from_end(n)) for n, t in out.items()}
         return {n: self._to_device(t) for n, t in out.items()}
 
     def _delete_cache(self, session_id: str, handle: str) -> int:

@@ -36,7 +36,8 @@ Index = Optional[Union[int, Sequence[int], torch.Tensor]]
 _HEAD_THEN_POS = ("attn.hook_attn_scores", "attn.hook_pattern")
 # [batch, pos, heads, ...]: positions index dim 1, heads dim 2.
 _POS_THEN_HEAD = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q",
-                  "attn.hook_rot_k", "attn.hook_z", "attn.hook_result")
+                  "attn.hook_rot_k", "attn.hook_z", "attn.hook_result", "hook_attn_in",
+                  "hook_q_input", "hook_k_input", "hook_v_input")
 
 
 def site_of(hook_name: str) -> str:
@@ -192,7 +193,10 @@ class HookOperation:
         """
         # The server's name tells the dimensions (a TransformerBridge hook's name is a TL4 name).
         name = getattr(hook, "wire_name", None) or getattr(hook, "name", None) or ""
-        pos_dim, head_dim = pos_and_head_dims(name)
+        if getattr(hook, "pos_dim", None) is not None:  # as the server lists the hook point
+            pos_dim, head_dim = hook.pos_dim, hook.head_dim
+        else:
+            pos_dim, head_dim = pos_and_head_dims(name)
         if self.head and head_dim is None:
             raise ValueError(f"hook {name!r} has no head dimension; head= is not allowed")
         out = activation.clone()

@@ -15,7 +15,10 @@ TransformerLens 3 names on the wire; this class only renames: every hook point h
 one server hook point (HookPoint.wire_name), so values, shapes and ops are exactly those of
 HookedTransformer.from_server.
 
-Names for Llama, from TransformerLensOrg/TransformerLens (main at 4cd36aa, 2026-07-22):
+The TransformerLens 4 name(s) of each server hook point come from the server (ModelInfo's
+HookInfo.aliases, from the one hook-site table in engine/hook_names.cc); this module keeps only
+TransformerLens 4's compatibility aliases (HookedTransformer name -> TL4 name). The names follow
+TransformerLensOrg/TransformerLens (main at 4cd36aa, 2026-07-22):
   transformer_lens/model_bridge/supported_architectures/llama.py      component tree: embed,
       rotary_emb, blocks{ln1, ln2, attn{q,k,v,o}, mlp{gate,in,out}}, ln_final, unembed
   transformer_lens/model_bridge/generalized_components/base.py        hook_in/hook_out everywhere
@@ -40,8 +43,9 @@ blocks.{i}.hook_in, but an edit there would change only the norm's input, which 
 do); ln1.hook_out, ln2.hook_out, ln_final.hook_out and what reads them (attn.hook_in,
 attn.q/k/v.hook_in, mlp.hook_in, mlp.gate.hook_in, mlp.in.hook_in): the norm's output after its
 weight, where the server has only hook_normalized (before the weight); attn.hook_hidden_states.
-attn.hook_attn_in, attn.hook_q_input/k_input/v_input, blocks.{i}.hook_mlp_in and
-unembed.hook_in/hook_out appear exactly when the server lists the corresponding hook point.
+attn.hook_attn_in, attn.hook_q_input/k_input/v_input and blocks.{i}.hook_mlp_in run once
+set_use_attn_in / set_use_split_qkv_input / set_use_hook_mlp_in turn them on (the first two are
+mutually exclusive, as in TransformerLens 4); unembed.hook_in/hook_out always run.
 """
 
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -56,41 +60,8 @@ from .hooked_transformer import HookedTransformer
 
 __all__ = ["TransformerBridge"]
 
-# Per block: (TransformerLens 4 site, the server's site). Forward order.
-_BLOCK_SITES: Tuple[Tuple[str, str], ...] = (
-    ("hook_in", "hook_resid_pre"),
-    ("ln1.hook_scale", "ln1.hook_scale"),
-    ("ln1.hook_normalized", "ln1.hook_normalized"),
-    ("attn.hook_attn_in", "hook_attn_in"),
-    ("attn.hook_q_input", "hook_q_input"),
-    ("attn.hook_k_input", "hook_k_input"),
-    ("attn.hook_v_input", "hook_v_input"),
-    ("attn.q.hook_out", "attn.hook_q"),
-    ("attn.k.hook_out", "attn.hook_k"),
-    ("attn.v.hook_out", "attn.hook_v"),
-    ("attn.hook_rot_q", "attn.hook_rot_q"),
-    ("attn.hook_rot_k", "attn.hook_rot_k"),
-    ("attn.hook_attn_scores", "attn.hook_attn_scores"),
-    ("attn.hook_pattern", "attn.hook_pattern"),
-    ("attn.o.hook_in", "attn.hook_z"),
-    ("attn.hook_result", "attn.hook_result"),
-    # o_proj has no bias in Llama: its output is the attention output.
-    ("attn.o.hook_out", "hook_attn_out"),
-    ("attn.hook_out", "hook_attn_out"),
-    # TL4's own target of hook_resid_mid. Edits here change the residual stream, as
-    # hook_resid_mid does (in TL4 they change only ln2's input): docs/decisions.md.
-    ("ln2.hook_in", "hook_resid_mid"),
-    ("hook_mlp_in", "hook_mlp_in"),
-    ("ln2.hook_scale", "ln2.hook_scale"),
-    ("ln2.hook_normalized", "ln2.hook_normalized"),
-    ("mlp.gate.hook_out", "mlp.hook_pre"),
-    ("mlp.in.hook_out", "mlp.hook_pre_linear"),
-    ("mlp.out.hook_in", "mlp.hook_post"),
-    # down_proj has no bias: its output is the MLP output.
-    ("mlp.out.hook_out", "hook_mlp_out"),
-    ("mlp.hook_out", "hook_mlp_out"),
-    ("hook_out", "hook_resid_post"),
-)
+# The TransformerLens 4 names of each server hook point come from the server (HookInfo.aliases,
+# from engine/hook_names' table), so they are defined once.
 
 # HookedTransformer (TL3) site -> the TL4 site it aliases, where the strings differ
 # (BlockBridge, AttentionBridge and GatedMLPBridge hook_aliases).
@@ -113,15 +84,6 @@ _BLOCK_ALIASES: Dict[str, str] = {
     "mlp.hook_post": "mlp.out.hook_in",
 }
 
-# Outside the blocks. ln_final.hook_in is the last block's output: nothing but ln_final reads it.
-_TOP_SITES_BEFORE: Tuple[Tuple[str, str], ...] = (("embed.hook_out", "hook_embed"),)
-_TOP_SITES_AFTER: Tuple[Tuple[str, str], ...] = (
-    ("ln_final.hook_in", "blocks.{last}.hook_resid_post"),
-    ("ln_final.hook_scale", "ln_final.hook_scale"),
-    ("ln_final.hook_normalized", "ln_final.hook_normalized"),
-    ("unembed.hook_in", "unembed.hook_in"),
-    ("unembed.hook_out", "unembed.hook_out"),
-)
 # TransformerBridge.hook_aliases (bridge.py) that have a target here.
 _TOP_ALIASES: Dict[str, str] = {"hook_embed": "embed.hook_out", "hook_unembed": "unembed.hook_out"}
 
@@ -134,14 +96,6 @@ LEFT_OUT = (
     "blocks.{i}.mlp.hook_in", "blocks.{i}.mlp.gate.hook_in", "blocks.{i}.mlp.in.hook_in",
     "ln_final.hook_out",
 )
-
-
-# Every TL4 name this client knows, as a pattern -> the server hook point it needs.
-_ALL_SITES: Dict[str, str] = {
-    **dict(_TOP_SITES_BEFORE),
-    **{f"blocks.{{i}}.{site}": f"blocks.{{i}}.{wire}" for site, wire in _BLOCK_SITES},
-    **dict(_TOP_SITES_AFTER),
-}
 
 
 def _pattern(name: str) -> str:
@@ -242,19 +196,13 @@ class TransformerBridge(HookedTransformer):
     # ------------------------------------------------------------------ the name tables
 
     def _native_sites(self) -> List[Tuple[str, str]]:
-        """(TL4 name, server name) for every hook point the server has, in forward order."""
-        served = self._wire_shapes
-        last = self.cfg.n_layers - 1
-        pairs = [(n, w) for n, w in _TOP_SITES_BEFORE if w in served]
-        for layer in range(self.cfg.n_layers):
-            for site, wire_site in _BLOCK_SITES:
-                wire = f"blocks.{layer}.{wire_site}"
-                if wire in served:
-                    pairs.append((f"blocks.{layer}.{site}", wire))
-        for name, wire in _TOP_SITES_AFTER:
-            wire = wire.format(last=last)
-            if wire in served:
-                pairs.append((name, wire))
+        """(TL4 name, server name) for every hook point the server has, in forward order: the
+        server lists each hook point's TransformerLens 4 names."""
+        pairs = [(alias, wire) for wire, info in self._hook_infos.items() for alias in info.aliases]
+        if not pairs and self._hook_infos:
+            raise RuntimeError("this server does not list TransformerLens 4 hook names (HookInfo."
+                               "aliases); TransformerBridge needs a newer server, HookedTransformer "
+                               "works with this one")
         return pairs
 
     def _legacy_aliases(self) -> Dict[str, str]:
@@ -270,7 +218,7 @@ class TransformerBridge(HookedTransformer):
     def _make_hook_dict(self) -> Dict[str, HookPoint]:
         pairs = self._native_sites()
         self._native_hooks: Dict[str, HookPoint] = {
-            name: HookPoint(name, self._wire_shapes[wire], wire_name=wire) for name, wire in pairs}
+            name: self._new_hook_point(name, wire) for name, wire in pairs}
         mapped = {wire for _, wire in pairs}
         self.unmapped_server_hooks = [w for w in self._wire_shapes if w not in mapped]
         hook_dict = dict(self._native_hooks)
@@ -326,9 +274,30 @@ class TransformerBridge(HookedTransformer):
 
     # ------------------------------------------------------------------ name resolution
 
-    def _firing_names(self) -> List[str]:
+    def _other_names(self, name: str, hook_point: HookPoint) -> List[str]:
+        """Other names of this hook point here: its other TL4 names and, in compatibility mode,
+        its HookedTransformer names."""
         return [n for n, hp in self.hook_dict.items()
-                if self.cfg.use_attn_result or not hp.wire_name.endswith("attn.hook_result")]
+                if n != name and (hp is hook_point or (n in self._native_hooks
+                                                       and hp.wire_name == hook_point.wire_name))]
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """TransformerLens 4 (bridge.py): as HookedTransformer's, but not together with
+        use_attn_in."""
+        if use_split_qkv_input and self.cfg.use_attn_in:
+            raise ValueError("use_split_qkv_input and use_attn_in are mutually exclusive. "
+                             "Call set_use_attn_in(False) before enabling use_split_qkv_input.")
+        super().set_use_split_qkv_input(use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """TransformerLens 4 (bridge.py): attn.hook_attn_in, resid_pre repeated per query head
+        [batch, pos, n_heads, d_model], feeding queries, keys and values; with grouped-query
+        attention keys and values read its first n_key_value_heads copies. Not together with
+        use_split_qkv_input."""
+        if use_attn_in and self.cfg.use_split_qkv_input:
+            raise ValueError("use_attn_in and use_split_qkv_input are mutually exclusive. "
+                             "Call set_use_split_qkv_input(False) before enabling use_attn_in.")
+        self.cfg.use_attn_in = bool(use_attn_in)
 
     def _unknown_name_message(self, names: Sequence[str]) -> str:
         patterns = list(dict.fromkeys(_pattern(n) for n in self.hook_dict))
@@ -338,11 +307,6 @@ class TransformerBridge(HookedTransformer):
             if pattern in LEFT_OUT:
                 hints.append(f"{name!r} is a TransformerLens 4 hook point that this server does "
                              f"not expose (no server hook point holds its value)")
-            elif pattern in _ALL_SITES:
-                wire = _ALL_SITES[pattern].format(i=name.split(".")[1] if "{i}" in pattern else "",
-                                                  last=self.cfg.n_layers - 1)
-                hints.append(f"{name!r} stands for the server hook point {wire!r}, which this "
-                             f"server does not list")
             elif not self.compatibility_mode and (name in self._wire_shapes
                                                   or name in self._legacy_aliases()):
                 hints.append(f"{name!r} is a HookedTransformer name: call "
