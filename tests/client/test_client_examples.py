@@ -46,3 +46,15 @@ def test_quickstart_notebook_cells_run_in_order(demo_server, monkeypatch):
     assert len(namespace["effects"]) == namespace["model"].cfg.n_layers
     assert namespace["ranks"][-1] == 0 and namespace["plain"] != namespace["steered"]
     assert "The cat sat on the mat." in out.getvalue()
+
+
+def test_transformer_bridge_example(demo_server):
+    """examples/quickstart_bridge.py: the TransformerLens 4 entry point, as a notebook uses it."""
+    result = subprocess.run([sys.executable, os.path.join(EXAMPLES, "quickstart_bridge.py"),
+                             "--address", demo_server.address],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "with TransformerLens 4 names" in result.stdout
+    assert "hook_resid_post equals hook_out: True" in result.stdout
+    changed = float(result.stdout.split("changes the logits by ")[1].split()[0])
+    assert changed > 0
