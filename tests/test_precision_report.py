@@ -65,9 +65,15 @@ def test_float32_rows_are_the_reference_and_bfloat16_rows_are_bounded(report):
         mx, mean, median, std = (float(r[k]) for k in ("max", "mean", "median", "std"))
         assert all(math.isfinite(v) and v >= 0 for v in (mx, mean, median, std)), r
         assert median <= mx and mean <= mx, r
-        if r["dtype"] == "float32":
+        centred = r["processing"] in ("center_unembed", "all") and r["hook"] == "logits"
+        if r["dtype"] == "float32" and centred:
+            # center_unembed shifts each position's returned logits by their mean (TransformerLens's
+            # from_pretrained default): a difference by design, not of precision.
+            assert mx > 0.0, r
+        elif r["dtype"] == "float32":
             assert mx == 0.0, r  # the same server dtype as the reference: the same numbers
         else:
-            assert mx < 1.0 and mean < 0.1, r  # 8 mantissa bits on a 4-layer random model
+            if not centred:
+                assert mx < 1.0 and mean < 0.1, r  # 8 mantissa bits on a 4-layer random model
     bf16_logits = [r for r in rows if r["dtype"] == "bfloat16" and r["hook"] == "logits"]
     assert bf16_logits and all(float(r["max"]) > 1e-4 for r in bf16_logits)
