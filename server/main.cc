@@ -302,6 +302,13 @@ absl::Status Serve() {
 
   metrics.SetKnownUsers(auth->UserNames());
   const v1::SchedulerSettings& batching = config.scheduler();
+  if (batching.max_batch_requests() < 0 || batching.max_batch_requests() > 1024 ||
+      batching.max_batch_tokens() < 0 || batching.batch_wait_us() < 0 ||
+      batching.batch_wait_us() > 1000000) {
+    return absl::InvalidArgumentError(
+        "scheduler: max_batch_requests must be 0..1024 (0: default 16; 1: no batching), "
+        "max_batch_tokens >= 0, batch_wait_us 0..1000000");
+  }
   const int max_batch_requests = batching.max_batch_requests() > 0 ? batching.max_batch_requests() : 16;
   ModelExecutor executor(*model, &metrics, ModelExecutor::Options{max_batch_requests});
   Scheduler::Options scheduler_options;
