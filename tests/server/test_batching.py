@@ -47,7 +47,8 @@ def users_file(tmp_path_factory):
 def batching_server(demo_model_dir, users_file):
     server = server_harness.ServerProcess(
         demo_model_dir, config=f'users_file: "{users_file}"\n'
-                               "scheduler { max_batch_requests: 16 batch_wait_us: 300000 }").start()
+                               "scheduler { max_batch_requests: 16 batch_wait_us: 300000 }\n"
+                               "limits { hook_timeout_ms: 2000 }").start()
     yield server
     assert server.stop() == 0, "".join(server.stderr_lines)
 
@@ -229,6 +230,25 @@ def test_a_failing_request_leaves_its_batch_mates_correct(batching_server, alone
     close(got[0], want[0], "cache_only")
     close(got[2], want[1], "every_op")
     close(got[4], want[2], "steered_generation")
+
+
+def test_a_client_that_does_not_answer_fails_only_its_own_request(batching_server, alone_server):
+    """hook_timeout_ms (2 s on this server): a Python hook that outlives it ends its request with
+    DEADLINE_EXCEEDED; the requests sharing its forward, Python hooks included, finish correctly."""
+    import time
+
+    def silent(m):
+        def sleep(x, hook):
+            time.sleep(4)
+        return m.run_with_hooks(tokens(15, 1, 5), fwd_hooks=[("blocks.0.attn.hook_pattern", sleep)])
+
+    got, errors = run_concurrently(batching_server.address, [silent, cache_only, python_hook])
+    assert isinstance(errors[0], remotelens.DeadlineExceededError), errors[0]
+    assert "hook_timeout_ms" in str(errors[0]), errors[0]
+    assert errors[1:] == [None, None], errors
+    want, _ = run_concurrently(alone_server.address, [cache_only, python_hook])
+    close(got[1], want[0], "cache_only")
+    close(got[2], want[1], "python_hook")
 
 
 def test_users_ops_never_touch_another_users_rows(batching_server):
