@@ -60,7 +60,10 @@ step() {  # step NAME LOG COMMAND...
   echo "$name: $((SECONDS - start)) s"
 }
 soak_smoke() {
-  if /usr/bin/python3 bench/soak.py --seconds "${SOAK_SECONDS:-20}"; then
+  # Shared forwards (batching) grow the server's working set for the first ~10 s of mixed load
+  # before it levels off (a 240 s soak: +3.0% after warm-up, end below middle), so the short form
+  # starts counting at half time; the 5% bound is unchanged.
+  if /usr/bin/python3 bench/soak.py --seconds "${SOAK_SECONDS:-20}" --warmup_fraction 0.5; then
     echo "soak: 1 passed, 0 failed"
   else
     echo "soak: 0 passed, 1 failed"
