@@ -15,6 +15,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -24,8 +26,15 @@
 
 namespace remotelens {
 
+class KvCache;
+class LlamaModel;
+// engine/kv_cache_tensors: a KvCache as named tensors and back (stored caches, past_kv_cache).
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+NamedTensors KvCacheToTensors(const KvCache& cache);
+absl::StatusOr<KvCache> KvCacheFromTensors(const NamedTensors& tensors, const LlamaModel& model);
+
 // Keys and values of earlier positions, for incremental decoding. Belongs to one generation
-// request. Capacity grows by doubling, so appending a token is amortised O(1).
+// request, or (as named tensors in a stored cache) to a session's past_kv_cache. Capacity grows by doubling, so appending a token is amortised O(1).
 class KvCache {
  public:
   KvCache() = default;
@@ -43,6 +52,9 @@ class KvCache {
 
  private:
   friend class LlamaModel;
+  friend NamedTensors KvCacheToTensors(const KvCache& cache);
+  friend absl::StatusOr<KvCache> KvCacheFromTensors(const NamedTensors& tensors,
+                                                    const LlamaModel& model);
   int64_t length_ = 0;
   at::Tensor mask_;
   std::vector<at::Tensor> keys_;    // per layer [batch, n_kv_heads, capacity, d_head]
