@@ -21,8 +21,10 @@ RunPayload& RunOf(Scheduler::Job& job) { return static_cast<RunPayload&>(*job.pa
 GeneratePayload& GenerateOf(Scheduler::Job& job) { return static_cast<GeneratePayload&>(*job.payload); }
 
 // Runs share a forward when they feed tokens through the same layers without a backward pass.
+// A past_kv_cache run has earlier positions of its own, so it runs alone.
 bool Batchable(const PreparedRun& run) {
-  return run.input.tokens.defined() && !run.input.differentiable && !run.backward.has_value();
+  return run.input.tokens.defined() && !run.input.differentiable && !run.backward.has_value() &&
+         !run.kv_cache.has_value();
 }
 
 bool SameLayers(const PreparedRun& a, const PreparedRun& b) {
@@ -125,7 +127,8 @@ void ModelExecutor::RunAlone(Scheduler::Job& job) {
   RunExecution execution(model_, run, RunOf(job).emit, [j] { return j->cancelled(); });
   if (absl::Status s = execution.Prepare(); !s.ok()) return FinishRun(job, s, 0, 0);
   const auto start = std::chrono::steady_clock::now();
-  absl::StatusOr<at::Tensor> output = model_.Forward(run.input, &execution.plan());
+  absl::StatusOr<at::Tensor> output =
+      model_.Forward(run.input, &execution.plan(), execution.kv_cache());
   const double seconds = SecondsSince(start);
   if (metrics_ != nullptr) {
     metrics_->ObserveForward(seconds);

@@ -3,8 +3,8 @@
 //   - Runs and RunInteractive calls sharing a layer range (start_at_layer, stop_at_layer) and
 //     fed tokens are left-padded to the longest and run together; each run's own plan owns its
 //     rows (HookPlan::AddRequestPlan), so its ops, caches, readouts and Python hooks see exactly
-//     what they would alone, and its output is cut from its own rows. Gradient runs and
-//     residual inputs run alone.
+//     what they would alone, and its output is cut from its own rows. Gradient runs,
+//     residual inputs and past_kv_cache runs (earlier positions of their own) run alone.
 //   - Generations join a decode batch (GenerationBatch) at step boundaries, up to
 //     max_batch_requests of them, and leave when done; the executor stays Busy while any are
 //     in it, so the scheduler interleaves new jobs with decode steps. Generations without a

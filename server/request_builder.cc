@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/kv_cache_tensors.h"
 #include "engine/status_macros.h"
 #include "server/echo.h"
 #include "server/tensor_codec.h"
@@ -416,6 +417,11 @@ absl::StatusOr<InterventionOp> ResolveHookOp(const ParsedHookOp& parsed, const L
       return Invalid(what, "patch_from_cache needs the session_id that holds the cache");
     }
     ASSIGN_OR_RETURN(std::shared_ptr<const StoredCache> cache, lookup(patch.cache_handle));
+    if (cache->kind != StoredCache::Kind::kActivations) {
+      return Invalid(absl::StrCat(what, ".patch_from_cache.cache_handle"),
+                     absl::StrCat("'", Echo(patch.cache_handle), "' is a key/value cache (past_kv_cache); "
+                                  "patch from a cache stored with RunRequest.cache.store"));
+    }
     const at::Tensor* stored = cache->Find(patch.source_hook);
     if (stored == nullptr) {
       return absl::NotFoundError(absl::StrCat(what, ": cache '", Echo(patch.cache_handle), "' holds no \"",
@@ -584,6 +590,57 @@ at::Tensor NextTokenLoss(const at::Tensor& logits, const at::Tensor& tokens,
   const at::Tensor m = attention_mask.to(loss.device(), at::kFloat);
   const at::Tensor valid = m.narrow(1, 1, pos - 1) * m.narrow(1, 0, pos - 1);
   return (loss * valid).sum() / valid.sum().clamp_min(1);
+}
+
+absl::StatusOr<PreparedKvCache> BuildPastKvCache(const v1::RunRequest& request,
+                                                 const ForwardInput& input, const LlamaModel& model,
+                                                 const CacheLookup& lookup) {
+  const v1::PastKvCache& kv = request.past_kv_cache();
+  if (request.session_id().empty() || !lookup) {
+    return Invalid("past_kv_cache", "needs session_id: the key/value cache is kept in a session");
+  }
+  if (!input.tokens.defined() || input.start_at_layer != 0) {
+    return Invalid("past_kv_cache", "needs token input (tokens or texts); residual input with "
+                                    "start_at_layer > 0 cannot extend a key/value cache");
+  }
+  if (input.stop_at_layer.has_value()) {
+    return Invalid("past_kv_cache", "needs the full model: stop_at_layer would leave the later "
+                                    "blocks' keys and values out of the cache");
+  }
+  if (request.has_backward()) {
+    return Invalid("past_kv_cache", "does not combine with backward (gradients need a forward "
+                                    "over the whole sequence)");
+  }
+  PreparedKvCache out;
+  out.handle = kv.handle();
+  out.frozen = kv.frozen();
+  const int64_t batch = input.tokens.size(0), pos = input.tokens.size(1);
+  if (out.handle.empty()) return out;
+  ASSIGN_OR_RETURN(out.past, lookup(out.handle));
+  if (out.past->kind != StoredCache::Kind::kKeyValues) {
+    return Invalid("past_kv_cache.handle",
+                   absl::StrCat("'", Echo(out.handle), "' is an activation cache (cache.store); pass a "
+                                "handle from an earlier Summary.kv_cache_handle, or none to start one"));
+  }
+  auto restored = KvCacheFromTensors(out.past->tensors, model);
+  if (!restored.ok()) {
+    return Invalid("past_kv_cache.handle", absl::StrCat("'", Echo(out.handle), "' does not fit this model: ",
+                                                         restored.status().message()));
+  }
+  out.cache = std::move(*restored);
+  out.past_length = out.cache.length();
+  if (out.cache.rows() != batch) {
+    return Invalid("past_kv_cache", absl::StrCat("the cache '", Echo(out.handle), "' holds ",
+                                                 out.cache.rows(), " rows; this input has ", batch,
+                                                 " (the batch must stay the same across calls)"));
+  }
+  const int64_t n_ctx = model.config().n_ctx;
+  if (out.cache.length() + pos > n_ctx) {
+    return absl::OutOfRangeError(absl::StrCat(
+        "past_kv_cache: ", out.cache.length(), " cached positions plus ", pos, " new ones exceed the "
+        "model's maximum of ", n_ctx, " (n_ctx); at most ", n_ctx - out.cache.length(), " more fit"));
+  }
+  return out;
 }
 
 absl::StatusOr<BackwardSpec> BuildBackwardSpec(const v1::BackwardRequest& request,

@@ -116,6 +116,28 @@ absl::StatusOr<std::vector<ReadoutRequest>> BuildReadouts(
     const google::protobuf::RepeatedPtrField<v1::Readout>& readouts, const LlamaConfig& config,
     const ForwardInput& input, const LensFn& lens, int64_t max_lens_bytes);
 
+// RunRequest.past_kv_cache, checked once against the request and its input: the key/value cache
+// restored for the model (empty for a new one) and what the run must do with it afterwards.
+struct PreparedKvCache {
+  std::string handle;                       // empty: a new cache
+  bool frozen = false;
+  std::shared_ptr<const StoredCache> past;  // what the handle held when read; null for a new one
+  int64_t past_length = 0;                  // positions in `past`
+  KvCache cache;                            // the forward reads and extends this copy
+  // Stores the extended cache: under a new handle when `handle` is empty (returning it), else in
+  // place of `past` (SessionStore::ReplaceCache; returns `handle`). Set by the service.
+  std::function<absl::StatusOr<std::string>(StoredCache next)> commit;
+};
+
+// INVALID_ARGUMENT naming the field (past_kv_cache needs session_id; residual / start_at_layer,
+// stop_at_layer and backward do not combine with it; a batch other than the cache's; a handle
+// naming an activation cache, or a cache whose tensors do not fit the model), OUT_OF_RANGE when
+// cached plus new positions pass n_ctx; NOT_FOUND / PERMISSION_DENIED from `lookup`. `commit` is
+// left unset.
+absl::StatusOr<PreparedKvCache> BuildPastKvCache(const v1::RunRequest& request,
+                                                 const ForwardInput& input, const LlamaModel& model,
+                                                 const CacheLookup& lookup);
+
 // TransformerLens next-token loss. logits [batch, pos, d_vocab], tokens [batch, pos], mask
 // (optional) [batch, pos]. Per token: [batch, pos - 1]; otherwise the mean over real targets.
 at::Tensor NextTokenLoss(const at::Tensor& logits, const at::Tensor& tokens,

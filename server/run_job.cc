@@ -12,6 +12,7 @@
 #include "engine/device_memory.h"
 #include "engine/forward_memory.h"
 #include "engine/host_memory.h"
+#include "engine/kv_cache_tensors.h"
 #include "engine/status_macros.h"
 #include "server/request_builder.h"
 #include "server/tensor_codec.h"
@@ -134,8 +135,14 @@ absl::Status RunExecution::Prepare() {
   PreparedRun& run = run_;
   {
     const at::Tensor& shaped = run.input.tokens.defined() ? run.input.tokens : run.input.residual;
-    const ForwardSize size{shaped.size(0), shaped.size(1), 0};
+    const int64_t past = run.kv_cache ? run.kv_cache->cache.length() : 0;
+    const ForwardSize size{shaped.size(0), shaped.size(1), past};
     int64_t kept = 0;
+    if (run.kv_cache && !run.kv_cache->frozen) {
+      // The extended cache's compact copy (KvCacheToTensors), kept until it is stored.
+      kept += 2 * config.n_layers * size.batch * config.n_kv_heads * (past + size.pos) *
+              config.d_head * at::elementSize(model_.weights().embed.scalar_type());
+    }
     if (run.store_cache) {
       for (const CacheRequest& r : run.cache) {
         kept += CacheRequestBytes(r, config, model_.weights().embed.scalar_type(), size);
@@ -233,6 +240,21 @@ absl::StatusOr<v1::RunResponse::Summary> RunExecution::Finish(at::Tensor logits,
     ASSIGN_OR_RETURN(std::string handle, run.store(std::move(stored_)));
     summary.set_cache_handle(handle);
   }
+  if (run.kv_cache) {
+    PreparedKvCache& kv = *run.kv_cache;
+    if (kv.frozen) {
+      // Read, not extended: the handle keeps what it had (a frozen new cache keeps nothing).
+      summary.set_kv_cache_handle(kv.handle);
+      summary.set_kv_cache_length(kv.past_length);
+    } else {
+      StoredCache next;
+      next.kind = StoredCache::Kind::kKeyValues;
+      next.tensors = KvCacheToTensors(kv.cache);
+      ASSIGN_OR_RETURN(std::string handle, kv.commit(std::move(next)));
+      summary.set_kv_cache_handle(handle);
+      summary.set_kv_cache_length(kv.cache.length());
+    }
+  }
   summary.set_tokens_processed(tokens());
   summary.set_forward_ms(forward_s * 1e3);
   summary.set_bytes_streamed(streamer.sent());
@@ -246,7 +268,8 @@ absl::StatusOr<v1::RunResponse::Summary> ExecuteRun(const LlamaModel& model, Pre
   RunExecution execution(model, run, emit, cancelled);
   RETURN_IF_ERROR(execution.Prepare());
   const auto start = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(at::Tensor logits, model.Forward(run.input, &execution.plan()));
+  ASSIGN_OR_RETURN(at::Tensor logits,
+                   model.Forward(run.input, &execution.plan(), execution.kv_cache()));
   const double forward_s = SecondsSince(start);
   if (metrics != nullptr) {
     metrics->ObserveForward(forward_s);

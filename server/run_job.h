@@ -49,6 +49,10 @@ struct PreparedRun {
   // RunRequest.backward: the forward is differentiable (input.differentiable) and the metric's
   // gradients stream after the forward's tensors, named "<hook>_grad".
   std::optional<BackwardSpec> backward;
+  // RunRequest.past_kv_cache: the forward reads and extends kv_cache->cache; Finish commits the
+  // extended cache (unless frozen) after everything else succeeded, so a failed run leaves the
+  // handle as it was. Such runs run alone (server/executor).
+  std::optional<PreparedKvCache> kv_cache;
 };
 
 // One run's side of a forward, in phases, so that several runs can share one forward
@@ -67,6 +71,8 @@ class RunExecution {
   absl::Status Prepare();
   HookPlan& plan() { return plan_; }
   const PreparedRun& run() const { return run_; }
+  // The key/value cache the forward must use (RunRequest.past_kv_cache), or null.
+  KvCache* kv_cache() { return run_.kv_cache ? &run_.kv_cache->cache : nullptr; }
   // The run's rows x positions.
   int64_t tokens() const;
   // `output`: what the forward returned for this run's rows and positions only.

@@ -268,9 +268,30 @@ absl::Status SubmitRun(RemoteLensService& service, grpc::CallbackServerContext* 
     run->input.differentiable = true;
   }
 
+  if (request.has_past_kv_cache()) {
+    SessionStore* sessions = deps.sessions;
+    const std::string owner = user.name, session_id = request.session_id();
+    CacheLookup lookup;
+    if (!session_id.empty()) {
+      lookup = [sessions, owner, session_id](const std::string& handle) {
+        return sessions->GetCache(owner, session_id, handle);
+      };
+    }
+    ASSIGN_OR_RETURN(run->kv_cache, BuildPastKvCache(request, run->input, *deps.model, lookup));
+    const int64_t max_bytes = quota.max_stored_cache_bytes();
+    const std::string handle = run->kv_cache->handle;
+    const std::shared_ptr<const StoredCache> past = run->kv_cache->past;
+    run->kv_cache->commit = [sessions, owner, session_id, max_bytes, handle,
+                             past](StoredCache next) -> absl::StatusOr<std::string> {
+      if (handle.empty()) return sessions->StoreCache(owner, session_id, std::move(next), max_bytes);
+      RETURN_IF_ERROR(sessions->ReplaceCache(owner, session_id, handle, past, std::move(next), max_bytes));
+      return handle;
+    };
+  }
+
   auto shared_lease = std::make_shared<ConcurrencyLimiter::Lease>(std::move(lease));
   RemoteLensService* svc = &service;
-  const bool stores = run->store_cache;
+  const bool stores = run->store_cache || (run->kv_cache && !run->kv_cache->frozen);
   payload->emit = std::move(emit);
   payload->done = [done = std::move(done), shared_lease, svc,
                    stores](absl::StatusOr<v1::RunResponse::Summary> summary) {

@@ -265,6 +265,36 @@ absl::StatusOr<std::string> SessionStore::StoreCache(const std::string& owner,
   return handle;
 }
 
+absl::Status SessionStore::ReplaceCache(const std::string& owner, const std::string& id,
+                                        const std::string& handle,
+                                        const std::shared_ptr<const StoredCache>& expected,
+                                        StoredCache next, int64_t max_user_bytes) {
+  next.bytes = 0;
+  for (const auto& [name, tensor] : next.tensors) {
+    if (tensor.defined()) next.bytes += static_cast<int64_t>(tensor.nbytes());
+  }
+  std::shared_ptr<const StoredCache> replaced;      // freed after the lock is released
+  std::vector<std::unique_ptr<Session>> expired;    // likewise
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Session * session, Access(owner, id));
+  ASSIGN_OR_RETURN(auto it, FindCache(*session, id, handle));
+  if (it->second != expected) {
+    return absl::AbortedError(absl::StrCat(
+        "cache '", Echo(handle), "' was replaced by another run since this run read it; this "
+        "run's result was not stored: run it again on the cache as it is now"));
+  }
+  const int64_t delta = next.bytes - it->second->bytes;
+  if (delta > 0) {
+    RETURN_IF_ERROR(Charge(*session, delta, max_user_bytes,
+                           absl::StrCat("growing cache '", Echo(handle), "' by"), expired));
+  } else if (delta < 0) {
+    Refund(*session, -delta);
+  }
+  replaced = std::move(it->second);
+  it->second = std::make_shared<const StoredCache>(std::move(next));
+  return absl::OkStatus();
+}
+
 absl::Status SessionStore::Charge(Session& session, int64_t bytes, int64_t max_user_bytes,
                                   absl::string_view what,
                                   std::vector<std::unique_ptr<Session>>& expired) {

@@ -52,8 +52,13 @@ struct SessionLimits {
 // hold a shared_ptr, so a cache deleted (or expired) while a run patches from it stays valid
 // until that run lets go.
 struct StoredCache {
-  std::vector<std::pair<std::string, at::Tensor>> tensors;  // hook name -> activation, forward order
+  enum class Kind {
+    kActivations,  // hook name -> activation (RunRequest.cache.store); patch sources
+    kKeyValues,    // a past_kv_cache: engine/kv_cache_tensors' names ("kv.mask", "kv.{L}.keys", ...)
+  };
+  std::vector<std::pair<std::string, at::Tensor>> tensors;  // name -> tensor, forward order
   int64_t bytes = 0;  // sum of the tensors' nbytes(); StoreCache recomputes it
+  Kind kind = Kind::kActivations;
 
   // The activation stored under `name`, or nullptr.
   const at::Tensor* Find(absl::string_view name) const;
@@ -127,6 +132,15 @@ class SessionStore {
   // users' usage). Expired sessions' caches are freed first, whoever owns them.
   absl::StatusOr<std::string> StoreCache(const std::string& owner, const std::string& id,
                                          StoredCache cache, int64_t max_user_bytes);
+  // Puts `next` under `handle` in place of `expected` (a past_kv_cache run extending its key/value
+  // cache), charging only the difference in bytes against the quotas as StoreCache does
+  // (RESOURCE_EXHAUSTED leaves `expected` in place). Compare-and-swap: ABORTED "cache 'c3' was
+  // replaced by another run since this run read it" when the handle no longer holds `expected`;
+  // NOT_FOUND as GetCache when it was deleted meanwhile.
+  absl::Status ReplaceCache(const std::string& owner, const std::string& id,
+                            const std::string& handle,
+                            const std::shared_ptr<const StoredCache>& expected, StoredCache next,
+                            int64_t max_user_bytes);
   // NOT_FOUND "cache 'c3' not found in session 'x'".
   absl::StatusOr<std::shared_ptr<const StoredCache>> GetCache(const std::string& owner,
                                                               const std::string& id,

@@ -334,6 +334,49 @@ TEST(SessionStore, StoreGetDeleteCaches) {
   EXPECT_EQ(*store.StoreCache("alice", id, CacheOf(4), kNoQuota), "c3");
 }
 
+TEST(SessionStore, ReplaceCacheIsACompareAndSwapChargingTheDifference) {
+  SessionStore store(SessionLimits{});
+  const std::string id = MustCreate(store, "alice");
+  const std::string handle = *store.StoreCache("alice", id, CacheOf(400, "kv.mask"), kNoQuota);
+  std::shared_ptr<const StoredCache> v1 = *store.GetCache("alice", id, handle);
+
+  // Growing: only the 600 extra bytes are checked against the quota (1000 total > 800 fails).
+  absl::Status over = store.ReplaceCache("alice", id, handle, v1, CacheOf(1000, "kv.mask"), 800);
+  EXPECT_EQ(over.code(), absl::StatusCode::kResourceExhausted) << over;
+  EXPECT_THAT(std::string(over.message()), HasSubstr("growing cache 'c1' by 600 bytes would exceed"));
+  EXPECT_EQ(*store.GetCache("alice", id, handle), v1);  // left as it was
+  EXPECT_EQ(store.StoredBytesOf("alice"), 400);
+
+  ASSERT_TRUE(store.ReplaceCache("alice", id, handle, v1, CacheOf(1000, "kv.mask"), 1000).ok());
+  std::shared_ptr<const StoredCache> v2 = *store.GetCache("alice", id, handle);
+  EXPECT_NE(v2, v1);
+  EXPECT_EQ(v2->bytes, 1000);
+  EXPECT_EQ(store.StoredBytesOf("alice"), 1000);
+  EXPECT_EQ(store.StoredBytes(), 1000);
+  EXPECT_EQ(v1->bytes, 400);  // a reader of the old contents keeps them
+
+  // A second writer that read v1 loses: ABORTED, nothing changes.
+  absl::Status stale = store.ReplaceCache("alice", id, handle, v1, CacheOf(2000, "kv.mask"), kNoQuota);
+  EXPECT_EQ(stale.code(), absl::StatusCode::kAborted) << stale;
+  EXPECT_THAT(std::string(stale.message()), HasSubstr("replaced by another run since this run read it"));
+  EXPECT_EQ(*store.GetCache("alice", id, handle), v2);
+  EXPECT_EQ(store.StoredBytesOf("alice"), 1000);
+
+  // Shrinking refunds.
+  ASSERT_TRUE(store.ReplaceCache("alice", id, handle, v2, CacheOf(100, "kv.mask"), kNoQuota).ok());
+  EXPECT_EQ(store.StoredBytesOf("alice"), 100);
+  EXPECT_EQ(store.StoredBytes(), 100);
+
+  // Deleted meanwhile: NOT_FOUND; another user: PERMISSION_DENIED.
+  std::shared_ptr<const StoredCache> v3 = *store.GetCache("alice", id, handle);
+  EXPECT_EQ(store.ReplaceCache("bob", id, handle, v3, CacheOf(4), kNoQuota).code(),
+            absl::StatusCode::kPermissionDenied);
+  ASSERT_TRUE(store.DeleteCache("alice", id, handle).ok());
+  EXPECT_EQ(store.ReplaceCache("alice", id, handle, v3, CacheOf(4), kNoQuota).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(store.StoredBytes(), 0);
+}
+
 TEST(SessionStore, HookValuesCountAgainstTheStoredBytesQuota) {
   SessionLimits limits;
   limits.max_total_stored_bytes = 64 * kMiB;

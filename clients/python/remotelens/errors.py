@@ -23,6 +23,7 @@ Mapping (gRPC code -> exception class -> built-in base):
     RESOURCE_EXHAUSTED  ResourceExhaustedError   RuntimeError
     CANCELLED           CancelledError           RuntimeError
     FAILED_PRECONDITION FailedPreconditionError  RuntimeError
+    ABORTED             AbortedError             RuntimeError  (a past_kv_cache another run extended first)
     anything else       RemoteLensError          RuntimeError
 """
 
@@ -43,6 +44,7 @@ __all__ = [
     "ResourceExhaustedError",
     "CancelledError",
     "FailedPreconditionError",
+    "AbortedError",
     "IncompatibleServerError",
     "from_rpc_error",
     "translate_rpc_errors",
@@ -104,6 +106,10 @@ class FailedPreconditionError(RemoteLensError):
     """The request cannot run in the server's current state (FAILED_PRECONDITION)."""
 
 
+class AbortedError(RemoteLensError):
+    """ABORTED: a past_kv_cache run lost to another run that extended the same cache first."""
+
+
 class IncompatibleServerError(RemoteLensError):
     """The server speaks another wire API version than this client (raised by from_server).
 
@@ -128,6 +134,7 @@ _BY_CODE: Dict[grpc.StatusCode, Type[RemoteLensError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.CANCELLED: CancelledError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.ABORTED: AbortedError,
 }
 
 

@@ -41,6 +41,7 @@ from ._weights import WeightsMixin
 from ._wire import ChunkAssembler, tensor_to_proto
 from .activation_cache import ActivationCache, _RemoteTensors
 from .config import HookedTransformerConfig
+from .past_key_value_caching import HookedTransformerKeyValueCache
 from .errors import ResourceExhaustedError, from_rpc_error, translate_rpc_errors
 from .tokenizer import RemoteTokenizer
 from .utils import Slice, lm_cross_entropy_loss
@@ -512,7 +513,11 @@ class HookedTransformer(TokensMixin, WeightsMixin, AnalysisMixin, GenerationMixi
             attention_mask: [batch, pos], 1 real, 0 padding.
             stop_at_layer: run blocks before this one only and return the residual stream
                 (negative counts from the end).
-            shortformer_pos_embed, past_kv_cache: unsupported (must be None).
+            past_kv_cache: a remotelens.past_key_value_caching.HookedTransformerKeyValueCache:
+                the input is the positions after those it holds (kept in the server session);
+                the output covers the new positions only, and the cache is extended unless
+                frozen. Not with stop_at_layer, start_at_layer > 0 or backward hooks.
+            shortformer_pos_embed: unsupported (must be None).
 
         Returns:
             Logits [batch, pos, d_vocab] (float32), the loss, Output(logits, loss), the residual
@@ -558,8 +563,13 @@ class HookedTransformer(TokensMixin, WeightsMixin, AnalysisMixin, GenerationMixi
         if return_type not in _RETURN_TYPES:
             raise ValueError(f"Invalid return_type {return_type!r}; one of 'logits', 'loss', 'both', None")
         if past_kv_cache is not None:
-            raise NotImplementedError("past_kv_cache is not supported; generate() uses the "
-                                      "server's KV cache")
+            if not isinstance(past_kv_cache, HookedTransformerKeyValueCache):
+                raise TypeError("past_kv_cache must be a remotelens HookedTransformerKeyValueCache "
+                                "(HookedTransformerKeyValueCache.init_cache(model.cfg, device, batch_size)), "
+                                f"got {type(past_kv_cache).__name__}")
+            if attach_backward:
+                raise ValueError("past_kv_cache does not combine with backward hooks: gradients need "
+                                 "a forward over the whole sequence")
         if shortformer_pos_embed is not None:
             raise NotImplementedError("shortformer_pos_embed does not apply to Llama (rotary)")
         start = self._layer_index(start_at_layer, "start_at_layer")
@@ -579,7 +589,10 @@ class HookedTransformer(TokensMixin, WeightsMixin, AnalysisMixin, GenerationMixi
                         mask = None
                 else:
                     loss_tokens = self._as_tokens(input)
-                    mask = self._infer_attention_mask(loss_tokens)
+                    # Continuing a key/value cache: the new positions follow real tokens, so a
+                    # token equal to the pad id is real (TransformerLens pads the first chunk only).
+                    continuing = past_kv_cache is not None and past_kv_cache.handle is not None
+                    mask = None if continuing else self._infer_attention_mask(loss_tokens)
                 if attention_mask is not None:
                     mask = torch.as_tensor(attention_mask).to(torch.int64).cpu()
                 request.tokens.CopyFrom(tensor_to_proto(loss_tokens))
@@ -637,10 +650,16 @@ class HookedTransformer(TokensMixin, WeightsMixin, AnalysisMixin, GenerationMixi
             request.hooks.extend(backward_ops)
             callbacks.update(backward_callbacks)
         request.readouts.extend(r.to_proto() for r in readouts)
-        if store or needs_session:
+        if past_kv_cache is not None:
+            batch = (loss_tokens.shape[0] if loss_tokens is not None
+                     else len(request.texts) if request.texts else torch.as_tensor(input).shape[0])
+            request.past_kv_cache.CopyFrom(past_kv_cache._request(self, int(batch)))
+        if store or needs_session or past_kv_cache is not None:
             request.session_id = self._open_session()
         expected = self._expected_bytes(request, names, loss_tokens)
         outputs, summary = self._execute(request, callbacks, expected)
+        if past_kv_cache is not None:
+            past_kv_cache._update(self, summary)
 
         cache = {n: outputs[n] for n in names if n in outputs}
         if backward is not None:
