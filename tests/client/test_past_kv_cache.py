@@ -168,6 +168,10 @@ def test_refusals(model):
         model(torch.ones(1, model.cfg.n_ctx - 2, dtype=torch.int64), past_kv_cache=cache)
     with pytest.raises(TypeError, match="HookedTransformerKeyValueCache"):
         model(tokens, past_kv_cache=[])
+    model.add_hook("blocks.0.hook_resid_post", lambda grad, hook: None, dir="bwd")
+    with pytest.raises(ValueError, match="does not combine with backward hooks"):
+        model(tokens[:, 4:], past_kv_cache=cache)
+    model.reset_hooks(including_permanent=True)
     assert cache.length == 4  # nothing above changed it
     _, stored = model.run_with_cache(tokens, names_filter="blocks.0.hook_resid_post", store=True)
     wrong = new_cache(model)
@@ -213,3 +217,22 @@ def test_cache_belongs_to_one_model(model, demo_server):
         cache.free()
     finally:
         other.close()
+
+
+def test_transformer_bridge_takes_past_kv_cache(demo_server, reference):
+    # TransformerBridge shares HookedTransformer's forward, so TL4-style notebooks get it too; its
+    # architecture-native hook names see the new positions only.
+    bridge = remotelens.TransformerBridge.from_server(demo_server.address)  # raw logits
+    try:
+        tokens = bridge.to_tokens(PROMPT)
+        cache = HookedTransformerKeyValueCache.init_cache(bridge.cfg, bridge.cfg.device, 1)
+        bridge(tokens[:, :5], past_kv_cache=cache)
+        logits, act = bridge.run_with_cache(tokens[:, 5:], names_filter="blocks.1.hook_out",
+                                            past_kv_cache=cache)
+        expected, ref_cache = reference.forward(tokens)
+        assert_close(logits, expected[:, 5:], what="bridge logits")
+        assert_close(act["blocks.1.hook_out"], ref_cache["blocks.1.hook_resid_post"][:, 5:], what="hook_out")
+        assert cache.length == tokens.shape[1]
+        cache.free()
+    finally:
+        bridge.close()
