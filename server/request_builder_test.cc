@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 
 #include "absl/strings/str_cat.h"
+#include "engine/kv_cache_tensors.h"
+#include "engine/status_macros.h"
 #include "engine/test_model.h"
 #include "gtest/gtest.h"
 #include "server/tensor_codec.h"
@@ -348,6 +350,86 @@ TEST_F(RequestBuilderTest, ReadoutsValidateHooksTopKAndPositions) {
   EXPECT_EQ(too_big.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(too_big.status().message().find(absl::StrCat("needs ", need, " bytes")), std::string::npos)
       << too_big.status();
+}
+
+}  // namespace
+}  // namespace remotelens
+
+namespace remotelens {
+namespace {
+
+// RunRequest.past_kv_cache: validated once, the stored cache restored for the model.
+TEST_F(RequestBuilderTest, PastKvCacheIsCheckedAgainstRequestAndStoredCache) {
+  // A stored key/value cache of 2 rows and 3 positions (n_ctx 16), and an activation cache.
+  KvCache kv;
+  ForwardInput first;
+  first.tokens = at::tensor({1, 2, 3, 4, 5, 6}, at::kLong).view({2, 3});
+  ASSERT_TRUE(model_->Forward(first, nullptr, &kv).ok());
+  auto kv_stored = std::make_shared<StoredCache>();
+  kv_stored->kind = StoredCache::Kind::kKeyValues;
+  kv_stored->tensors = KvCacheToTensors(kv);
+  auto activations = std::make_shared<StoredCache>();
+  activations->tensors.emplace_back("hook_embed", at::zeros({2, 3, 32}));
+  CacheLookup lookup = [&](const std::string& handle) -> absl::StatusOr<std::shared_ptr<const StoredCache>> {
+    if (handle == "c1") return kv_stored;
+    if (handle == "c2") return activations;
+    return absl::NotFoundError(absl::StrCat("cache '", handle, "' not found"));
+  };
+  auto request_for = [&](const std::string& handle, int64_t rows, int64_t pos) {
+    v1::RunRequest r;
+    r.set_session_id("s");
+    r.mutable_past_kv_cache()->set_handle(handle);
+    *r.mutable_tokens() = Proto(at::ones({rows, pos}, at::kLong));
+    return r;
+  };
+  auto build = [&](const v1::RunRequest& r) -> absl::StatusOr<PreparedKvCache> {
+    ASSIGN_OR_RETURN(ForwardInput input, BuildForwardInput(r, Ctx(), 1000));
+    return BuildPastKvCache(r, input, *model_, lookup);
+  };
+
+  absl::StatusOr<PreparedKvCache> ok = build(request_for("c1", 2, 4));
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->past, kv_stored);
+  EXPECT_EQ(ok->past_length, 3);
+  EXPECT_EQ(ok->cache.length(), 3);
+  EXPECT_EQ(ok->cache.rows(), 2);
+  absl::StatusOr<PreparedKvCache> fresh = build(request_for("", 3, 4));
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  EXPECT_EQ(fresh->past, nullptr);
+  EXPECT_EQ(fresh->cache.length(), 0);
+
+  auto expect = [&](const v1::RunRequest& r, absl::StatusCode code, const std::string& needle) {
+    absl::StatusOr<PreparedKvCache> got = build(r);
+    ASSERT_FALSE(got.ok()) << needle;
+    EXPECT_EQ(got.status().code(), code) << got.status();
+    EXPECT_NE(got.status().message().find(needle), std::string::npos) << got.status();
+  };
+  expect(request_for("c1", 3, 4), absl::StatusCode::kInvalidArgument, "holds 2 rows; this input has 3");
+  expect(request_for("c1", 2, 14), absl::StatusCode::kOutOfRange,
+         "3 cached positions plus 14 new ones exceed the model's maximum of 16 (n_ctx); at most 13 more fit");
+  expect(request_for("c2", 2, 1), absl::StatusCode::kInvalidArgument, "'c2' is an activation cache");
+  expect(request_for("c9", 2, 1), absl::StatusCode::kNotFound, "cache 'c9' not found");
+  v1::RunRequest no_session = request_for("c1", 2, 1);
+  no_session.clear_session_id();
+  expect(no_session, absl::StatusCode::kInvalidArgument, "past_kv_cache: needs session_id");
+  v1::RunRequest stop = request_for("c1", 2, 1);
+  stop.set_stop_at_layer(1);
+  expect(stop, absl::StatusCode::kInvalidArgument, "stop_at_layer");
+  v1::RunRequest backward = request_for("c1", 2, 2);
+  backward.mutable_backward()->mutable_loss();
+  expect(backward, absl::StatusCode::kInvalidArgument, "does not combine with backward");
+  v1::RunRequest residual;
+  residual.set_session_id("s");
+  residual.mutable_past_kv_cache();
+  residual.set_start_at_layer(1);
+  *residual.mutable_residual() = Proto(at::zeros({2, 1, 32}));
+  expect(residual, absl::StatusCode::kInvalidArgument, "residual input with start_at_layer > 0");
+  // A stored cache whose tensors do not fit the model (one layer's keys lost).
+  auto broken = std::make_shared<StoredCache>(*kv_stored);
+  broken->tensors.pop_back();
+  kv_stored = broken;
+  expect(request_for("c1", 2, 1), absl::StatusCode::kInvalidArgument,
+         "'c1' does not fit this model: key/value cache tensor \"kv.1.values\" is missing");
 }
 
 }  // namespace
