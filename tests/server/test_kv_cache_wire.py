@@ -4,7 +4,7 @@ its behaviour is tested in TransformerLens's tests/unit/test_kv_cache.py: a spli
 equal the full prompt's, a frozen cache is read but not extended).
 
 Run:  bazel build //server:remotelens_server //tools:all
-      /usr/bin/python3 -m pytest -q tests/server/test_past_kv_cache.py
+      /usr/bin/python3 -m pytest -q tests/server/test_kv_cache_wire.py
 """
 import threading
 
