@@ -54,9 +54,9 @@ class ModelExecutor : public Scheduler::Executor {
  public:
   struct Options {
     int max_batch_requests = 16;  // runs per forward; generations per decode step
-    // CPU threads per forward by its size. small_threads <= 0: the model thread's own count,
+    // CPU threads per forward by its work. small_threads <= 0: the model thread's own count,
     // read on the first Execute (after Scheduler::Options::on_thread_start set it).
-    ForwardThreadPolicy threads{0, 0, 128};
+    ForwardThreadPolicy threads{0, 0, 0.0, 1e8};
   };
   ModelExecutor(const LlamaModel& model, ServerMetrics* metrics, Options options);
   ~ModelExecutor() override;

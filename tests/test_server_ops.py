@@ -94,8 +94,10 @@ def _wait_for_line(server, line):
 
 
 def test_large_forwards_take_their_own_thread_count_with_the_same_results(demo_model_dir):
-    # A forward of >= large_forward_tokens rows x positions switches the model thread to
-    # large_forward_threads (server/forward_threads.h); the numbers must not move with it.
+    # A forward with >= large_forward_gflop of matrix products switches the model thread to
+    # large_forward_threads (server/forward_threads.h); the numbers must not move with it. The
+    # demo model multiplies by 0.82M weights a position (1.64 MFLOP): [1, 3] stays below 20 MFLOP,
+    # [4, 16] (105 MFLOP) goes above.
     def run_all(server, tokens):
         request = pb.RunRequest(tokens=tensor_to_proto(tokens))
         request.cache.names.append("*")
@@ -112,19 +114,19 @@ def test_large_forwards_take_their_own_thread_count_with_the_same_results(demo_m
     small = torch.randint(1, 100, (1, 3), generator=generator)
     large = torch.randint(1, 100, (4, 16), generator=generator)
     switching = server_harness.ServerProcess(
-        demo_model_dir, config="intra_op_threads: 1 large_forward_threads: 2 large_forward_tokens: 8")
+        demo_model_dir, config="intra_op_threads: 1 large_forward_threads: 2 large_forward_gflop: 0.02")
     fixed = server_harness.ServerProcess(demo_model_dir, args=["--intra_op_threads", "1",
                                                                "--large_forward_threads", "1"])
     with switching, fixed:
-        _wait_for_line(switching, "model thread uses 1 intra-op thread(s); 2 for forwards of >= 8 tokens")
-        _wait_for_line(fixed, "model thread uses 1 intra-op thread(s); 1 for forwards of >= 128 tokens")
+        _wait_for_line(switching, "model thread uses 1 intra-op thread(s); 2 for forwards of >= 0.02 GFLOP")
+        _wait_for_line(fixed, "model thread uses 1 intra-op thread(s); 1 for forwards of >= 0.1 GFLOP")
         for tokens in (small, large, small):
             a, b = run_all(switching, tokens), run_all(fixed, tokens)
             assert set(a) == set(b) and "logits" in a and len(a) > 10
             for name in a:
                 torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
     for config, bad in [("large_forward_threads: -1", "-1"), ("large_forward_threads: 5000", "5000"),
-                        ("large_forward_tokens: -2", "-2")]:
+                        ("large_forward_gflop: -2", "-2")]:
         server = server_harness.ServerProcess(demo_model_dir, config=config)
         with pytest.raises(RuntimeError) as error:
             server.start()
