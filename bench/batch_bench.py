@@ -11,6 +11,10 @@ alternating for --rounds rounds, and the report gives the median of each and the
 
   /usr/bin/python3 bench/batch_bench.py [--model 100m] [--clients 16] [--seconds 20] [--rounds 2]
   /usr/bin/python3 bench/batch_bench.py --model demo --clients 4 --seconds 2 --rounds 1   # smoke
+
+--batched_args / --alone_args add server flags to one side, for ablations: e.g.
+--alone_args="--intra_op_threads 2" (the baseline on every core) or
+--batched_args="--large_forward_threads 1" (shared forwards on one thread).
 """
 import argparse
 import json
@@ -153,6 +157,8 @@ def main():
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--lone_iters", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batched_args", default="", help="extra flags for the batching server")
+    ap.add_argument("--alone_args", default="", help="extra flags for the --max_batch_requests 1 server")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args()
 
@@ -163,8 +169,9 @@ def main():
     users = write_users(tempfile.mkdtemp(prefix="batch_bench_"), args.clients)
     queue = f'limits {{ max_queue: 1024 }}\nusers_file: "{users}"\n'
     servers = {
-        "batched": server_harness.ServerProcess(model_dir, config=queue).start(),
-        "alone": server_harness.ServerProcess(model_dir, config=queue, args=["--max_batch_requests=1"]).start(),
+        "batched": server_harness.ServerProcess(model_dir, config=queue, args=args.batched_args.split()).start(),
+        "alone": server_harness.ServerProcess(
+            model_dir, config=queue, args=["--max_batch_requests=1"] + args.alone_args.split()).start(),
     }
     try:
         channel = servers["batched"].channel()
@@ -180,6 +187,7 @@ def main():
         med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
         summary = {
             "model": args.model, "clients": args.clients,
+            "batched_args": args.batched_args, "alone_args": args.alone_args,
             "runs_per_s": {n: med[n]["runs"] for n in med},
             "runs_ratio": med["batched"]["runs"] / med["alone"]["runs"],
             "generated_tokens_per_s": {n: med[n]["generate"] for n in med},

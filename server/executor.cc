@@ -1,6 +1,7 @@
 #include "server/executor.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <chrono>
@@ -94,6 +95,7 @@ void ModelExecutor::Execute(std::vector<Scheduler::Job> jobs) {
   }
   if (!generations_.empty()) {
     const int64_t members = static_cast<int64_t>(generations_.size()), rows = generations_.rows();
+    UseThreadsFor(rows);
     const auto start = std::chrono::steady_clock::now();
     generations_.Step();
     if (metrics_ != nullptr) {
@@ -101,6 +103,12 @@ void ModelExecutor::Execute(std::vector<Scheduler::Job> jobs) {
       metrics_->ObserveBatch(members, rows);
     }
   }
+}
+
+void ModelExecutor::UseThreadsFor(int64_t tokens) {
+  ForwardThreadPolicy& policy = options_.threads;
+  if (policy.small_threads <= 0) policy.small_threads = at::get_num_threads();
+  UseForwardThreads(policy, tokens);
 }
 
 void ModelExecutor::FinishRun(Scheduler::Job& job, absl::StatusOr<v1::RunResponse::Summary> summary,
@@ -126,6 +134,7 @@ void ModelExecutor::RunAlone(Scheduler::Job& job) {
   Scheduler::Job* j = &job;
   RunExecution execution(model_, run, RunOf(job).emit, [j] { return j->cancelled(); });
   if (absl::Status s = execution.Prepare(); !s.ok()) return FinishRun(job, s, 0, 0);
+  UseThreadsFor(execution.tokens());
   const auto start = std::chrono::steady_clock::now();
   absl::StatusOr<at::Tensor> output =
       model_.Forward(run.input, &execution.plan(), execution.kv_cache());
@@ -193,6 +202,7 @@ void ModelExecutor::RunTogether(std::vector<Scheduler::Job*> group) {
   input.attention_mask = at::cat(masks, 0);
   input.start_at_layer = first.input.start_at_layer;
   input.stop_at_layer = first.input.stop_at_layer;
+  UseThreadsFor(rows * longest);
   const auto start = std::chrono::steady_clock::now();
   absl::StatusOr<at::Tensor> output = model_.Forward(input, &shared);
   const double seconds = SecondsSince(start);
@@ -232,6 +242,7 @@ void ModelExecutor::StartGeneration(Scheduler::Job job) {
   active_[id] = std::move(generation);
   if (absl::Status s = execution->Prepare(); !s.ok()) return FinishGeneration(id, s);
   PreparedGenerate& g = payload.generate;
+  UseThreadsFor(g.tokens.numel());  // the prompt's forward (later steps decide again)
   auto done = [this, id](absl::StatusOr<at::Tensor> sequences) {
     auto it = active_.find(id);
     if (it == active_.end()) return;

@@ -25,6 +25,7 @@
 #include "absl/time/time.h"
 #include "engine/generation_batch.h"
 #include "engine/llama_model.h"
+#include "server/forward_threads.h"
 #include "server/metrics.h"
 #include "server/run_job.h"
 #include "server/scheduler.h"
@@ -53,6 +54,9 @@ class ModelExecutor : public Scheduler::Executor {
  public:
   struct Options {
     int max_batch_requests = 16;  // runs per forward; generations per decode step
+    // CPU threads per forward by its work. small_threads <= 0: the model thread's own count,
+    // read on the first Execute (after Scheduler::Options::on_thread_start set it).
+    ForwardThreadPolicy threads{0, 0, 0.0, 1e8};
   };
   ModelExecutor(const LlamaModel& model, ServerMetrics* metrics, Options options);
   ~ModelExecutor() override;
@@ -72,10 +76,12 @@ class ModelExecutor : public Scheduler::Executor {
                  int64_t tokens, int64_t streamed);
   void StartGeneration(Scheduler::Job job);
   void FinishGeneration(uint64_t id, absl::Status status);
+  // Before each forward: the thread count for `tokens` rows x positions (forward_threads.h).
+  void UseThreadsFor(int64_t tokens);
 
   const LlamaModel& model_;
   ServerMetrics* metrics_;
-  const Options options_;
+  Options options_;
   Scheduler* scheduler_ = nullptr;
   GenerationBatch generations_;
   std::deque<Scheduler::Job> waiting_;  // generations beyond max_batch_requests

@@ -48,6 +48,7 @@
 #include "server/metrics_http.h"
 #include "server/request_builder.h"
 #include "server/executor.h"
+#include "server/forward_threads.h"
 #include "server/scheduler.h"
 #include "server/service.h"
 #include "server/session_store.h"
@@ -61,6 +62,10 @@ ABSL_FLAG(std::string, device, "", "device(s): cpu, cuda:0, cuda:0,cuda:1 (overr
 ABSL_FLAG(std::string, dtype, "", "float32, bfloat16 or float16 (overrides the config)");
 ABSL_FLAG(std::string, users_file, "", "UsersFile textproto with API key hashes (overrides)");
 ABSL_FLAG(int, intra_op_threads, -1, "CPU threads per forward (overrides the config; 0: LibTorch's choice)");
+ABSL_FLAG(int, large_forward_threads, -1,
+          "CPU threads for forwards of >= large_forward_gflop (overrides the config; 0: one per physical core)");
+ABSL_FLAG(double, large_forward_gflop, -1,
+          "matrix-product work from which a forward uses large_forward_threads (overrides; 0: 0.1)");
 ABSL_FLAG(int, max_batch_requests, -1,
           "requests sharing one forward / decode step (overrides scheduler.max_batch_requests; 1: no batching)");
 ABSL_FLAG(int64_t, max_batch_tokens, -1, "rows x positions per shared forward (overrides scheduler.max_batch_tokens)");
@@ -106,6 +111,12 @@ absl::StatusOr<v1::ServerConfig> LoadConfig() {
   if (!absl::GetFlag(FLAGS_dtype).empty()) config.set_dtype(absl::GetFlag(FLAGS_dtype));
   if (absl::GetFlag(FLAGS_intra_op_threads) >= 0) {
     config.set_intra_op_threads(absl::GetFlag(FLAGS_intra_op_threads));
+  }
+  if (absl::GetFlag(FLAGS_large_forward_threads) >= 0) {
+    config.set_large_forward_threads(absl::GetFlag(FLAGS_large_forward_threads));
+  }
+  if (absl::GetFlag(FLAGS_large_forward_gflop) >= 0) {
+    config.set_large_forward_gflop(absl::GetFlag(FLAGS_large_forward_gflop));
   }
   if (!absl::GetFlag(FLAGS_device).empty()) {
     config.clear_devices();
@@ -156,6 +167,15 @@ absl::StatusOr<v1::ServerConfig> LoadConfig() {
     return absl::InvalidArgumentError(absl::StrCat(
         "intra_op_threads must be >= 0 (0: LibTorch's choice), got ", config.intra_op_threads()));
   }
+  if (config.large_forward_threads() < 0 || config.large_forward_threads() > 1024 ||
+      !(config.large_forward_gflop() >= 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "large_forward_threads must be 0..1024 (0: one per physical core) and "
+        "large_forward_gflop >= 0 (0: 0.1); got ",
+        config.large_forward_threads(), " and ", config.large_forward_gflop()));
+  }
+  if (config.large_forward_threads() == 0) config.set_large_forward_threads(PhysicalCores());
+  if (config.large_forward_gflop() == 0) config.set_large_forward_gflop(0.1);
   *config.mutable_limits() = LimitsWithDefaults(config.limits());
   return config;
 }
@@ -310,7 +330,12 @@ absl::Status Serve() {
         "max_batch_tokens >= 0, batch_wait_us 0..1000000");
   }
   const int max_batch_requests = batching.max_batch_requests() > 0 ? batching.max_batch_requests() : 16;
-  ModelExecutor executor(*model, &metrics, ModelExecutor::Options{max_batch_requests});
+  ModelExecutor::Options executor_options;
+  executor_options.max_batch_requests = max_batch_requests;
+  executor_options.threads.large_threads = config.large_forward_threads();
+  executor_options.threads.flops_per_token = MatmulFlopsPerToken(model->config());
+  executor_options.threads.min_large_flops = config.large_forward_gflop() * 1e9;
+  ModelExecutor executor(*model, &metrics, executor_options);
   Scheduler::Options scheduler_options;
   scheduler_options.max_queue = limits.max_queue();
   scheduler_options.max_batch_requests = max_batch_requests;
@@ -330,14 +355,18 @@ absl::Status Serve() {
   };
   // OpenMP's thread count is per thread: without this the model thread (not main) would run
   // oneDNN with every core while ATen uses LibTorch's choice. See docs/decisions.md.
-  scheduler_options.on_thread_start = [threads = config.intra_op_threads()] {
+  scheduler_options.on_thread_start = [threads = config.intra_op_threads(),
+                                       large = config.large_forward_threads(),
+                                       gflop = config.large_forward_gflop()] {
     if (threads > 0) {
       at::set_num_threads(threads);
     } else {
       at::init_num_threads();
     }
-    std::fprintf(stderr, "remotelens_server: model thread uses %d intra-op thread(s)\n",
-                 at::get_num_threads());
+    std::fprintf(stderr,
+                 "remotelens_server: model thread uses %d intra-op thread(s); %d for forwards of "
+                 ">= %g GFLOP\n",
+                 at::get_num_threads(), large, gflop);
   };
   Scheduler scheduler(scheduler_options, &executor);
   executor.set_scheduler(&scheduler);

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import server_harness
-from remotelens._wire import tensor_to_proto
+from remotelens._wire import ChunkAssembler, tensor_to_proto
 from remotelens.v1 import remotelens_pb2 as pb
 from remotelens.v1 import tensor_pb2
 
@@ -84,6 +84,53 @@ def test_intra_op_threads_from_config_and_flag(demo_model_dir, tmp_path):
     with pytest.raises(RuntimeError) as error:
         bad.start()
     assert "intra_op_threads must be >= 0" in str(error.value) and "-3" in str(error.value)
+
+
+def _wait_for_line(server, line):
+    deadline = time.time() + 10
+    while time.time() < deadline and not any(line in l for l in server.stderr_lines):
+        time.sleep(0.05)
+    assert any(line in l for l in server.stderr_lines), server.stderr_lines
+
+
+def test_large_forwards_take_their_own_thread_count_with_the_same_results(demo_model_dir):
+    # A forward with >= large_forward_gflop of matrix products switches the model thread to
+    # large_forward_threads (server/forward_threads.h); the numbers must not move with it. The
+    # demo model multiplies by 0.82M weights a position (1.64 MFLOP): [1, 3] stays below 20 MFLOP,
+    # [4, 16] (105 MFLOP) goes above.
+    def run_all(server, tokens):
+        request = pb.RunRequest(tokens=tensor_to_proto(tokens))
+        request.cache.names.append("*")
+        request.cache.stream = True
+        assembler, out = ChunkAssembler(), {}
+        for response in server.stub().Run(request, timeout=30):
+            if response.HasField("tensor"):
+                done = assembler.add(response.tensor)
+                if done is not None:
+                    out[done[0]] = done[1].clone()
+        return out
+
+    generator = torch.Generator().manual_seed(5)
+    small = torch.randint(1, 100, (1, 3), generator=generator)
+    large = torch.randint(1, 100, (4, 16), generator=generator)
+    switching = server_harness.ServerProcess(
+        demo_model_dir, config="intra_op_threads: 1 large_forward_threads: 2 large_forward_gflop: 0.02")
+    fixed = server_harness.ServerProcess(demo_model_dir, args=["--intra_op_threads", "1",
+                                                               "--large_forward_threads", "1"])
+    with switching, fixed:
+        _wait_for_line(switching, "model thread uses 1 intra-op thread(s); 2 for forwards of >= 0.02 GFLOP")
+        _wait_for_line(fixed, "model thread uses 1 intra-op thread(s); 1 for forwards of >= 0.1 GFLOP")
+        for tokens in (small, large, small):
+            a, b = run_all(switching, tokens), run_all(fixed, tokens)
+            assert set(a) == set(b) and "logits" in a and len(a) > 10
+            for name in a:
+                torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
+    for config, bad in [("large_forward_threads: -1", "-1"), ("large_forward_threads: 5000", "5000"),
+                        ("large_forward_gflop: -2", "-2")]:
+        server = server_harness.ServerProcess(demo_model_dir, config=config)
+        with pytest.raises(RuntimeError) as error:
+            server.start()
+        assert "large_forward_threads must be 0..1024" in str(error.value) and bad in str(error.value)
 
 
 def test_flags_override_the_config(demo_model_dir, tmp_path):
