@@ -7,7 +7,8 @@ alternating for --rounds rounds, and the report gives the median of each and the
               at the middle block's resid_post), returning logits: requests per second;
   - generate: N clients, each generating --new_tokens greedy tokens with its own steering
               vector: generated tokens per second over all clients;
-  - lone:     one client's 1 x 16-token steered Run, one at a time: p50 latency.
+  - lone:     one client's 1 x 16-token steered Run, one at a time: p50 latency (the two servers
+              take turns request by request).
 
   /usr/bin/python3 bench/batch_bench.py [--model 100m] [--clients 16] [--seconds 20] [--rounds 2]
   /usr/bin/python3 bench/batch_bench.py --model demo --clients 4 --seconds 2 --rounds 1   # smoke
@@ -133,19 +134,26 @@ def concurrent_generations(server, info, clients, new_tokens):
     return sum(generated) / (time.time() - start)
 
 
-def lone_latency(server, info, iters):
-    channel = server.channel()
-    stub = server.stub(channel)
+def lone_latencies(servers, info, iters):
+    """p50 of one client's Runs on each server, the servers taking turns request by request, so
+    that whatever else the machine does in the meantime falls on both alike."""
+    stubs = {}
+    for name, server in servers.items():
+        channel = server.channel()
+        stubs[name] = (channel, server.stub(channel))
     request = run_request(info, 0)
     for _ in range(3):
-        drain(stub.Run(request, timeout=120, metadata=key(0)))
-    times = []
+        for _, stub in stubs.values():
+            drain(stub.Run(request, timeout=120, metadata=key(0)))
+    times = {name: [] for name in servers}
     for _ in range(iters):
-        t = time.perf_counter()
-        drain(stub.Run(request, timeout=120, metadata=key(0)))
-        times.append(time.perf_counter() - t)
-    channel.close()
-    return statistics.median(times)
+        for name, (_, stub) in stubs.items():
+            t = time.perf_counter()
+            drain(stub.Run(request, timeout=120, metadata=key(0)))
+            times[name].append(time.perf_counter() - t)
+    for channel, _ in stubs.values():
+        channel.close()
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
@@ -183,7 +191,8 @@ def main():
                 results[name]["runs"].append(concurrent_runs(server, info, args.clients, args.seconds))
                 results[name]["generate"].append(
                     concurrent_generations(server, info, args.clients, args.new_tokens))
-                results[name]["lone"].append(lone_latency(server, info, args.lone_iters))
+            for name, p50 in lone_latencies(servers, info, args.lone_iters).items():
+                results[name]["lone"].append(p50)
         med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
         summary = {
             "model": args.model, "clients": args.clients,
