@@ -14,18 +14,11 @@
 namespace remotelens {
 namespace {
 
-class BatchingTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    test_model_ = new TestModel(MakeTestModel("generation_batch_test", SmallSpec(64, 2, 64)));
-    model_ = test_model_->model.get();
-  }
-  static void TearDownTestSuite() { delete test_model_; }
-  static TestModel* test_model_;
-  static LlamaModel* model_;
+struct BatchingTestModel {
+  static constexpr char kName[] = "generation_batch_test";
+  static DemoModelSpec Spec() { return SmallSpec(64, 2, 64); }
 };
-TestModel* BatchingTest::test_model_ = nullptr;
-LlamaModel* BatchingTest::model_ = nullptr;
+using BatchingTest = SharedModelTest<BatchingTestModel>;
 
 constexpr double kTol = 1e-5;
 

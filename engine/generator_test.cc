@@ -9,18 +9,11 @@
 namespace remotelens {
 namespace {
 
-class GeneratorTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    test_model_ = new TestModel(MakeTestModel("generator_test", SmallSpec(64, 2, 64)));
-    model_ = test_model_->model.get();
-  }
-  static void TearDownTestSuite() { delete test_model_; }
-  static TestModel* test_model_;
-  static LlamaModel* model_;
+struct GeneratorTestModel {
+  static constexpr char kName[] = "generator_test";
+  static DemoModelSpec Spec() { return SmallSpec(64, 2, 64); }
 };
-TestModel* GeneratorTest::test_model_ = nullptr;
-LlamaModel* GeneratorTest::model_ = nullptr;
+using GeneratorTest = SharedModelTest<GeneratorTestModel>;
 
 GenerateOptions Greedy(int64_t n) {
   GenerateOptions options;

@@ -12,18 +12,11 @@
 namespace remotelens {
 namespace {
 
-class KvCacheTensorsTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    test_model_ = new TestModel(MakeTestModel("kv_cache_tensors_test", SmallSpec(64, 2, 32)));
-    model_ = test_model_->model.get();
-  }
-  static void TearDownTestSuite() { delete test_model_; }
-  static TestModel* test_model_;
-  static LlamaModel* model_;
+struct KvCacheTensorsTestModel {
+  static constexpr char kName[] = "kv_cache_tensors_test";
+  static DemoModelSpec Spec() { return SmallSpec(64, 2, 32); }
 };
-TestModel* KvCacheTensorsTest::test_model_ = nullptr;
-LlamaModel* KvCacheTensorsTest::model_ = nullptr;
+using KvCacheTensorsTest = SharedModelTest<KvCacheTensorsTestModel>;
 
 ForwardInput Tokens(const at::Tensor& tokens, const at::Tensor& mask = at::Tensor()) {
   ForwardInput input;

@@ -2,6 +2,15 @@
 //
 //   static TestModel* m = new TestModel(MakeTestModel("my_test", SmallSpec(64, 2, 32)));
 //   m->model->Forward(...);
+//
+// or, for a suite whose tests share one model made before the first of them:
+//
+//   struct FooTestModel {
+//     static constexpr char kName[] = "foo_test";
+//     static DemoModelSpec Spec() { return SmallSpec(64, 2, 32); }
+//   };
+//   using FooTest = SharedModelTest<FooTestModel>;
+//   TEST_F(FooTest, ...) { model_->Forward(...); }
 #ifndef REMOTELENS_ENGINE_TEST_MODEL_H_
 #define REMOTELENS_ENGINE_TEST_MODEL_H_
 
@@ -10,6 +19,7 @@
 
 #include "engine/demo_model.h"
 #include "engine/llama_model.h"
+#include "gtest/gtest.h"
 
 namespace remotelens {
 
@@ -26,6 +36,23 @@ struct TestModel {
 // step fails, since nothing in the suite can run without it.
 TestModel MakeTestModel(const std::string& name, const DemoModelSpec& spec,
                         const LoadOptions& options = LoadOptions());
+
+// A gtest fixture whose tests share the model `Model` describes (Model::kName, Model::Spec()).
+template <typename Model>
+class SharedModelTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    test_model_ = new TestModel(MakeTestModel(Model::kName, Model::Spec()));
+    model_ = test_model_->model.get();
+  }
+  static void TearDownTestSuite() {
+    delete test_model_;
+    test_model_ = nullptr;
+    model_ = nullptr;
+  }
+  static inline TestModel* test_model_ = nullptr;
+  static inline LlamaModel* model_ = nullptr;
+};
 
 }  // namespace remotelens
 

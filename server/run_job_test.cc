@@ -9,17 +9,11 @@
 namespace remotelens {
 namespace {
 
-class RunJobTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    test_model_ = new TestModel(MakeTestModel("run_job_test", SmallSpec(32, 2, 32)));
-    model_ = test_model_->model.get();
-  }
-  static TestModel* test_model_;
-  static LlamaModel* model_;
+struct RunJobTestModel {
+  static constexpr char kName[] = "run_job_test";
+  static DemoModelSpec Spec() { return SmallSpec(32, 2, 32); }
 };
-TestModel* RunJobTest::test_model_ = nullptr;
-LlamaModel* RunJobTest::model_ = nullptr;
+using RunJobTest = SharedModelTest<RunJobTestModel>;
 
 TEST_F(RunJobTest, StreamsCacheInForwardOrderThenLogitsAndStores) {
   PreparedRun run;
