@@ -229,6 +229,18 @@ int HeadDim(HookSite site) {
   }
 }
 
+std::string SiteNames(bool (*pred)(HookSite)) {
+  std::vector<std::string> names;
+  for (int i = 0; i < kNumHookSites; ++i) {
+    const HookSite site = static_cast<HookSite>(i);
+    if (!pred(site)) continue;
+    std::string name = HookName(HookId{IsBlockSite(site) ? 0 : -1, site});
+    if (IsBlockSite(site)) name.replace(0, std::string("blocks.0").size(), "blocks.L");
+    names.push_back(std::move(name));
+  }
+  return absl::StrJoin(names, ", ");
+}
+
 std::vector<std::string> HookDims(HookSite site) {
   switch (site) {
     case HookSite::kLn1Scale:

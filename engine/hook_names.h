@@ -95,6 +95,10 @@ int HeadDim(HookSite site);
 // "1" for the norms' scale.
 std::vector<std::string> HookDims(HookSite site);
 
+// The hook points whose site satisfies `pred`, for error messages: "hook_embed,
+// blocks.L.hook_resid_pre, ..." in forward order, with "L" for the layer.
+std::string SiteNames(bool (*pred)(HookSite));
+
 // The TransformerLens HookedTransformer flag that must be on for the hook point to fire there
 // ("use_attn_result", "use_attn_in", "use_split_qkv_input", "use_hook_mlp_in"); empty for the
 // hook points TransformerLens always runs. The engine computes them only when requested.

@@ -62,6 +62,15 @@ TEST(HookNames, ListsOptInFlagsAndBridgeNames) {
   }
 }
 
+TEST(HookNames, SiteNamesListMatchingSitesInForwardOrder) {
+  const std::string all = SiteNames([](HookSite) { return true; });
+  EXPECT_EQ(all.rfind("hook_embed, blocks.L.hook_resid_pre, blocks.L.ln1.hook_scale", 0), 0u) << all;
+  EXPECT_NE(all.find("ln_final.hook_normalized, unembed.hook_in, unembed.hook_out"), std::string::npos)
+      << all;
+  EXPECT_EQ(SiteNames([](HookSite s) { return s == HookSite::kAttnZ; }), "blocks.L.attn.hook_z");
+  EXPECT_EQ(SiteNames([](HookSite) { return false; }), "");
+}
+
 TEST(HookNames, DenseIndexIsForwardOrder) {
   const int64_t n_layers = 4;
   int expected = 0;

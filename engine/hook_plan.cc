@@ -49,21 +49,10 @@ bool BroadcastsTo(at::IntArrayRef value, at::IntArrayRef target) {
 }  // namespace
 
 bool IsResidualShaped(HookSite site) {
-  switch (site) {
-    case HookSite::kEmbed:
-    case HookSite::kResidPre:
-    case HookSite::kLn1Normalized:
-    case HookSite::kAttnOut:
-    case HookSite::kResidMid:
-    case HookSite::kLn2Normalized:
-    case HookSite::kMlpOut:
-    case HookSite::kResidPost:
-    case HookSite::kLnFinalNormalized:
-      return true;
-    default:
-      return false;
-  }
+  return HookDims(site) == std::vector<std::string>{"batch", "pos", "d_model"};
 }
+
+bool HasHeadDim(HookSite site) { return HeadDim(site) >= 0; }
 
 bool IsResidualStream(HookSite site) {
   return site == HookSite::kEmbed || site == HookSite::kResidPre || site == HookSite::kResidMid ||
@@ -76,9 +65,8 @@ absl::Status HookPlan::AddIntervention(InterventionOp op) {
   const std::string name = HookName(op.hook);
   if (!op.selector.heads.empty() && HeadDim(op.hook.site) < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "hook \"", name, "\" has no head dimension; a head selector is valid only on attn.hook_q, "
-        "hook_k, hook_v, hook_rot_q, hook_rot_k, hook_z, hook_result, hook_attn_scores and "
-        "hook_pattern"));
+        "hook \"", name, "\" has no head dimension; a head selector is valid only on ",
+        SiteNames(HasHeadDim)));
   }
   switch (op.kind) {
     case OpKind::kSet:
@@ -93,9 +81,8 @@ absl::Status HookPlan::AddIntervention(InterventionOp op) {
       }
       if (op.scale_by != AddScale::kNone && (op.kind != OpKind::kAdd || !IsResidualShaped(op.hook.site))) {
         return absl::InvalidArgumentError(absl::StrCat(
-            "scale_by on \"", name, "\": only an add op on a [batch, pos, d_model] hook (hook_embed, "
-            "hook_resid_pre/mid/post, hook_attn_out, hook_mlp_out, ln*.hook_normalized) can be "
-            "scaled by the activation's norm"));
+            "scale_by on \"", name, "\": only an add op on a [batch, pos, d_model] hook can be "
+            "scaled by the activation's norm: ", SiteNames(IsResidualShaped)));
       }
       break;
     case OpKind::kCallback:

@@ -136,8 +136,10 @@ at::Tensor SliceForRequest(const at::Tensor& activation, HookSite site, const Ro
 // plan keeps nothing itself (the server streams activations out of here).
 using CacheSink = std::function<absl::Status(HookId, at::Tensor)>;
 
-// Sites whose activation is [batch, pos, d_model] (scale_by is valid there).
+// Sites whose activation is [batch, pos, d_model] (scale_by is valid there), and sites with a
+// head dimension (head selectors are valid there); both read off hook_names.h's tables.
 bool IsResidualShaped(HookSite site);
+bool HasHeadDim(HookSite site);
 // The residual stream itself: hook_embed, hook_resid_pre, hook_resid_mid, hook_resid_post (a
 // lens readout is valid there).
 bool IsResidualStream(HookSite site);

@@ -2,6 +2,11 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "engine/hook_names.h"
 #include "gtest/gtest.h"
 
 namespace remotelens {
@@ -211,6 +216,42 @@ TEST(HookPlan, AddScaledByTokenNormAndMeanNorm) {
   absl::Status status = bad.AddIntervention(on_z);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(status.message().find("[batch, pos, d_model]"), std::string::npos) << status;
+  // The valid sites are listed from the shape table, opt-in ones included.
+  EXPECT_NE(status.message().find("blocks.L.hook_mlp_in"), std::string::npos) << status;
+  EXPECT_NE(status.message().find("unembed.hook_in"), std::string::npos) << status;
+}
+
+TEST(HookPlan, ResidualShapedAndHeadSitesFollowTheShapeTable) {
+  for (int i = 0; i < kNumHookSites; ++i) {
+    const HookSite site = static_cast<HookSite>(i);
+    const std::vector<std::string> dims = HookDims(site);
+    EXPECT_EQ(IsResidualShaped(site), dims == std::vector<std::string>({"batch", "pos", "d_model"}))
+        << HookName(HookId{0, site});
+    const bool heads = std::find(dims.begin(), dims.end(), "head_index") != dims.end() ||
+                       std::find(dims.begin(), dims.end(), "kv_head_index") != dims.end();
+    EXPECT_EQ(HasHeadDim(site), heads) << HookName(HookId{0, site});
+  }
+  EXPECT_TRUE(IsResidualShaped(HookSite::kMlpIn));
+  EXPECT_TRUE(IsResidualShaped(HookSite::kUnembedIn));
+  EXPECT_FALSE(IsResidualShaped(HookSite::kUnembedOut));
+
+  // scale_by on an opt-in residual-shaped hook is accepted.
+  HookPlan plan(kLayers);
+  InterventionOp on_mlp_in = Op(HookId{0, HookSite::kMlpIn}, OpKind::kAdd);
+  on_mlp_in.value = at::ones({1});
+  on_mlp_in.scale_by = AddScale::kTokenNorm;
+  EXPECT_TRUE(plan.AddIntervention(on_mlp_in).ok());
+
+  // A head selector on a hook without heads names every hook that has them.
+  HookPlan bad(kLayers);
+  InterventionOp heads_on_resid = Op(kResid, OpKind::kZero, {{}, {0}});
+  const absl::Status status = bad.AddIntervention(heads_on_resid);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  for (const char* name : {"blocks.L.hook_attn_in", "blocks.L.hook_q_input", "blocks.L.attn.hook_q",
+                           "blocks.L.attn.hook_pattern", "blocks.L.attn.hook_result"}) {
+    EXPECT_NE(status.message().find(name), std::string::npos) << name << ": " << status;
+  }
+  EXPECT_EQ(status.message().find("hook_resid_post,"), std::string::npos) << status;
 }
 
 TEST(HookPlan, CopyRowPatchesEveryRowFromTheSourceRow) {

@@ -290,7 +290,8 @@ absl::StatusOr<ParsedHookOp> ParseHookOp(const v1::HookOp& op, const LlamaConfig
   RETURN_IF_ERROR(CheckIndexList(op.selector().heads(), absl::StrCat(what, ".selector.heads")));
   if (op.selector().heads_size() > 0 && HeadDim(id->site) < 0) {
     return Invalid(absl::StrCat(what, ".selector.heads"),
-                   absl::StrCat("hook \"", Echo(op.hook_name()), "\" has no head dimension"));
+                   absl::StrCat("hook \"", Echo(op.hook_name()), "\" has no head dimension; head "
+                                "selectors are valid on ", SiteNames(HasHeadDim)));
   }
   if (op.backward() && op.op_case() == v1::HookOp::kPatchFromCache) {
     return Invalid(absl::StrCat(what, ".backward"),
@@ -329,9 +330,7 @@ absl::StatusOr<ParsedHookOp> ParseHookOp(const v1::HookOp& op, const LlamaConfig
       if (!is_set && op.add().scale_by() != v1::SCALE_BY_NONE && !IsResidualShaped(id->site)) {
         return Invalid(absl::StrCat(what, ".add.scale_by"),
                        absl::StrCat("hook \"", Echo(op.hook_name()), "\" is not [batch, pos, d_model]; "
-                                    "scale_by is valid on hook_embed, blocks.L.hook_resid_pre, "
-                                    "hook_resid_mid, hook_resid_post, hook_attn_out, hook_mlp_out, "
-                                    "ln1/ln2.hook_normalized and ln_final.hook_normalized"));
+                                    "scale_by is valid on ", SiteNames(IsResidualShaped)));
       }
       // Check what is known before any input exists: the hook's fixed dimensions (heads narrowed
       // by the selector); batch and positions are checked when the op is applied.
