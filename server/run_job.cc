@@ -250,8 +250,14 @@ absl::StatusOr<v1::RunResponse::Summary> RunExecution::Finish(at::Tensor logits,
       StoredCache next;
       next.kind = StoredCache::Kind::kKeyValues;
       next.tensors = KvCacheToTensors(kv.cache);
-      ASSIGN_OR_RETURN(std::string handle, kv.commit(std::move(next)));
-      summary.set_kv_cache_handle(handle);
+      absl::StatusOr<std::string> handle = kv.commit(std::move(next));
+      if (!handle.ok()) {
+        // The run fails as a whole: the activation cache it stored above goes too, rather than
+        // staying in the session (and its quota) with no handle the client ever saw.
+        if (!summary.cache_handle().empty() && run.unstore) run.unstore(summary.cache_handle());
+        return handle.status();
+      }
+      summary.set_kv_cache_handle(*handle);
       summary.set_kv_cache_length(kv.cache.length());
     }
   }

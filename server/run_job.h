@@ -40,6 +40,8 @@ struct PreparedRun {
   bool store_cache = false;
   // Stores the cache in the caller's session and returns its handle (set when store_cache).
   std::function<absl::StatusOr<std::string>(StoredCache)> store;
+  // Deletes a cache `store` kept, when the run fails after storing it (set with store).
+  std::function<void(const std::string& handle)> unstore;
   v1::ReturnType return_type = v1::RETURN_TYPE_LOGITS;
   bool loss_per_token = false;
   at::ScalarType logits_dtype = at::kFloat;

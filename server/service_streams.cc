@@ -250,6 +250,9 @@ absl::Status SubmitRun(RemoteLensService& service, grpc::CallbackServerContext* 
     run->store = [sessions, owner, session_id, max_bytes](StoredCache stored) {
       return sessions->StoreCache(owner, session_id, std::move(stored), max_bytes);
     };
+    run->unstore = [sessions, owner, session_id](const std::string& handle) {
+      sessions->DeleteCache(owner, session_id, handle).IgnoreError();  // gone already: fine
+    };
   }
   run->return_type = request.return_type();
   run->loss_per_token = request.loss_per_token();

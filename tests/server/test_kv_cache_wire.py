@@ -164,6 +164,35 @@ def test_stored_bytes_quota_covers_growth(demo_model_dir):
         assert server.stop() == 0, "".join(server.stderr_lines)
 
 
+def test_failed_growth_leaves_no_activation_cache_behind(demo_model_dir):
+    # A run that stores an activation cache and then cannot grow its key/value cache fails as a
+    # whole: the activation cache it stored first is deleted, not left in the session's quota.
+    import server_harness
+    config = "limits { max_stored_cache_bytes: %d }" % (5 * KV_BYTES_PER_POSITION)
+    with server_harness.ServerProcess(demo_model_dir, config=config) as server:
+        c = Client(server)
+        try:
+            sid = c.stub.CreateSession(pb.CreateSessionRequest()).session_id
+            _, s1, _ = kv_run(c.stub, sid, [[1, 2, 3, 4]])
+            sessions = lambda: {s.session_id: s for s in c.stub.ListSessions(pb.ListSessionsRequest()).sessions}  # noqa: E731
+            before = sessions()[sid]
+            assert before.num_caches == 1
+            # hook_embed for one position is 512 bytes: it fits; the cache's fifth position
+            # (KV_BYTES_PER_POSITION more) then does not.
+            store = pb.CacheSelection(names=["hook_embed"], store=True)
+            code, details = rpc_error(lambda: kv_run(c.stub, sid, [[5]], handle=s1.kv_cache_handle,
+                                                     cache=store))
+            assert code == C.RESOURCE_EXHAUSTED and "would exceed" in details, (code, details)
+            after = sessions()[sid]
+            assert (after.num_caches, after.stored_cache_bytes) == (1, before.stored_cache_bytes)
+            # The same store without the growth succeeds (the quota had room for it).
+            _, s2, _ = kv_run(c.stub, sid, [[5]], handle=s1.kv_cache_handle, frozen=True, cache=store)
+            assert s2.cache_handle and sessions()[sid].num_caches == 2
+        finally:
+            c.close()
+        assert server.stop() == 0, "".join(server.stderr_lines)
+
+
 def test_second_run_on_one_handle_is_aborted(auth_server):
     # Alice's interactive run holds the model at a Python hook; her plain run on the same handle
     # is validated (reads the cache) and queued behind it. The first to finish extends the cache;
