@@ -146,51 +146,49 @@ def test_interactive_run_extends_the_cache_with_hooks_on_new_positions(stub, ses
     assert_close(it.tensors["logits"], want[:, 4:], "halved")
 
 
-def test_stored_bytes_quota_covers_growth(demo_model_dir):
+@pytest.fixture
+def small_quota(demo_model_dir):
+    """A client of a server whose stored-bytes quota holds five positions of key/value cache,
+    a session, and that session's first 4-position key/value cache."""
     import server_harness
     config = "limits { max_stored_cache_bytes: %d }" % (5 * KV_BYTES_PER_POSITION)
     with server_harness.ServerProcess(demo_model_dir, config=config) as server:
         c = Client(server)
         try:
             sid = c.stub.CreateSession(pb.CreateSessionRequest()).session_id
-            _, s1, _ = kv_run(c.stub, sid, [[1, 2, 3, 4]])
-            code, details = rpc_error(lambda: kv_run(c.stub, sid, [[5, 6]], handle=s1.kv_cache_handle))
-            assert code == C.RESOURCE_EXHAUSTED and "would exceed" in details, (code, details)
-            # Left as it was; one more position still fits.
-            _, s2, _ = kv_run(c.stub, sid, [[5]], handle=s1.kv_cache_handle)
-            assert s2.kv_cache_length == 5
+            _, first, _ = kv_run(c.stub, sid, [[1, 2, 3, 4]])
+            yield c, sid, first.kv_cache_handle
         finally:
             c.close()
         assert server.stop() == 0, "".join(server.stderr_lines)
 
 
-def test_failed_growth_leaves_no_activation_cache_behind(demo_model_dir):
+def test_stored_bytes_quota_covers_growth(small_quota):
+    c, sid, handle = small_quota
+    code, details = rpc_error(lambda: kv_run(c.stub, sid, [[5, 6]], handle=handle))
+    assert code == C.RESOURCE_EXHAUSTED and "would exceed" in details, (code, details)
+    # Left as it was; one more position still fits.
+    _, s2, _ = kv_run(c.stub, sid, [[5]], handle=handle)
+    assert s2.kv_cache_length == 5
+
+
+def test_failed_growth_leaves_no_activation_cache_behind(small_quota):
     # A run that stores an activation cache and then cannot grow its key/value cache fails as a
     # whole: the activation cache it stored first is deleted, not left in the session's quota.
-    import server_harness
-    config = "limits { max_stored_cache_bytes: %d }" % (5 * KV_BYTES_PER_POSITION)
-    with server_harness.ServerProcess(demo_model_dir, config=config) as server:
-        c = Client(server)
-        try:
-            sid = c.stub.CreateSession(pb.CreateSessionRequest()).session_id
-            _, s1, _ = kv_run(c.stub, sid, [[1, 2, 3, 4]])
-            sessions = lambda: {s.session_id: s for s in c.stub.ListSessions(pb.ListSessionsRequest()).sessions}  # noqa: E731
-            before = sessions()[sid]
-            assert before.num_caches == 1
-            # hook_embed for one position is 512 bytes: it fits; the cache's fifth position
-            # (KV_BYTES_PER_POSITION more) then does not.
-            store = pb.CacheSelection(names=["hook_embed"], store=True)
-            code, details = rpc_error(lambda: kv_run(c.stub, sid, [[5]], handle=s1.kv_cache_handle,
-                                                     cache=store))
-            assert code == C.RESOURCE_EXHAUSTED and "would exceed" in details, (code, details)
-            after = sessions()[sid]
-            assert (after.num_caches, after.stored_cache_bytes) == (1, before.stored_cache_bytes)
-            # The same store without the growth succeeds (the quota had room for it).
-            _, s2, _ = kv_run(c.stub, sid, [[5]], handle=s1.kv_cache_handle, frozen=True, cache=store)
-            assert s2.cache_handle and sessions()[sid].num_caches == 2
-        finally:
-            c.close()
-        assert server.stop() == 0, "".join(server.stderr_lines)
+    c, sid, handle = small_quota
+    sessions = lambda: {s.session_id: s for s in c.stub.ListSessions(pb.ListSessionsRequest()).sessions}  # noqa: E731
+    before = sessions()[sid]
+    assert before.num_caches == 1
+    # hook_embed for one position is 512 bytes: it fits; the cache's fifth position
+    # (KV_BYTES_PER_POSITION more) then does not.
+    store = pb.CacheSelection(names=["hook_embed"], store=True)
+    code, details = rpc_error(lambda: kv_run(c.stub, sid, [[5]], handle=handle, cache=store))
+    assert code == C.RESOURCE_EXHAUSTED and "would exceed" in details, (code, details)
+    after = sessions()[sid]
+    assert (after.num_caches, after.stored_cache_bytes) == (1, before.stored_cache_bytes)
+    # The same store without the growth succeeds (the quota had room for it).
+    _, s2, _ = kv_run(c.stub, sid, [[5]], handle=handle, frozen=True, cache=store)
+    assert s2.cache_handle and sessions()[sid].num_caches == 2
 
 
 def test_second_run_on_one_handle_is_aborted(auth_server):
