@@ -129,11 +129,15 @@ void ModelExecutor::FinishRun(Scheduler::Job& job, absl::StatusOr<v1::RunRespons
   payload.done(std::move(summary));
 }
 
-void ModelExecutor::RunAlone(Scheduler::Job& job) {
+void ModelExecutor::RunAlone(Scheduler::Job& job, std::unique_ptr<RunExecution> prepared) {
   PreparedRun& run = RunOf(job).run;
-  Scheduler::Job* j = &job;
-  RunExecution execution(model_, run, RunOf(job).emit, [j] { return j->cancelled(); });
-  if (absl::Status s = execution.Prepare(); !s.ok()) return FinishRun(job, s, 0, 0);
+  if (prepared == nullptr) {
+    Scheduler::Job* j = &job;
+    prepared = std::make_unique<RunExecution>(model_, run, RunOf(job).emit,
+                                              [j] { return j->cancelled(); });
+    if (absl::Status s = prepared->Prepare(); !s.ok()) return FinishRun(job, s, 0, 0);
+  }
+  RunExecution& execution = *prepared;
   UseThreadsFor(execution.tokens());
   const auto start = std::chrono::steady_clock::now();
   absl::StatusOr<at::Tensor> output =
@@ -173,12 +177,13 @@ void ModelExecutor::RunTogether(std::vector<Scheduler::Job*> group) {
   }
   // The shared forward must fit as a whole; if it does not, its requests run one at a time.
   const PreparedRun& first = parts.front().execution->run();
+  const ForwardSize shared_size{rows, longest, 0};
   if (parts.size() == 1 ||
-      !CheckJobFits(model_, ForwardSize{rows, longest, 0}, 0, first.host_memory_limit_bytes).ok()) {
-    for (Part& p : parts) {
-      p.execution.reset();  // its plan is rebuilt by RunAlone
-      RunAlone(*p.job);
-    }
+      !(options_.shared_fits
+            ? options_.shared_fits(shared_size, first.host_memory_limit_bytes)
+            : CheckJobFits(model_, shared_size, 0, first.host_memory_limit_bytes))
+           .ok()) {
+    for (Part& p : parts) RunAlone(*p.job, std::move(p.execution));  // plans as prepared
     return;
   }
   std::vector<at::Tensor> tokens, masks;

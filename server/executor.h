@@ -23,6 +23,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "engine/forward_memory.h"
 #include "engine/generation_batch.h"
 #include "engine/llama_model.h"
 #include "server/forward_threads.h"
@@ -57,6 +58,9 @@ class ModelExecutor : public Scheduler::Executor {
     // CPU threads per forward by its work. small_threads <= 0: the model thread's own count,
     // read on the first Execute (after Scheduler::Options::on_thread_start set it).
     ForwardThreadPolicy threads{0, 0, 0.0, 1e8};
+    // Whether a shared forward of `size` fits in memory, for runs whose own limit is
+    // `host_memory_limit_bytes`; when not, its runs go one at a time. Null: CheckJobFits.
+    std::function<absl::Status(const ForwardSize& size, int64_t host_memory_limit_bytes)> shared_fits;
   };
   ModelExecutor(const LlamaModel& model, ServerMetrics* metrics, Options options);
   ~ModelExecutor() override;
@@ -71,7 +75,9 @@ class ModelExecutor : public Scheduler::Executor {
   struct Generation;  // one generation in the decode batch
   // Runs `group` (compatible runs) as one forward, or alone when there is one.
   void RunTogether(std::vector<Scheduler::Job*> group);
-  void RunAlone(Scheduler::Job& job);
+  // `prepared`: the job's execution, already prepared (a group that could not share a forward);
+  // null: prepared here.
+  void RunAlone(Scheduler::Job& job, std::unique_ptr<RunExecution> prepared = nullptr);
   void FinishRun(Scheduler::Job& job, absl::StatusOr<v1::RunResponse::Summary> summary,
                  int64_t tokens, int64_t streamed);
   void StartGeneration(Scheduler::Job job);

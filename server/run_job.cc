@@ -160,7 +160,7 @@ absl::Status RunExecution::Prepare() {
     for (const CacheRequest& request : run.backward->gradients) plan_.AddCache(request);
   }
   for (const CacheRequest& request : run.cache) plan_.AddCache(request);
-  // Copied: a run that could not share a forward prepares again to run alone.
+  // Copied: the request stays whole.
   for (const ReadoutRequest& request : run.readouts) RETURN_IF_ERROR(plan_.AddReadout(request));
   plan_.SetCacheSink([this](HookId id, at::Tensor t) -> absl::Status {
     // Checked at every cached hook: a vanished client stops its part of the forward early.

@@ -1,0 +1,125 @@
+#include "server/executor.h"
+
+#include <ATen/ATen.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/test_model.h"
+#include "gtest/gtest.h"
+#include "server/tensor_codec.h"
+
+namespace remotelens {
+namespace {
+
+struct ExecutorTestModel {
+  static constexpr char kName[] = "executor_test";
+  static DemoModelSpec Spec() { return SmallSpec(32, 2, 32); }
+};
+using ExecutorTest = SharedModelTest<ExecutorTestModel>;
+
+// One run's job and what came back for it.
+struct Outcome {
+  std::map<std::string, at::Tensor> tensors;
+  std::optional<absl::Status> status;
+};
+
+Scheduler::Job RunJob(uint64_t id, const at::Tensor& tokens, Outcome* out) {
+  auto payload = std::make_shared<RunPayload>();
+  payload->run.input.tokens = tokens;
+  payload->run.cache = {CacheRequest{{1, HookSite::kResidPost}}};
+  payload->run.stream_cache = true;
+  auto assembler = std::make_shared<ChunkAssembler>();
+  payload->emit = [assembler, out](v1::TensorChunk&& chunk) -> absl::Status {
+    auto done = assembler->Add(chunk);
+    if (!done.ok()) return done.status();
+    if (done->has_value()) out->tensors[(*done)->first] = (*done)->second;
+    return absl::OkStatus();
+  };
+  payload->done = [out](absl::StatusOr<v1::RunResponse::Summary> summary) {
+    out->status = summary.status();
+  };
+  Scheduler::Job job;
+  job.id = id;
+  job.user = "u" + std::to_string(id);
+  job.tokens = tokens.numel();
+  job.payload = std::move(payload);
+  return job;
+}
+
+std::vector<at::Tensor> Prompts() {
+  return {at::tensor({1, 2, 3, 4, 5}, at::kLong).view({1, 5}),
+          at::tensor({7, 8}, at::kLong).view({1, 2}),
+          at::tensor({9, 10, 11, 12, 13, 14, 15, 16}, at::kLong).view({2, 4})};
+}
+
+// Each prompt run by an executor that never shares a forward.
+std::vector<Outcome> Alone(const LlamaModel& model) {
+  ModelExecutor::Options options;
+  options.max_batch_requests = 1;
+  ModelExecutor executor(model, nullptr, options);
+  const std::vector<at::Tensor> prompts = Prompts();
+  std::vector<Outcome> outcomes(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    std::vector<Scheduler::Job> jobs;
+    jobs.push_back(RunJob(i + 1, prompts[i], &outcomes[i]));
+    executor.Execute(std::move(jobs));
+  }
+  return outcomes;
+}
+
+// Every prompt handed to one executor in one batch.
+std::vector<Outcome> AllAtOnce(const LlamaModel& model, ModelExecutor::Options options) {
+  ModelExecutor executor(model, nullptr, std::move(options));
+  const std::vector<at::Tensor> prompts = Prompts();
+  std::vector<Outcome> outcomes(prompts.size());
+  std::vector<Scheduler::Job> jobs;
+  for (size_t i = 0; i < prompts.size(); ++i) jobs.push_back(RunJob(i + 1, prompts[i], &outcomes[i]));
+  executor.Execute(std::move(jobs));
+  return outcomes;
+}
+
+void ExpectSame(const std::vector<Outcome>& got, const std::vector<Outcome>& want) {
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_TRUE(got[i].status.has_value() && got[i].status->ok()) << i;
+    ASSERT_EQ(got[i].tensors.size(), 2u) << i;  // blocks.1.hook_resid_post and logits
+    for (const auto& [name, tensor] : want[i].tensors) {
+      ASSERT_TRUE(got[i].tensors.count(name)) << name;
+      EXPECT_TRUE(at::allclose(got[i].tensors.at(name), tensor, 0, 1e-5)) << i << " " << name;
+    }
+  }
+}
+
+TEST_F(ExecutorTest, RunsShareAForwardWhenItFits) {
+  const std::vector<Outcome> alone = Alone(*model_);
+  std::vector<ForwardSize> asked;
+  ModelExecutor::Options options;
+  options.shared_fits = [&](const ForwardSize& size, int64_t) {
+    asked.push_back(size);
+    return absl::OkStatus();
+  };
+  const std::vector<Outcome> outcomes = AllAtOnce(*model_, options);
+  ASSERT_EQ(asked.size(), 1u);  // one shared forward of 4 rows, left-padded to 5 positions
+  EXPECT_EQ(asked[0].batch, 4);
+  EXPECT_EQ(asked[0].pos, 5);
+  ExpectSame(outcomes, alone);
+}
+
+TEST_F(ExecutorTest, RunsGoOneAtATimeWhenTheSharedForwardDoesNotFit) {
+  const std::vector<Outcome> alone = Alone(*model_);
+  int asked = 0;
+  ModelExecutor::Options options;
+  options.shared_fits = [&](const ForwardSize& size, int64_t) {
+    ++asked;
+    return size.batch > 1 ? absl::ResourceExhaustedError("does not fit") : absl::OkStatus();
+  };
+  const std::vector<Outcome> outcomes = AllAtOnce(*model_, options);
+  EXPECT_EQ(asked, 1);
+  ExpectSame(outcomes, alone);  // each ran alone, on the plan prepared for the group
+}
+
+}  // namespace
+}  // namespace remotelens
