@@ -4,6 +4,15 @@ import torch
 ATOL = 1e-4
 
 
+def reset_bridge(bridge):
+    """Removes every hook from a TransformerBridge and turns its opt-in hook points off again."""
+    bridge.reset_hooks(including_permanent=True)
+    bridge.set_use_attn_result(False)
+    bridge.set_use_attn_in(False)
+    bridge.set_use_split_qkv_input(False)
+    bridge.set_use_hook_mlp_in(False)
+
+
 def assert_close(actual, expected, atol=ATOL, what=""):
     actual = torch.as_tensor(actual).float()
     expected = torch.as_tensor(expected).float()

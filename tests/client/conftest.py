@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(REPO, "clients", "python"))
 from tests.reference.llama_reference import LlamaReference  # noqa: E402
 
 import remotelens  # noqa: E402
+from client_helpers import reset_bridge  # noqa: E402
 
 
 def pytest_runtest_setup(item):
@@ -56,3 +57,17 @@ def model(session_model):
     session_model.cfg.use_attn_in = False
     session_model.tokenizer.padding_side = "right"
     session_model.cfg.device = "cpu"
+
+
+@pytest.fixture(scope="module")
+def bridge_session(demo_server):
+    bridge = remotelens.TransformerBridge.from_server(demo_server.address)
+    yield bridge
+    bridge.close()
+
+
+@pytest.fixture
+def bridge(bridge_session):
+    """A TransformerLens 4 bridge without compatibility mode, reset after each test."""
+    yield bridge_session
+    reset_bridge(bridge_session)

@@ -23,19 +23,6 @@ from client_helpers import assert_close
 PROMPT = "The cat sat on the mat."
 
 
-@pytest.fixture(scope="module")
-def bridge_session(demo_server):
-    bridge = remotelens.TransformerBridge.from_server(demo_server.address)
-    yield bridge
-    bridge.close()
-
-
-@pytest.fixture
-def bridge(bridge_session):
-    yield bridge_session
-    bridge_session.reset_hooks(including_permanent=True)
-    bridge_session.set_use_attn_in(False)
-    bridge_session.set_use_split_qkv_input(False)
 
 
 def test_split_qkv_input_needs_its_flag(model):

@@ -19,7 +19,7 @@ import torch
 
 import remotelens
 from remotelens import ops
-from client_helpers import assert_close
+from client_helpers import assert_close, reset_bridge
 
 CLEAN = "The cat sat on the mat."
 CORRUPT = "The dog sat on the rug."
@@ -75,28 +75,6 @@ def tl4_to_tl3(model):
     return table
 
 
-def _reset(bridge):
-    bridge.reset_hooks(including_permanent=True)
-    bridge.set_use_attn_result(False)
-    bridge.set_use_attn_in(False)
-    bridge.set_use_split_qkv_input(False)
-    bridge.set_use_hook_mlp_in(False)
-
-
-@pytest.fixture(scope="module")
-def bridge_session(demo_server):
-    bridge = remotelens.TransformerBridge.from_server(demo_server.address)
-    yield bridge
-    bridge.close()
-
-
-@pytest.fixture
-def bridge(bridge_session):
-    """A TL4 bridge without compatibility mode."""
-    yield bridge_session
-    _reset(bridge_session)
-
-
 @pytest.fixture(scope="module")
 def compat_session(demo_server):
     bridge = remotelens.TransformerBridge.from_server(demo_server.address)
@@ -109,7 +87,7 @@ def compat_session(demo_server):
 def compat(compat_session):
     """A TL4 bridge after enable_compatibility_mode()."""
     yield compat_session
-    _reset(compat_session)
+    reset_bridge(compat_session)
 
 
 def test_hook_names_are_the_llama_adapters_tl4_names(bridge, model):
