@@ -13,6 +13,13 @@ alternating for --rounds rounds, and the report gives the median of each and the
   /usr/bin/python3 bench/batch_bench.py [--model 100m] [--clients 16] [--seconds 20] [--rounds 2]
   /usr/bin/python3 bench/batch_bench.py --model demo --clients 4 --seconds 2 --rounds 1   # smoke
 
+The report also gives each ratio's ceiling on this machine, measured in the same run from the
+engine alone (bench/forward_bench, one thread per physical core as the server uses; no server, no
+clients): for Runs, a 1 x 16-token forward's time over the per-request time of the shared forwards
+the batching server ran (clients / 2 and clients requests of 16 tokens; the better of the two);
+for generation, `clients` single-row decode steps over one decode step of `clients` rows. Below
+those, the rest is the server's and the clients' own work on the same cores.
+
 --batched_args / --alone_args add server flags to one side, for ablations: e.g.
 --alone_args="--intra_op_threads 2" (the baseline on every core) or
 --batched_args="--large_forward_threads 1" (shared forwards on one thread).
@@ -36,6 +43,7 @@ import numpy as np  # noqa: E402
 import server_harness  # noqa: E402
 import wire  # noqa: E402
 from client_bench import MODEL_FLAGS  # noqa: E402
+from forward_bench import run_forward_bench  # noqa: E402
 from remotelens.v1 import remotelens_pb2 as pb  # noqa: E402
 from remotelens.v1 import hooks_pb2  # noqa: E402
 
@@ -156,6 +164,37 @@ def lone_latencies(servers, info, iters):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def physical_cores():
+    """Physical cores this process may use (what the server's large forwards use by default)."""
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{topology}/physical_package_id") as p, open(f"{topology}/core_id") as c:
+                cores.add((p.read().strip(), c.read().strip()))
+        except OSError:
+            return len(os.sched_getaffinity(0))
+    return max(1, len(cores))
+
+
+def engine_ceilings(binary, model_dir, clients, rounds, iters=8):
+    """The batching ratios the engine alone allows on this machine (see the module docstring):
+    medians over `rounds` rounds, the forward_bench runs of each round taking turns."""
+    threads = [f"--threads={physical_cores()}"]
+    half = max(1, clients // 2)
+    cases = {"run1": (1, 16, "none"), "run_half": (half, 16, "none"), "run_all": (clients, 16, "none"),
+             "step1": (1, 40, "decode"), "step_all": (clients, 40, "decode")}
+    times = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, (batch, pos, mode) in cases.items():
+            record = run_forward_bench(binary, model_dir, batch, pos, iters, 2, threads, modes=(mode,))
+            times[name].append(record[mode]["median_ms"])
+    t = {name: statistics.median(v) for name, v in times.items()}
+    per_request = min(t["run_half"] / half, t["run_all"] / clients)
+    return {"runs": t["run1"] / per_request, "generate": clients * t["step1"] / t["step_all"],
+            "engine_ms": t}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="100m", choices=sorted(MODEL_FLAGS))
@@ -167,6 +206,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batched_args", default="", help="extra flags for the batching server")
     ap.add_argument("--alone_args", default="", help="extra flags for the --max_batch_requests 1 server")
+    ap.add_argument("--forward_bench", default=os.path.join(REPO, "bazel-bin", "bench", "forward_bench"),
+                    help="the engine benchmark for the ceilings (bazel build //bench:forward_bench)")
+    ap.add_argument("--no_ceilings", action="store_true", help="skip the engine-alone ceilings")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args()
 
@@ -204,21 +246,33 @@ def main():
             "lone_p50_ms": {n: med[n]["lone"] * 1e3 for n in med},
             "lone_ratio": med["batched"]["lone"] / med["alone"]["lone"],
         }
+        if not args.no_ceilings:
+            # After the servers' rounds, with both servers idle.
+            summary["ceilings"] = engine_ceilings(args.forward_bench, model_dir, args.clients, args.rounds)
     finally:
         for server in servers.values():
             server.stop()
     if args.json:
         print(json.dumps(summary))
         return 0
-    print(f"| workload ({args.model}, {args.clients} clients) | batching on | --max_batch_requests 1 | ratio |")
-    print("|---|---|---|---|")
+    ceilings = summary.get("ceilings", {})
+
+    def ceiling(kind):
+        return f"{ceilings[kind]:.2f}x" if kind in ceilings else "-"
+
+    print(f"| workload ({args.model}, {args.clients} clients) | batching on | --max_batch_requests 1 | ratio "
+          "| engine-alone ceiling |")
+    print("|---|---|---|---|---|")
     print(f"| 1x16-token steered Runs, requests/s | {summary['runs_per_s']['batched']:.1f} | "
-          f"{summary['runs_per_s']['alone']:.1f} | {summary['runs_ratio']:.2f}x |")
+          f"{summary['runs_per_s']['alone']:.1f} | {summary['runs_ratio']:.2f}x | {ceiling('runs')} |")
     print(f"| steered greedy generation of {args.new_tokens} tokens, tokens/s | "
           f"{summary['generated_tokens_per_s']['batched']:.1f} | {summary['generated_tokens_per_s']['alone']:.1f} | "
-          f"{summary['generate_ratio']:.2f}x |")
+          f"{summary['generate_ratio']:.2f}x | {ceiling('generate')} |")
     print(f"| lone 1x16-token steered Run, p50 ms | {summary['lone_p50_ms']['batched']:.2f} | "
-          f"{summary['lone_p50_ms']['alone']:.2f} | {summary['lone_ratio']:.3f}x |")
+          f"{summary['lone_p50_ms']['alone']:.2f} | {summary['lone_ratio']:.3f}x | |")
+    if ceilings:
+        print("\nengine alone, median ms: " + ", ".join(
+            f"{name} {ms:.1f}" for name, ms in ceilings["engine_ms"].items()))
     return 0
 
 

@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -73,13 +73,15 @@ def ensure_model(name: str, args: argparse.Namespace) -> str:
 
 
 def run_forward_bench(binary: str, model_dir: str, batch: int, pos: int, iters: int,
-                      warmup: int, extra_flags: List[str] = ()) -> Dict[str, dict]:
-    """Runs the C++ forward_bench and returns its records by mode ("none", "resid_post", "all").
+                      warmup: int, extra_flags: List[str] = (),
+                      modes: Sequence[str] = MODES) -> Dict[str, dict]:
+    """Runs the C++ forward_bench and returns its records by mode (by default "none",
+    "resid_post" and "all"; "decode" when asked).
 
     Shared by every benchmark driver that needs the engine-alone baseline.
     """
     cmd = [binary, "--model_dir", model_dir, "--batch", str(batch), "--pos", str(pos),
-           "--iters", str(iters), "--warmup", str(warmup)] + list(extra_flags)
+           "--iters", str(iters), "--warmup", str(warmup), "--modes", ",".join(modes)] + list(extra_flags)
     print("+", " ".join(cmd), file=sys.stderr)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -90,7 +92,7 @@ def run_forward_bench(binary: str, model_dir: str, batch: int, pos: int, iters: 
         if line.startswith("{"):
             record = json.loads(line)
             results[record["mode"]] = record
-    missing = [m for m in MODES if m not in results]
+    missing = [m for m in modes if m not in results]
     if missing:
         raise SystemExit(f"forward_bench printed no result for modes {missing}:\n{proc.stdout}")
     return results
