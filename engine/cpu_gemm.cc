@@ -1,7 +1,9 @@
 #include "engine/cpu_gemm.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <atomic>
 #include <algorithm>
 #include <optional>
 #include <vector>
@@ -41,13 +43,51 @@ bool Eligible(const at::Tensor& t) {
          !t.requires_grad();
 }
 
-// out[M, N] (contiguous) = alpha * a @ b for one pair of matrices given by pointer and strides.
+// out[M, N] (row stride ldc) = alpha * a @ b for one pair of matrices given by pointer and strides.
 void Gemm(const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t b_rs, int64_t b_cs,
-          float* out, int64_t M, int64_t N, int64_t K, float alpha) {
+          float* out, int64_t M, int64_t N, int64_t K, float alpha, int64_t ldc) {
   const std::optional<Operand> pa = Describe(M, K, a_rs, a_cs);
   const std::optional<Operand> pb = Describe(K, N, b_rs, b_cs);
   TORCH_INTERNAL_ASSERT(pa.has_value() && pb.has_value(), "operands were not made sgemm-readable");
-  Sgemm(pa->trans, pb->trans, M, N, K, alpha, a, pa->ld, b, pb->ld, 0.0f, out, N);
+  Sgemm(pa->trans, pb->trans, M, N, K, alpha, a, pa->ld, b, pb->ld, 0.0f, out, ldc);
+}
+
+void Gemm(const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t b_rs, int64_t b_cs,
+          float* out, int64_t M, int64_t N, int64_t K, float alpha) {
+  Gemm(a, a_rs, a_cs, b, b_rs, b_cs, out, M, N, K, alpha, N);
+}
+
+// Products of kChunkedMinRows to kChunkedMaxRows rows on more than one intra-op thread run as
+// chunks of kColumnsPerChunk output columns (weight rows) that the threads take in turn, each
+// chunk one single-threaded sgemm, instead of one sgemm that oneDNN splits between the threads
+// in fixed shares. A thread that the OS takes away for a moment (gRPC and the clients' work share
+// the cores of a CPU server) then delays only its current chunk, not every product: on the
+// 2-core VM the ~100M model's 1x16 forward got 9% faster, 16x16 3%, a 16-row decode step 8%,
+// 1x256 7% (bench/ab_forward.py); at 1 row (a decode step, bound by reading the weights) nothing
+// changed, at 512 rows oneDNN's own split was 5% faster. See docs/decisions.md.
+constexpr int64_t kColumnsPerChunk = 256;
+constexpr int64_t kChunkedMinRows = 8;
+constexpr int64_t kChunkedMaxRows = 256;
+
+// out[M, N] = a[M, K] @ b[K, N] (b given by pointer and strides) in column chunks over `threads`
+// threads.
+void ChunkedGemm(const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t b_rs,
+                 int64_t b_cs, float* out, int64_t M, int64_t N, int64_t K, int64_t threads) {
+  const int64_t chunks = (N + kColumnsPerChunk - 1) / kColumnsPerChunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+      const int64_t first = c * kColumnsPerChunk, columns = std::min(kColumnsPerChunk, N - first);
+      Gemm(a, a_rs, a_cs, b + first * b_cs, b_rs, b_cs, out + first, M, columns, K, 1.0f, N);
+    }
+  });
+}
+
+// Threads to chunk an [M, K] x [K, N] product over; 1 leaves it to oneDNN (outside the row range,
+// one chunk, one thread, or already inside a parallel region).
+int64_t ChunkThreads(int64_t M, int64_t N) {
+  if (M < kChunkedMinRows || M > kChunkedMaxRows || at::in_parallel_region()) return 1;
+  return std::min<int64_t>(at::get_num_threads(), (N + kColumnsPerChunk - 1) / kColumnsPerChunk);
 }
 
 // `t` itself when sgemm can read its last two dimensions, else a contiguous copy.
@@ -132,8 +172,14 @@ at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, bool onednn) {
     const at::Tensor wt = Readable(w.t());  // [K, N]
     const int64_t M = x2.size(0);
     at::Tensor out = at::empty({M, N}, x.options());
-    Gemm(x2.data_ptr<float>(), x2.stride(0), x2.stride(1), wt.data_ptr<float>(), wt.stride(0),
-         wt.stride(1), out.data_ptr<float>(), M, N, K, 1.0f);
+    const int64_t threads = ChunkThreads(M, N);
+    if (threads > 1) {
+      ChunkedGemm(x2.data_ptr<float>(), x2.stride(0), x2.stride(1), wt.data_ptr<float>(),
+                  wt.stride(0), wt.stride(1), out.data_ptr<float>(), M, N, K, threads);
+    } else {
+      Gemm(x2.data_ptr<float>(), x2.stride(0), x2.stride(1), wt.data_ptr<float>(), wt.stride(0),
+           wt.stride(1), out.data_ptr<float>(), M, N, K, 1.0f);
+    }
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = N;
     return out.view(shape);

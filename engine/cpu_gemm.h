@@ -18,6 +18,7 @@
 namespace remotelens {
 
 // x @ w^T over the last dimension: x [..., K], w [N, K] -> [..., N], like at::linear(x, w).
+// With several intra-op threads, 8-256 rows are computed as column chunks the threads share.
 // `onednn` false always takes LibTorch's path (benchmarks compare the two in one run). When x
 // requires grad (a differentiable forward; w never does), up to 32 rows go through oneDNN inside
 // an autograd function whose backward is grad @ w; more rows take LibTorch's path.

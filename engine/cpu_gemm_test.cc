@@ -1,7 +1,10 @@
 #include "engine/cpu_gemm.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
+
+#include <vector>
 
 #include "gtest/gtest.h"
 
@@ -46,6 +49,39 @@ TEST_F(CpuGemmTest, LinearMatchesReferenceForModelShapes) {
     SCOPED_TRACE(testing::Message() << rows << "x" << n << "x" << k);
     ExpectClose(Linear(x, w), ReferenceLinear(x, w));
   }
+}
+
+TEST_F(CpuGemmTest, LinearOnSeveralThreadsMatchesReferenceAroundTheChunking) {
+  // With more than one intra-op thread, products of 8-256 rows run as 256-column chunks that the
+  // threads take in turn: rows and columns either side of those bounds, a partial last chunk,
+  // and a strided input, on more threads than chunks and fewer.
+  const int saved = at::get_num_threads();
+  for (int threads : {2, 3}) {
+    at::set_num_threads(threads);
+    for (auto [rows, n, k] : {std::tuple<int64_t, int64_t, int64_t>{7, 1000, 64},
+                              {8, 256, 64},
+                              {8, 257, 64},
+                              {16, 1000, 96},
+                              {128, 4096, 64},
+                              {256, 777, 32},
+                              {257, 600, 32}}) {
+      SCOPED_TRACE(testing::Message() << threads << " threads, " << rows << "x" << n << "x" << k);
+      const at::Tensor w = at::randn({n, k});
+      const at::Tensor x = at::randn({1, rows, k});
+      ExpectClose(Linear(x, w), ReferenceLinear(x, w));
+      const at::Tensor strided = at::randn({rows, 2 * k}).narrow(1, k, k);
+      ExpectClose(Linear(strided, w), ReferenceLinear(strided, w));
+    }
+    // Inside a parallel region (another op's worker) the product runs unchunked, still right.
+    const at::Tensor w = at::randn({1000, 64});
+    std::vector<at::Tensor> got(4), x(4);
+    for (int i = 0; i < 4; ++i) x[i] = at::randn({16, 64});
+    at::parallel_for(0, 4, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) got[i] = Linear(x[i], w);
+    });
+    for (int i = 0; i < 4; ++i) ExpectClose(got[i], ReferenceLinear(x[i], w));
+  }
+  at::set_num_threads(saved);
 }
 
 TEST_F(CpuGemmTest, LinearKeepsLeadingDimensions) {
