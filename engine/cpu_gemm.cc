@@ -61,10 +61,10 @@ void Gemm(const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t b_
 // chunks of kColumnsPerChunk output columns (weight rows) that the threads take in turn, each
 // chunk one single-threaded sgemm, instead of one sgemm that oneDNN splits between the threads
 // in fixed shares. A thread that the OS takes away for a moment (gRPC and the clients' work share
-// the cores of a CPU server) then delays only its current chunk, not every product: on the
-// 2-core VM the ~100M model's 1x16 forward got 9% faster, 16x16 3%, a 16-row decode step 8%,
-// 1x256 7% (bench/ab_forward.py); at 1 row (a decode step, bound by reading the weights) nothing
-// changed, at 512 rows oneDNN's own split was 5% faster. See docs/decisions.md.
+// the cores of a CPU server) then delays only its current chunk, not every product. On the
+// 2-core VM (bench/ab_forward.py) the ~100M model's 1x16 forward got 8-13% faster, 8x16 to 1x256
+// 2-6%; at 512 rows oneDNN's own split was 5% faster, and below 8 rows (decode steps of one or
+// a few rows, bound by reading the weights) nothing was gained. See docs/decisions.md.
 constexpr int64_t kColumnsPerChunk = 256;
 constexpr int64_t kChunkedMinRows = 8;
 constexpr int64_t kChunkedMaxRows = 256;
