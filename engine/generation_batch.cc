@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 
+#include <algorithm>
 #include <utility>
+#include <vector>
 
 #include "engine/status_macros.h"
 
@@ -16,37 +18,126 @@ int64_t GenerationBatch::rows() const {
 }
 
 void GenerationBatch::Join(Request request) {
-  auto fail = [&request](absl::Status status) { request.on_done(std::move(status)); };
-  if (!request.options.use_past_kv_cache) {
-    return fail(absl::InvalidArgumentError("GenerationBatch needs use_past_kv_cache"));
+  std::vector<Request> one;
+  one.push_back(std::move(request));
+  JoinAll(std::move(one));
+}
+
+void GenerationBatch::JoinAll(std::vector<Request> requests) {
+  std::vector<Member> joining;
+  for (Request& request : requests) {
+    absl::Status status =
+        request.options.use_past_kv_cache
+            ? ValidateGenerate(model_.config(), request.tokens, request.options)
+            : absl::InvalidArgumentError("GenerationBatch needs use_past_kv_cache");
+    if (!status.ok()) {
+      request.on_done(std::move(status));
+      continue;
+    }
+    Member member;
+    member.state = std::make_unique<GenerationState>(model_.config(), request.tokens,
+                                                     request.attention_mask, request.options);
+    member.length = request.tokens.size(1);
+    member.request = std::move(request);
+    joining.push_back(std::move(member));
   }
-  if (absl::Status s = ValidateGenerate(model_.config(), request.tokens, request.options); !s.ok()) {
-    return fail(s);
+  if (joining.empty()) return;
+
+  // One prefill forward: a lone request as it is, several left-padded to the longest prompt.
+  KvCache cache;
+  absl::StatusOr<at::Tensor> logits;
+  std::vector<int64_t> row_begin;
+  std::vector<absl::Status> hook_status(joining.size());
+  if (joining.size() == 1) {
+    ForwardInput input;
+    input.tokens = joining[0].state->sequence();
+    input.attention_mask = joining[0].state->mask();
+    row_begin.push_back(0);
+    logits = model_.Forward(input, joining[0].request.plan, &cache);
+  } else {
+    int64_t longest = 0, rows = 0;
+    for (const Member& m : joining) longest = std::max(longest, m.length);
+    std::vector<at::Tensor> tokens, masks;
+    HookPlan shared(model_.config().n_layers);
+    for (const Member& m : joining) {
+      const at::Tensor& seq = m.state->sequence();  // [n, pos]
+      const int64_t n = seq.size(0), pad = longest - m.length;
+      const at::Tensor mask = m.state->mask().to(at::kLong);
+      tokens.push_back(pad == 0 ? seq : at::cat({at::zeros({n, pad}, at::kLong), seq}, 1));
+      masks.push_back(pad == 0 ? mask : at::cat({at::zeros({n, pad}, at::kLong), mask}, 1));
+      if (m.request.plan != nullptr) {
+        shared.AddRequestPlan(m.request.plan, RowSlice{rows, n, m.length, m.length});
+      }
+      row_begin.push_back(rows);
+      rows += n;
+    }
+    ForwardInput input;
+    input.tokens = at::cat(tokens, 0);
+    input.attention_mask = at::cat(masks, 0);
+    logits = model_.Forward(input, &shared, &cache);
+    size_t plan_index = 0;
+    for (size_t i = 0; i < joining.size(); ++i) {
+      if (joining[i].request.plan != nullptr) hook_status[i] = shared.request_status(plan_index++);
+    }
   }
-  Member member;
-  member.state = std::make_unique<GenerationState>(model_.config(), request.tokens,
-                                                   request.attention_mask, request.options);
-  KvCache own;
-  ForwardInput input;
-  input.tokens = member.state->sequence();
-  input.attention_mask = member.state->mask();
-  absl::StatusOr<at::Tensor> logits = model_.Forward(input, request.plan, &own);
-  if (!logits.ok()) return fail(logits.status());
-  absl::StatusOr<bool> done =
-      member.state->Advance(logits->select(1, logits->size(1) - 1), request.on_token);
-  if (!done.ok()) return fail(done.status());
-  if (*done) return request.on_done(member.state->sequence());
-  member.length = own.length();
+  if (!logits.ok()) {
+    for (Member& m : joining) m.request.on_done(logits.status());
+    return;
+  }
+
+  // Each request's first token; those done or failed leave before the decode batch.
+  const int64_t last = logits->size(1) - 1;
+  std::vector<Member> kept;
+  std::vector<int64_t> kept_rows;
+  for (size_t i = 0; i < joining.size(); ++i) {
+    Member& m = joining[i];
+    const int64_t n = m.state->sequence().size(0);
+    absl::Status status = hook_status[i];
+    bool done = false;
+    if (status.ok()) {
+      absl::StatusOr<bool> advanced =
+          m.state->Advance(logits->narrow(0, row_begin[i], n).select(1, last), m.request.on_token);
+      if (advanced.ok()) {
+        done = *advanced;
+      } else {
+        status = advanced.status();
+      }
+    }
+    if (!status.ok()) {
+      m.request.on_done(std::move(status));
+    } else if (done) {
+      m.request.on_done(m.state->sequence());
+    } else {
+      for (int64_t r = 0; r < n; ++r) kept_rows.push_back(row_begin[i] + r);
+      kept.push_back(std::move(m));
+    }
+  }
+  if (kept.empty()) return;
+  if (static_cast<int64_t>(kept_rows.size()) != cache.rows()) {
+    c10::InferenceMode inference;
+    absl::StatusOr<KvCache> selected = cache.SelectRows(kept_rows);
+    if (!selected.ok()) {
+      for (Member& m : kept) m.request.on_done(selected.status());
+      return;
+    }
+    cache = std::move(*selected);
+  }
+  Admit(std::move(kept), std::move(cache));
+}
+
+void GenerationBatch::Admit(std::vector<Member> members, KvCache cache) {
   if (members_.empty()) {
-    kv_ = std::move(own);
+    kv_ = std::move(cache);
   } else {
     c10::InferenceMode inference;
-    absl::StatusOr<KvCache> stacked = KvCache::Stack({&kv_, &own});
-    if (!stacked.ok()) return fail(stacked.status());
+    absl::StatusOr<KvCache> stacked = KvCache::Stack({&kv_, &cache});
+    if (!stacked.ok()) {
+      for (Member& m : members) m.request.on_done(stacked.status());
+      return;
+    }
     kv_ = std::move(*stacked);
   }
-  member.request = std::move(request);
-  members_.push_back(std::move(member));
+  for (Member& m : members) members_.push_back(std::move(m));
 }
 
 void GenerationBatch::Step() {

@@ -1,13 +1,15 @@
 // Continuous batching of generations: requests join at step boundaries, share each decode step's
 // forward (one row block per request, with its own key/value rows, sampling, stop conditions and
-// hooks) and leave when they finish. Every request's tokens equal Generate() of it alone: its
-// prefill runs alone, its hooks see only its own rows, and its positions and masked keys are its
-// own whatever it shares a step with.
+// hooks) and leave when they finish. Every request's tokens equal Generate() of it alone: the
+// prompts of requests joining together share one prefill forward, left-padded to the longest
+// with their padding masked, its hooks see only its own rows, and its positions and masked keys
+// are its own whatever it shares a forward with.
 //
 //   GenerationBatch batch(model);
 //   batch.Join({.tokens = prompt, .options = options, .plan = &plan, .on_token = stream,
 //               .on_done = [](absl::StatusOr<at::Tensor> sequences) { ... }});
-//   while (!batch.empty()) batch.Step();   // others may Join between steps
+//   batch.JoinAll(std::move(arrived));    // several at once: one prefill forward
+//   while (!batch.empty()) batch.Step();   // others may join between steps
 #ifndef REMOTELENS_ENGINE_GENERATION_BATCH_H_
 #define REMOTELENS_ENGINE_GENERATION_BATCH_H_
 
@@ -38,10 +40,15 @@ class GenerationBatch {
 
   explicit GenerationBatch(const LlamaModel& model) : model_(model) {}
 
-  // Validates the request and runs its prefill alone (its own forward, with its hooks), which
-  // yields its first token; it then joins the decode batch unless it is already done. Errors and
-  // a generation of one token end it here (on_done before Join returns).
+  // Validates the request and runs its prefill (its own forward, with its hooks), which yields
+  // its first token; it then joins the decode batch unless it is already done. Errors and a
+  // generation of one token end it here (on_done before Join returns).
   void Join(Request request);
+
+  // Join for several requests at once: those that validate share one prefill forward (prompts
+  // left-padded to the longest, each request's plan on its own rows). A request whose hooks fail
+  // ends alone; an error of the shared forward itself ends every one of them.
+  void JoinAll(std::vector<Request> requests);
 
   // One decode step for every member: one forward over all their rows, each member's plan on its
   // own rows, each sampling with its own options and seed. Members that finish or fail leave;
@@ -58,6 +65,9 @@ class GenerationBatch {
     std::unique_ptr<GenerationState> state;
     int64_t length = 0;  // positions in this member's cache: prompt plus tokens fed back
   };
+
+  // Appends new members (in row order) whose prefill rows, in the same order, are `cache`.
+  void Admit(std::vector<Member> members, KvCache cache);
 
   const LlamaModel& model_;
   std::vector<Member> members_;  // in row order

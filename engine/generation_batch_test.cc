@@ -204,11 +204,14 @@ TEST_F(BatchingTest, GenerationsSharingStepsEqualEachAlone) {
     bool steer;
     int join_at;  // decode steps of the batch before this one joins
   };
+  // Those joining at the same step share one prefill forward (JoinAll), padded to the longest.
   std::vector<Gen> gens = {{Prompt(1, 5, 9), Options(12, false, 0), true, 0},
                            {Prompt(2, 8, 10), Options(9, true, 42), false, 0},
                            {Prompt(1, 3, 11), Options(6, true, 7), true, 2},
                            {Prompt(1, 10, 12), Options(1, false, 0), false, 3},
-                           {Prompt(1, 4, 13), Options(10, false, 0), true, 4}};
+                           {Prompt(1, 4, 13), Options(10, false, 0), true, 4},
+                           {Prompt(1, 7, 14), Options(5, true, 3), true, 2},
+                           {Prompt(1, 2, 15), Options(8, false, 0), false, 2}};
   auto make_plan = [&](bool steer) {
     auto plan = std::make_unique<HookPlan>(c.n_layers);
     if (steer) {
@@ -235,6 +238,7 @@ TEST_F(BatchingTest, GenerationsSharingStepsEqualEachAlone) {
   std::map<size_t, absl::StatusOr<at::Tensor>> results;
   size_t max_members = 0;
   for (int step = 0; results.size() < gens.size(); ++step) {
+    std::vector<GenerationBatch::Request> arriving;
     for (size_t i = 0; i < gens.size(); ++i) {
       if (gens[i].join_at != step) continue;
       plans.push_back(make_plan(gens[i].steer));
@@ -247,13 +251,18 @@ TEST_F(BatchingTest, GenerationsSharingStepsEqualEachAlone) {
       r.options = gens[i].options;
       r.plan = plans.back().get();
       r.on_done = [&results, i](absl::StatusOr<at::Tensor> s) { results.emplace(i, std::move(s)); };
-      batch.Join(std::move(r));
+      arriving.push_back(std::move(r));
+    }
+    if (arriving.size() == 1) {
+      batch.Join(std::move(arriving[0]));
+    } else if (!arriving.empty()) {
+      batch.JoinAll(std::move(arriving));
     }
     max_members = std::max(max_members, batch.size());
     batch.Step();
     ASSERT_LT(step, 100);
   }
-  EXPECT_GE(max_members, 3u);  // steps really were shared
+  EXPECT_GE(max_members, 4u);  // steps really were shared
   for (size_t i = 0; i < gens.size(); ++i) {
     ASSERT_TRUE(results.at(i).ok()) << results.at(i).status();
     EXPECT_TRUE(at::equal(*results.at(i), alone[i])) << "generation " << i;
@@ -262,6 +271,49 @@ TEST_F(BatchingTest, GenerationsSharingStepsEqualEachAlone) {
       ExpectClose(patterns[i][k], alone_patterns[i][k], "pattern step " + std::to_string(k));
     }
   }
+}
+
+TEST_F(BatchingTest, APrefillSharedWithAFailingOrPaddedRequestKeepsTheOthersExact) {
+  const LlamaConfig& c = model_->config();
+  // A prompt that is itself left-padded (its own mask), one whose hook fails, one that is done
+  // after its first token, and a plain one: one prefill forward for all four.
+  const at::Tensor padded = Prompt(2, 6, 30);
+  const at::Tensor padded_mask = at::tensor({0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}, at::kLong).view({2, 6});
+  const GenerateOptions greedy = Options(5, false, 0);
+  const at::Tensor want_padded = Generate(*model_, padded, padded_mask, greedy, nullptr, nullptr).value();
+  const at::Tensor want_plain = Generate(*model_, Prompt(1, 3, 31), at::Tensor(), greedy, nullptr, nullptr).value();
+  const at::Tensor want_one = Generate(*model_, Prompt(1, 9, 32), at::Tensor(), Options(1, false, 0), nullptr, nullptr).value();
+
+  GenerationBatch batch(*model_);
+  std::map<int, absl::StatusOr<at::Tensor>> results;
+  HookPlan bad(c.n_layers);
+  ASSERT_TRUE(bad.AddIntervention({Id(0, HookSite::kResidPre), OpKind::kAdd, {}, at::ones({3})}).ok());
+  std::vector<GenerationBatch::Request> arriving(4);
+  arriving[0].tokens = padded;
+  arriving[0].attention_mask = padded_mask;
+  arriving[0].options = greedy;
+  arriving[1].tokens = Prompt(1, 4, 33);
+  arriving[1].options = greedy;
+  arriving[1].plan = &bad;
+  arriving[2].tokens = Prompt(1, 9, 32);
+  arriving[2].options = Options(1, false, 0);
+  arriving[3].tokens = Prompt(1, 3, 31);
+  arriving[3].options = greedy;
+  for (int i = 0; i < 4; ++i) {
+    arriving[i].on_done = [&results, i](absl::StatusOr<at::Tensor> s) { results.emplace(i, std::move(s)); };
+  }
+  batch.JoinAll(std::move(arriving));
+  // The failing and the finished requests left at the prefill; the other two decode together.
+  EXPECT_EQ(results.at(1).status().code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(results.at(2).ok());
+  EXPECT_TRUE(at::equal(*results.at(2), want_one));
+  EXPECT_EQ(batch.size(), 2u);
+  EXPECT_EQ(batch.rows(), 3);
+  while (!batch.empty()) batch.Step();
+  ASSERT_TRUE(results.at(0).ok()) << results.at(0).status();
+  EXPECT_TRUE(at::equal(*results.at(0), want_padded));
+  ASSERT_TRUE(results.at(3).ok()) << results.at(3).status();
+  EXPECT_TRUE(at::equal(*results.at(3), want_plain));
 }
 
 TEST_F(BatchingTest, AGenerationThatFailsLeavesAndTheOthersGoOn) {

@@ -87,11 +87,35 @@ void ModelExecutor::Execute(std::vector<Scheduler::Job> jobs) {
   }
   for (auto& group : groups) RunTogether(std::move(group));
 
-  // Generations: fill the decode batch from those waiting, then one shared decode step.
-  while (!waiting_.empty() && generations_.size() < max_requests) {
+  // Generations: fill the decode batch from those waiting (their prompts share one prefill
+  // forward), then one shared decode step.
+  std::vector<GenerationBatch::Request> joining;
+  while (!waiting_.empty() && generations_.size() + joining.size() < max_requests) {
     Scheduler::Job job = std::move(waiting_.front());
     waiting_.pop_front();
-    StartGeneration(std::move(job));
+    StartGeneration(std::move(job), &joining);
+  }
+  if (!joining.empty()) {
+    int64_t longest = 0, rows = 0;
+    for (const GenerationBatch::Request& r : joining) {
+      longest = std::max(longest, r.tokens.size(1));
+      rows += r.tokens.size(0);
+    }
+    const ForwardSize shared_size{rows, longest, 0};
+    if (joining.size() > 1 &&
+        !(options_.shared_fits ? options_.shared_fits(shared_size, joining_memory_limit_)
+                               : CheckJobFits(model_, shared_size, 0, joining_memory_limit_))
+             .ok()) {
+      // The padded prefill of all of them would not fit: each prompt's forward alone (each was
+      // checked to fit when prepared).
+      for (GenerationBatch::Request& r : joining) {
+        UseThreadsFor(r.tokens.numel());
+        generations_.Join(std::move(r));
+      }
+    } else {
+      UseThreadsFor(rows * longest);  // the prompts' forward (the decode step decides again)
+      generations_.JoinAll(std::move(joining));
+    }
   }
   if (!generations_.empty()) {
     const int64_t members = static_cast<int64_t>(generations_.size()), rows = generations_.rows();
@@ -235,7 +259,8 @@ void ModelExecutor::RunTogether(std::vector<Scheduler::Job*> group) {
   }
 }
 
-void ModelExecutor::StartGeneration(Scheduler::Job job) {
+void ModelExecutor::StartGeneration(Scheduler::Job job,
+                                    std::vector<GenerationBatch::Request>* joining) {
   auto generation = std::make_unique<Generation>();
   generation->job = std::move(job);
   Scheduler::Job* j = &generation->job;
@@ -247,7 +272,6 @@ void ModelExecutor::StartGeneration(Scheduler::Job job) {
   active_[id] = std::move(generation);
   if (absl::Status s = execution->Prepare(); !s.ok()) return FinishGeneration(id, s);
   PreparedGenerate& g = payload.generate;
-  UseThreadsFor(g.tokens.numel());  // the prompt's forward (later steps decide again)
   auto done = [this, id](absl::StatusOr<at::Tensor> sequences) {
     auto it = active_.find(id);
     if (it == active_.end()) return;
@@ -263,6 +287,7 @@ void ModelExecutor::StartGeneration(Scheduler::Job job) {
   };
   if (!g.options.use_past_kv_cache) {
     // Full recompute each step: its own forwards, alone.
+    UseThreadsFor(g.tokens.numel());
     done(Generate(model_, g.tokens, g.attention_mask, g.options, &execution->plan(),
                   [execution](int64_t step, const at::Tensor& next) { return execution->OnToken(step, next); }));
     return;
@@ -276,7 +301,8 @@ void ModelExecutor::StartGeneration(Scheduler::Job job) {
     return execution->OnToken(step, next);
   };
   request.on_done = std::move(done);
-  generations_.Join(std::move(request));
+  joining_memory_limit_ = g.host_memory_limit_bytes;  // the server's, the same for every job
+  joining->push_back(std::move(request));
 }
 
 void ModelExecutor::FinishGeneration(uint64_t id, absl::Status status) {

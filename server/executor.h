@@ -80,7 +80,9 @@ class ModelExecutor : public Scheduler::Executor {
   void RunAlone(Scheduler::Job& job, std::unique_ptr<RunExecution> prepared = nullptr);
   void FinishRun(Scheduler::Job& job, absl::StatusOr<v1::RunResponse::Summary> summary,
                  int64_t tokens, int64_t streamed);
-  void StartGeneration(Scheduler::Job job);
+  // Prepares a generation; one that uses the key/value cache goes into `joining` (the executor
+  // joins them to the decode batch together), one that recomputes runs to its end here.
+  void StartGeneration(Scheduler::Job job, std::vector<GenerationBatch::Request>* joining);
   void FinishGeneration(uint64_t id, absl::Status status);
   // Before each forward: the thread count for `tokens` rows x positions (forward_threads.h).
   void UseThreadsFor(int64_t tokens);
@@ -92,6 +94,8 @@ class ModelExecutor : public Scheduler::Executor {
   GenerationBatch generations_;
   std::deque<Scheduler::Job> waiting_;  // generations beyond max_batch_requests
   std::map<uint64_t, std::unique_ptr<Generation>> active_;
+  // The host memory bound the generations being joined were prepared under.
+  int64_t joining_memory_limit_ = 0;
 };
 
 }  // namespace remotelens

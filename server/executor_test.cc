@@ -121,5 +121,79 @@ TEST_F(ExecutorTest, RunsGoOneAtATimeWhenTheSharedForwardDoesNotFit) {
   ExpectSame(outcomes, alone);  // each ran alone, on the plan prepared for the group
 }
 
+// A greedy generation's job; `out` gets its sequences (from the Done message) and status.
+Scheduler::Job GenerateJob(uint64_t id, const at::Tensor& tokens, int64_t new_tokens, Outcome* out) {
+  auto payload = std::make_shared<GeneratePayload>();
+  payload->generate.tokens = tokens;
+  payload->generate.options.max_new_tokens = new_tokens;
+  payload->generate.options.sampling.do_sample = false;
+  payload->generate.options.stop_at_eos = false;
+  payload->token_text = [](int64_t) { return std::string(); };
+  payload->emit = [out](v1::GenerateResponse&& response) -> absl::Status {
+    if (response.has_done()) {
+      absl::StatusOr<at::Tensor> sequences = TensorFromProto(response.done().sequences(), "sequences");
+      if (!sequences.ok()) return sequences.status();
+      out->tensors["sequences"] = *sequences;
+    }
+    return absl::OkStatus();
+  };
+  payload->done = [out](absl::Status status) { out->status = status; };
+  Scheduler::Job job;
+  job.id = id;
+  job.user = "u" + std::to_string(id);
+  job.kind = JobKind::kGenerate;
+  job.tokens = tokens.numel();
+  job.payload = std::move(payload);
+  return job;
+}
+
+// Every prompt's generation handed to one executor at once, then steps until all are done.
+std::vector<Outcome> GenerateAll(const LlamaModel& model, ModelExecutor::Options options) {
+  ModelExecutor executor(model, nullptr, std::move(options));
+  const std::vector<at::Tensor> prompts = Prompts();
+  std::vector<Outcome> outcomes(prompts.size());
+  std::vector<Scheduler::Job> jobs;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    jobs.push_back(GenerateJob(i + 1, prompts[i], 4 + static_cast<int64_t>(i), &outcomes[i]));
+  }
+  executor.Execute(std::move(jobs));
+  for (int steps = 0; executor.Busy(); ++steps) {
+    EXPECT_LT(steps, 50);
+    if (steps >= 50) break;
+    executor.Execute({});
+  }
+  return outcomes;
+}
+
+TEST_F(ExecutorTest, GenerationsArrivingTogetherShareOnePrefillAndEqualEachAlone) {
+  ModelExecutor::Options one;
+  one.max_batch_requests = 1;
+  const std::vector<Outcome> alone = GenerateAll(*model_, one);
+  std::vector<ForwardSize> asked;
+  ModelExecutor::Options options;
+  options.shared_fits = [&](const ForwardSize& size, int64_t) {
+    asked.push_back(size);
+    return absl::OkStatus();
+  };
+  const std::vector<Outcome> together = GenerateAll(*model_, options);
+  ASSERT_EQ(asked.size(), 1u);  // one prefill of 4 rows, left-padded to 5 positions
+  EXPECT_EQ(asked[0].batch, 4);
+  EXPECT_EQ(asked[0].pos, 5);
+  // When that prefill would not fit, each prompt's goes alone; the results are the same.
+  options.shared_fits = [](const ForwardSize& size, int64_t) {
+    return size.batch > 1 ? absl::ResourceExhaustedError("does not fit") : absl::OkStatus();
+  };
+  const std::vector<Outcome> one_by_one = GenerateAll(*model_, options);
+  for (size_t i = 0; i < alone.size(); ++i) {
+    for (const std::vector<Outcome>* got : {&together, &one_by_one}) {
+      ASSERT_TRUE((*got)[i].status.has_value() && (*got)[i].status->ok()) << i;
+      ASSERT_TRUE(alone[i].status.has_value() && alone[i].status->ok()) << i;
+      const at::Tensor& want = alone[i].tensors.at("sequences");
+      EXPECT_EQ(want.size(1), Prompts()[i].size(1) + 4 + static_cast<int64_t>(i));
+      EXPECT_TRUE(at::equal((*got)[i].tensors.at("sequences"), want)) << i;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace remotelens
