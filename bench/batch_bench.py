@@ -17,7 +17,8 @@ The report also gives each ratio's ceiling on this machine, measured in the same
 engine alone (bench/forward_bench, one thread per physical core as the server uses; no server, no
 clients): for Runs, a 1 x 16-token forward's time over the per-request time of the shared forwards
 the batching server ran (clients / 2 and clients requests of 16 tokens; the better of the two);
-for generation, `clients` single-row decode steps over one decode step of `clients` rows. Below
+for generation, `clients` single-row decode steps over one decode step of `clients` rows (short
+runs taking turns, three rounds after each of the servers' rounds). Below
 those, the rest is the server's and the clients' own work on the same cores.
 
 --batched_args / --alone_args add server flags to one side, for ablations: e.g.
@@ -177,22 +178,33 @@ def physical_cores():
     return max(1, len(cores))
 
 
-def engine_ceilings(binary, model_dir, clients, rounds, iters=8):
-    """The batching ratios the engine alone allows on this machine (see the module docstring):
-    medians over `rounds` rounds, the forward_bench runs of each round taking turns."""
-    threads = [f"--threads={physical_cores()}"]
-    half = max(1, clients // 2)
-    cases = {"run1": (1, 16, "none"), "run_half": (half, 16, "none"), "run_all": (clients, 16, "none"),
-             "step1": (1, 40, "decode"), "step_all": (clients, 40, "decode")}
-    times = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, (batch, pos, mode) in cases.items():
-            record = run_forward_bench(binary, model_dir, batch, pos, iters, 2, threads, modes=(mode,))
-            times[name].append(record[mode]["median_ms"])
-    t = {name: statistics.median(v) for name, v in times.items()}
-    per_request = min(t["run_half"] / half, t["run_all"] / clients)
-    return {"runs": t["run1"] / per_request, "generate": clients * t["step1"] / t["step_all"],
-            "engine_ms": t}
+class EngineCeilings:
+    """The batching ratios the engine alone allows on this machine (see the module docstring).
+    Each measure() is a few rounds of short forward_bench runs taking turns, called between the
+    servers' rounds: this VM's speed drifts over minutes, so the sizes compared are measured
+    seconds apart, many times, and beside the server figures they are compared with."""
+
+    def __init__(self, binary, model_dir, clients):
+        self.binary, self.model_dir, self.clients = binary, model_dir, clients
+        self.half = max(1, clients // 2)
+        self.cases = {"run1": (1, 16, "none"), "run_half": (self.half, 16, "none"),
+                      "run_all": (clients, 16, "none"), "step1": (1, 40, "decode"),
+                      "step_all": (clients, 40, "decode")}
+        self.times = {name: [] for name in self.cases}
+
+    def measure(self, rounds=3, iters=3):
+        threads = [f"--threads={physical_cores()}"]
+        for _ in range(rounds):
+            for name, (batch, pos, mode) in self.cases.items():
+                record = run_forward_bench(self.binary, self.model_dir, batch, pos, iters, 1, threads,
+                                           modes=(mode,))
+                self.times[name].append(record[mode]["median_ms"])
+
+    def summary(self):
+        t = {name: statistics.median(v) for name, v in self.times.items()}
+        per_request = min(t["run_half"] / self.half, t["run_all"] / self.clients)
+        return {"runs": t["run1"] / per_request, "generate": self.clients * t["step1"] / t["step_all"],
+                "engine_ms": t}
 
 
 def main():
@@ -228,6 +240,7 @@ def main():
         info = servers["batched"].stub(channel).GetModelInfo(pb.GetModelInfoRequest(), metadata=key(0))
         channel.close()
         results = {name: {"runs": [], "generate": [], "lone": []} for name in servers}
+        ceilings = None if args.no_ceilings else EngineCeilings(args.forward_bench, model_dir, args.clients)
         for _ in range(args.rounds):
             for name, server in servers.items():
                 results[name]["runs"].append(concurrent_runs(server, info, args.clients, args.seconds))
@@ -235,6 +248,8 @@ def main():
                     concurrent_generations(server, info, args.clients, args.new_tokens))
             for name, p50 in lone_latencies(servers, info, args.lone_iters).items():
                 results[name]["lone"].append(p50)
+            if ceilings is not None:
+                ceilings.measure()  # both servers idle
         med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
         summary = {
             "model": args.model, "clients": args.clients,
@@ -246,9 +261,8 @@ def main():
             "lone_p50_ms": {n: med[n]["lone"] * 1e3 for n in med},
             "lone_ratio": med["batched"]["lone"] / med["alone"]["lone"],
         }
-        if not args.no_ceilings:
-            # After the servers' rounds, with both servers idle.
-            summary["ceilings"] = engine_ceilings(args.forward_bench, model_dir, args.clients, args.rounds)
+        if ceilings is not None:
+            summary["ceilings"] = ceilings.summary()
     finally:
         for server in servers.values():
             server.stop()
