@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -26,6 +27,17 @@ struct Outcome {
   std::optional<absl::Status> status;
 };
 
+Scheduler::Job MakeJob(uint64_t id, JobKind kind, const at::Tensor& tokens,
+                       std::shared_ptr<JobPayload> payload) {
+  Scheduler::Job job;
+  job.id = id;
+  job.user = "u" + std::to_string(id);
+  job.kind = kind;
+  job.tokens = tokens.numel();
+  job.payload = std::move(payload);
+  return job;
+}
+
 Scheduler::Job RunJob(uint64_t id, const at::Tensor& tokens, Outcome* out) {
   auto payload = std::make_shared<RunPayload>();
   payload->run.input.tokens = tokens;
@@ -41,12 +53,7 @@ Scheduler::Job RunJob(uint64_t id, const at::Tensor& tokens, Outcome* out) {
   payload->done = [out](absl::StatusOr<v1::RunResponse::Summary> summary) {
     out->status = summary.status();
   };
-  Scheduler::Job job;
-  job.id = id;
-  job.user = "u" + std::to_string(id);
-  job.tokens = tokens.numel();
-  job.payload = std::move(payload);
-  return job;
+  return MakeJob(id, JobKind::kRun, tokens, std::move(payload));
 }
 
 std::vector<at::Tensor> Prompts() {
@@ -70,15 +77,30 @@ std::vector<Outcome> Alone(const LlamaModel& model) {
   return outcomes;
 }
 
-// Every prompt handed to one executor in one batch.
-std::vector<Outcome> AllAtOnce(const LlamaModel& model, ModelExecutor::Options options) {
+using MakeJobFn = std::function<Scheduler::Job(size_t index, const at::Tensor& prompt, Outcome* out)>;
+
+// Every prompt's job handed to one executor in one batch, then empty batches (decode steps)
+// while generations remain.
+std::vector<Outcome> AllAtOnce(const LlamaModel& model, ModelExecutor::Options options,
+                               const MakeJobFn& make) {
   ModelExecutor executor(model, nullptr, std::move(options));
   const std::vector<at::Tensor> prompts = Prompts();
   std::vector<Outcome> outcomes(prompts.size());
   std::vector<Scheduler::Job> jobs;
-  for (size_t i = 0; i < prompts.size(); ++i) jobs.push_back(RunJob(i + 1, prompts[i], &outcomes[i]));
+  for (size_t i = 0; i < prompts.size(); ++i) jobs.push_back(make(i, prompts[i], &outcomes[i]));
   executor.Execute(std::move(jobs));
+  for (int steps = 0; executor.Busy(); ++steps) {
+    EXPECT_LT(steps, 50);
+    if (steps >= 50) break;
+    executor.Execute({});
+  }
   return outcomes;
+}
+
+std::vector<Outcome> AllAtOnce(const LlamaModel& model, ModelExecutor::Options options) {
+  return AllAtOnce(model, std::move(options), [](size_t i, const at::Tensor& prompt, Outcome* out) {
+    return RunJob(i + 1, prompt, out);
+  });
 }
 
 void ExpectSame(const std::vector<Outcome>& got, const std::vector<Outcome>& want) {
@@ -138,31 +160,14 @@ Scheduler::Job GenerateJob(uint64_t id, const at::Tensor& tokens, int64_t new_to
     return absl::OkStatus();
   };
   payload->done = [out](absl::Status status) { out->status = status; };
-  Scheduler::Job job;
-  job.id = id;
-  job.user = "u" + std::to_string(id);
-  job.kind = JobKind::kGenerate;
-  job.tokens = tokens.numel();
-  job.payload = std::move(payload);
-  return job;
+  return MakeJob(id, JobKind::kGenerate, tokens, std::move(payload));
 }
 
-// Every prompt's generation handed to one executor at once, then steps until all are done.
+// Every prompt's greedy generation (4, 5, 6 new tokens) handed to one executor at once.
 std::vector<Outcome> GenerateAll(const LlamaModel& model, ModelExecutor::Options options) {
-  ModelExecutor executor(model, nullptr, std::move(options));
-  const std::vector<at::Tensor> prompts = Prompts();
-  std::vector<Outcome> outcomes(prompts.size());
-  std::vector<Scheduler::Job> jobs;
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    jobs.push_back(GenerateJob(i + 1, prompts[i], 4 + static_cast<int64_t>(i), &outcomes[i]));
-  }
-  executor.Execute(std::move(jobs));
-  for (int steps = 0; executor.Busy(); ++steps) {
-    EXPECT_LT(steps, 50);
-    if (steps >= 50) break;
-    executor.Execute({});
-  }
-  return outcomes;
+  return AllAtOnce(model, std::move(options), [](size_t i, const at::Tensor& prompt, Outcome* out) {
+    return GenerateJob(i + 1, prompt, 4 + static_cast<int64_t>(i), out);
+  });
 }
 
 TEST_F(ExecutorTest, GenerationsArrivingTogetherShareOnePrefillAndEqualEachAlone) {
