@@ -60,7 +60,7 @@ if [ "$MODE" = cuda ]; then
 fi
 
 # ------------------------------------------------------------------ step runner
-TOTAL=13
+TOTAL=14
 N=0
 FAILED=()
 PARITY_FAILED=0
@@ -267,6 +267,28 @@ s_forward() {
       "$(calc "'%.1f ms (no hooks)' % $none")" "$(calc "'%.2fx the no-hook forward' % ($resid / $none)")"
 }
 
+# What sharing forwards between users can gain on this device (issue 8's ratios, engine alone):
+# 16 users' 1x16-token runs as one 16x16 forward, and 16 users' decode steps as one 16-row step.
+s_batching() {
+  MODEL=$WORK/model
+  local args=(--model_dir "$MODEL" --device "$DEVICE" --dtype "$DTYPE_FAST" --warmup 2)
+  "$BUILD/forward_bench" "${args[@]}" --batch 1 --pos 16 --modes none --iters 10 | tee "$OUT/steps/run1.json"
+  "$BUILD/forward_bench" "${args[@]}" --batch 16 --pos 16 --modes none --iters 5 | tee "$OUT/steps/run16.json"
+  "$BUILD/forward_bench" "${args[@]}" --batch 1 --pos 128 --modes decode --iters 20 | tee "$OUT/steps/step1.json"
+  "$BUILD/forward_bench" "${args[@]}" --batch 16 --pos 128 --modes decode --iters 20 | tee "$OUT/steps/step16.json"
+  local r1 r16 s1 s16
+  r1=$(json "$OUT/steps/run1.json" median_ms)
+  r16=$(json "$OUT/steps/run16.json" median_ms)
+  s1=$(json "$OUT/steps/step1.json" median_ms)
+  s16=$(json "$OUT/steps/step16.json" median_ms)
+  row "Batching ceiling: 16 users' 1x16 runs in one forward ($DTYPE_FAST)" \
+      "$(calc "'%.2fx' % (16 * $r1 / $r16)")" "issue 8 asks >= 2x served" \
+      "$(calc "'1x16 %.2f ms, 16x16 %.2f ms' % ($r1, $r16)")"
+  row "Batching ceiling: 16 users' decode steps in one ($DTYPE_FAST, 128 cached)" \
+      "$(calc "'%.2fx' % (16 * $s1 / $s16)")" "issue 8 asks >= 4x served" \
+      "$(calc "'1 row %.2f ms, 16 rows %.2f ms' % ($s1, $s16)")"
+}
+
 s_roundtrip() {
   MODEL=$WORK/model
   # GPU_CHECK_SERVER: a server binary built elsewhere (CI's lean form passes Bazel's).
@@ -330,6 +352,7 @@ step checkpoint "Checkpoint on local disk" s_checkpoint
 step load "Cold load and resident memory" s_load
 step bounds "Bandwidth and compute bounds of $DEVICE" s_bounds
 step forward "Decode, prefill, resid_post caching" s_forward
+step batching "Batching ceilings (shared forwards, engine alone)" s_batching
 step roundtrip "Run round trip through the Python client" s_roundtrip
 step hf "transformers LlamaForCausalLM (eager, sdpa) with forward hooks" s_hf
 step oom "Out-of-memory request" s_oom
