@@ -75,10 +75,7 @@ void GenerationBatch::JoinAll(std::vector<Request> requests) {
     input.tokens = at::cat(tokens, 0);
     input.attention_mask = at::cat(masks, 0);
     logits = model_.Forward(input, &shared, &cache);
-    size_t plan_index = 0;
-    for (size_t i = 0; i < joining.size(); ++i) {
-      if (joining[i].request.plan != nullptr) hook_status[i] = shared.request_status(plan_index++);
-    }
+    hook_status = HookStatuses(joining, shared);
   }
   if (!logits.ok()) {
     for (Member& m : joining) m.request.on_done(logits.status());
@@ -86,32 +83,9 @@ void GenerationBatch::JoinAll(std::vector<Request> requests) {
   }
 
   // Each request's first token; those done or failed leave before the decode batch.
-  const int64_t last = logits->size(1) - 1;
-  std::vector<Member> kept;
   std::vector<int64_t> kept_rows;
-  for (size_t i = 0; i < joining.size(); ++i) {
-    Member& m = joining[i];
-    const int64_t n = m.state->sequence().size(0);
-    absl::Status status = hook_status[i];
-    bool done = false;
-    if (status.ok()) {
-      absl::StatusOr<bool> advanced =
-          m.state->Advance(logits->narrow(0, row_begin[i], n).select(1, last), m.request.on_token);
-      if (advanced.ok()) {
-        done = *advanced;
-      } else {
-        status = advanced.status();
-      }
-    }
-    if (!status.ok()) {
-      m.request.on_done(std::move(status));
-    } else if (done) {
-      m.request.on_done(m.state->sequence());
-    } else {
-      for (int64_t r = 0; r < n; ++r) kept_rows.push_back(row_begin[i] + r);
-      kept.push_back(std::move(m));
-    }
-  }
+  std::vector<Member> kept =
+      AdvanceEach(joining, *logits, logits->size(1) - 1, row_begin, hook_status, &kept_rows);
   if (kept.empty()) return;
   if (static_cast<int64_t>(kept_rows.size()) != cache.rows()) {
     c10::InferenceMode inference;
@@ -123,6 +97,47 @@ void GenerationBatch::JoinAll(std::vector<Request> requests) {
     cache = std::move(*selected);
   }
   Admit(std::move(kept), std::move(cache));
+}
+
+std::vector<absl::Status> GenerationBatch::HookStatuses(const std::vector<Member>& members,
+                                                        const HookPlan& shared) {
+  std::vector<absl::Status> statuses(members.size());
+  size_t plan_index = 0;  // `shared` numbers only the members that brought a plan
+  for (size_t i = 0; i < members.size(); ++i) {
+    if (members[i].request.plan != nullptr) statuses[i] = shared.request_status(plan_index++);
+  }
+  return statuses;
+}
+
+std::vector<GenerationBatch::Member> GenerationBatch::AdvanceEach(
+    std::vector<Member>& members, const at::Tensor& logits, int64_t column,
+    const std::vector<int64_t>& row_begin, const std::vector<absl::Status>& hook_status,
+    std::vector<int64_t>* kept_rows) {
+  std::vector<Member> kept;
+  for (size_t i = 0; i < members.size(); ++i) {
+    Member& m = members[i];
+    const int64_t n = m.state->sequence().size(0);
+    absl::Status status = hook_status[i];
+    bool done = false;
+    if (status.ok()) {
+      absl::StatusOr<bool> advanced =
+          m.state->Advance(logits.narrow(0, row_begin[i], n).select(1, column), m.request.on_token);
+      if (advanced.ok()) {
+        done = *advanced;
+      } else {
+        status = advanced.status();
+      }
+    }
+    if (!status.ok()) {
+      m.request.on_done(std::move(status));
+    } else if (done) {
+      m.request.on_done(m.state->sequence());
+    } else {
+      for (int64_t r = 0; r < n; ++r) kept_rows->push_back(row_begin[i] + r);
+      kept.push_back(std::move(m));
+    }
+  }
+  return kept;
 }
 
 void GenerationBatch::Admit(std::vector<Member> members, KvCache cache) {
@@ -167,34 +182,10 @@ void GenerationBatch::Step() {
     for (Member& m : ended) m.request.on_done(logits.status());
     return;
   }
-  std::vector<Member> kept;
   std::vector<int64_t> kept_rows;
-  size_t plan_index = 0;
-  for (size_t i = 0; i < members_.size(); ++i) {
-    Member& m = members_[i];
-    const int64_t n = m.state->next_tokens().size(0);
-    absl::Status status;
-    if (m.request.plan != nullptr) status = shared.request_status(plan_index++);
-    bool done = false;
-    if (status.ok()) {
-      absl::StatusOr<bool> advanced =
-          m.state->Advance(logits->narrow(0, row_begin[i], n).select(1, 0), m.request.on_token);
-      if (advanced.ok()) {
-        done = *advanced;
-      } else {
-        status = advanced.status();
-      }
-    }
-    m.length += 1;
-    if (!status.ok()) {
-      m.request.on_done(status);
-    } else if (done) {
-      m.request.on_done(m.state->sequence());
-    } else {
-      for (int64_t r = 0; r < n; ++r) kept_rows.push_back(row_begin[i] + r);
-      kept.push_back(std::move(m));
-    }
-  }
+  std::vector<Member> kept =
+      AdvanceEach(members_, *logits, 0, row_begin, HookStatuses(members_, shared), &kept_rows);
+  for (Member& m : kept) m.length += 1;  // the token this step fed in is in the cache now
   if (kept.size() != members_.size()) {
     if (kept.empty()) {
       kv_ = KvCache();

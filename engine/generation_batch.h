@@ -66,6 +66,16 @@ class GenerationBatch {
     int64_t length = 0;  // positions in this member's cache: prompt plus tokens fed back
   };
 
+  // Each member's hook status after `shared` ran its plans (OK for members without a plan).
+  static std::vector<absl::Status> HookStatuses(const std::vector<Member>& members,
+                                                const HookPlan& shared);
+  // Samples each member's next token from its rows of `logits` at position `column`. Members
+  // whose hooks failed (`hook_status`), whose sampling or token callback failed, or that are done
+  // get on_done; the others are returned, in order, and their rows appended to `kept_rows`.
+  static std::vector<Member> AdvanceEach(std::vector<Member>& members, const at::Tensor& logits,
+                                         int64_t column, const std::vector<int64_t>& row_begin,
+                                         const std::vector<absl::Status>& hook_status,
+                                         std::vector<int64_t>* kept_rows);
   // Appends new members (in row order) whose prefill rows, in the same order, are `cache`.
   void Admit(std::vector<Member> members, KvCache cache);
 
