@@ -12,6 +12,9 @@ alternating for --rounds rounds, and the report gives the median of each and the
 
   /usr/bin/python3 bench/batch_bench.py [--model 100m] [--clients 16] [--seconds 20] [--rounds 2]
   /usr/bin/python3 bench/batch_bench.py --model demo --clients 4 --seconds 2 --rounds 1   # smoke
+  # on a GPU (what scripts/gpu_check.sh runs on its 8B-shaped model):
+  python3 bench/batch_bench.py --model_dir MODEL --server_config 'dtype: "bfloat16" devices: "cuda:0"' \
+      --forward_bench_args '--device cuda:0 --dtype bfloat16' --forward_bench BUILD/forward_bench
 
 The report also gives each ratio's ceiling on this machine, measured in the same run from the
 engine alone (bench/forward_bench, one thread per physical core as the server uses; no server, no
@@ -184,8 +187,9 @@ class EngineCeilings:
     servers' rounds: this VM's speed drifts over minutes, so the sizes compared are measured
     seconds apart, many times, and beside the server figures they are compared with."""
 
-    def __init__(self, binary, model_dir, clients):
+    def __init__(self, binary, model_dir, clients, extra_flags=()):
         self.binary, self.model_dir, self.clients = binary, model_dir, clients
+        self.extra_flags = list(extra_flags)
         self.half = max(1, clients // 2)
         self.cases = {"run1": (1, 16, "none"), "run_half": (self.half, 16, "none"),
                       "run_all": (clients, 16, "none"), "step1": (1, 40, "decode"),
@@ -193,10 +197,10 @@ class EngineCeilings:
         self.times = {name: [] for name in self.cases}
 
     def measure(self, rounds=3, iters=3):
-        threads = [f"--threads={physical_cores()}"]
+        flags = [f"--threads={physical_cores()}"] + self.extra_flags
         for _ in range(rounds):
             for name, (batch, pos, mode) in self.cases.items():
-                record = run_forward_bench(self.binary, self.model_dir, batch, pos, iters, 1, threads,
+                record = run_forward_bench(self.binary, self.model_dir, batch, pos, iters, 1, flags,
                                            modes=(mode,))
                 self.times[name].append(record[mode]["median_ms"])
 
@@ -221,15 +225,23 @@ def main():
     ap.add_argument("--forward_bench", default=os.path.join(REPO, "bazel-bin", "bench", "forward_bench"),
                     help="the engine benchmark for the ceilings (bazel build //bench:forward_bench)")
     ap.add_argument("--no_ceilings", action="store_true", help="skip the engine-alone ceilings")
+    ap.add_argument("--model_dir", default="", help="an existing model directory instead of --model")
+    ap.add_argument("--server_config", default="",
+                    help='config text for both servers, e.g. \'dtype: "bfloat16" devices: "cuda:0"\'')
+    ap.add_argument("--forward_bench_args", default="",
+                    help="extra forward_bench flags for the ceilings, e.g. '--device cuda:0 --dtype bfloat16'")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args()
 
-    model_dir = os.path.join(args.model_root, args.model)
-    os.makedirs(args.model_root, exist_ok=True)
-    server_harness.make_demo_model(model_dir, *MODEL_FLAGS[args.model])
+    if args.model_dir:
+        model_dir, args.model = args.model_dir, os.path.basename(os.path.normpath(args.model_dir))
+    else:
+        model_dir = os.path.join(args.model_root, args.model)
+        os.makedirs(args.model_root, exist_ok=True)
+        server_harness.make_demo_model(model_dir, *MODEL_FLAGS[args.model])
     import tempfile
     users = write_users(tempfile.mkdtemp(prefix="batch_bench_"), args.clients)
-    queue = f'limits {{ max_queue: 1024 }}\nusers_file: "{users}"\n'
+    queue = f'limits {{ max_queue: 1024 }}\nusers_file: "{users}"\n{args.server_config}\n'
     servers = {
         "batched": server_harness.ServerProcess(model_dir, config=queue, args=args.batched_args.split()).start(),
         "alone": server_harness.ServerProcess(
@@ -240,7 +252,8 @@ def main():
         info = servers["batched"].stub(channel).GetModelInfo(pb.GetModelInfoRequest(), metadata=key(0))
         channel.close()
         results = {name: {"runs": [], "generate": [], "lone": []} for name in servers}
-        ceilings = None if args.no_ceilings else EngineCeilings(args.forward_bench, model_dir, args.clients)
+        ceilings = None if args.no_ceilings else EngineCeilings(
+            args.forward_bench, model_dir, args.clients, args.forward_bench_args.split())
         for _ in range(args.rounds):
             for name, server in servers.items():
                 results[name]["runs"].append(concurrent_runs(server, info, args.clients, args.seconds))

@@ -60,7 +60,7 @@ if [ "$MODE" = cuda ]; then
 fi
 
 # ------------------------------------------------------------------ step runner
-TOTAL=14
+TOTAL=15
 N=0
 FAILED=()
 PARITY_FAILED=0
@@ -289,6 +289,32 @@ s_batching() {
       "$(calc "'1 row %.2f ms, 16 rows %.2f ms' % ($s1, $s16)")"
 }
 
+# Issue 8's served figures: 16 clients through two servers on this device, batching on and
+# --max_batch_requests 1, taking turns (bench/batch_bench.py, one short round).
+s_served_batching() {
+  MODEL=$WORK/model
+  local server=${GPU_CHECK_SERVER:-$BUILD/remotelens_server}
+  [ "$LEAN" -eq 1 ] && skip "lean: CI runs batch_bench's smoke test instead"
+  [ -x "$server" ] || skip "server not built here (CMake found no gRPC/protobuf/prometheus-cpp)"
+  "$PY" -c 'import grpc' 2>/dev/null || skip "grpcio not importable by $PY"
+  REMOTELENS_SERVER_BIN=$server "$PY" bench/batch_bench.py --model_dir "$MODEL" \
+    --server_config "dtype: \"$DTYPE_FAST\" devices: \"$DEVICE\"" \
+    --forward_bench "$BUILD/forward_bench" --forward_bench_args "--device $DEVICE --dtype $DTYPE_FAST" \
+    --clients 16 --seconds 8 --rounds 1 --new_tokens 32 --lone_iters 20 --json | tee "$OUT/steps/batching.json"
+  local f=$OUT/steps/batching.json
+  row "Served: 16 clients' steered 1x16 runs, batching / one per forward" \
+      "$(calc "'%.2fx' % $(json "$f" runs_ratio)")" \
+      "$(calc "'ceiling %.2fx; target >= 2x' % $(json "$f" ceilings runs)")" \
+      "$(calc "'%.1f vs %.1f requests/s' % ($(json "$f" runs_per_s batched), $(json "$f" runs_per_s alone))")"
+  row "Served: 16 clients' steered generations (32 tokens)" \
+      "$(calc "'%.2fx' % $(json "$f" generate_ratio)")" \
+      "$(calc "'ceiling %.2fx; target >= 4x' % $(json "$f" ceilings generate)")" \
+      "$(calc "'%.0f vs %.0f tokens/s' % ($(json "$f" generated_tokens_per_s batched), $(json "$f" generated_tokens_per_s alone))")"
+  row "Served: a lone 1x16 run, p50 with batching / without" \
+      "$(calc "'%.3fx' % $(json "$f" lone_ratio)")" "target <= 1.05x" \
+      "$(calc "'%.2f vs %.2f ms' % ($(json "$f" lone_p50_ms batched), $(json "$f" lone_p50_ms alone))")"
+}
+
 s_roundtrip() {
   MODEL=$WORK/model
   # GPU_CHECK_SERVER: a server binary built elsewhere (CI's lean form passes Bazel's).
@@ -353,6 +379,7 @@ step load "Cold load and resident memory" s_load
 step bounds "Bandwidth and compute bounds of $DEVICE" s_bounds
 step forward "Decode, prefill, resid_post caching" s_forward
 step batching "Batching ceilings (shared forwards, engine alone)" s_batching
+step served_batching "Served batching, 16 clients (bench/batch_bench.py)" s_served_batching
 step roundtrip "Run round trip through the Python client" s_roundtrip
 step hf "transformers LlamaForCausalLM (eager, sdpa) with forward hooks" s_hf
 step oom "Out-of-memory request" s_oom
