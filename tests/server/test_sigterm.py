@@ -18,9 +18,14 @@ def test_sigterm_during_generate(demo_model_dir):
     server = server_harness.ServerProcess(demo_model_dir).start()
     try:
         c = Client(server)
-        prompt = [[5, 17, 300, 42]]
+        # Without the KV cache each step re-runs the whole sequence; four rows make 200 steps take
+        # seconds (3.7 s on the 2-core VM, one row 1.2 s), so the generation is surely still in
+        # flight when the calls below probe the draining server. Were it already over, the server
+        # would be in gRPC's own Shutdown, which fails calls not yet handed to a handler with
+        # CANCELLED (grpc/grpc#41785) instead of our UNAVAILABLE: the flake this replaces.
+        rows = 4
+        prompt = [[5, 17, 300, 42]] * rows
         n = 200
-        # Without the KV cache each step re-runs the whole sequence: ~seconds for 200 tokens.
         call = c.stub.Generate(pb.GenerateRequest(tokens=wire.tokens(prompt), max_new_tokens=n,
                                                   disable_kv_cache=True), timeout=60)
         steps, done, status = [], None, None
@@ -59,8 +64,8 @@ def test_sigterm_during_generate(demo_model_dir):
         if status == grpc.StatusCode.OK:
             assert done is not None and done.steps == n and len(steps) == n
             seq = wire.from_proto(done.sequences)
-            assert seq.shape == (1, 4 + n)
-            assert seq[0, 4:].tolist() == [s[0] for s in steps]
+            assert seq.shape == (rows, 4 + n)
+            assert seq[:, 4:].T.tolist() == steps
         c.close()
         rc = server.proc.wait(timeout=GRACE_S + 30)
         elapsed = time.time() - t_signal
