@@ -297,17 +297,19 @@ void HookPlan::ApplyRequests(HookId id, at::Tensor& activation) {
     RequestPlan* request;
     at::Tensor view;    // the request's slice of `activation`
     at::Tensor result;  // what the request's ops made of it (the view itself when unchanged)
+    bool waits;         // a Python hook of the request's waits on its client here
     absl::Status status;
   };
   std::vector<Work> work;
+  int waiting = 0;
   for (RequestPlan& r : requests_) {
     if (!r.status.ok() || !r.plan->Has(id)) continue;
     at::Tensor view = SliceForRequest(activation, id.site, r.slice);
-    work.push_back(Work{&r, view, view, absl::OkStatus()});
+    const bool waits = r.plan->HasCallback(id);
+    waiting += waits ? 1 : 0;
+    work.push_back(Work{&r, view, view, waits, absl::OkStatus()});
   }
   auto apply = [id](Work& w) { w.status = w.request->plan->Apply(id, w.result); };
-  int waiting = 0;  // requests whose Python hooks wait on their clients here
-  for (const Work& w : work) waiting += w.request->plan->HasCallback(id) ? 1 : 0;
   if (waiting < 2) {
     for (Work& w : work) apply(w);
   } else {
@@ -317,7 +319,7 @@ void HookPlan::ApplyRequests(HookId id, at::Tensor& activation) {
     const bool grad = at::GradMode::is_enabled();
     std::vector<std::thread> threads;
     for (Work& w : work) {
-      if (!w.request->plan->HasCallback(id)) continue;
+      if (!w.waits) continue;
       threads.emplace_back([&apply, &w, inference, grad] {
         c10::InferenceMode inference_mode(inference);
         at::AutoGradMode grad_mode(grad);
@@ -325,7 +327,7 @@ void HookPlan::ApplyRequests(HookId id, at::Tensor& activation) {
       });
     }
     for (Work& w : work) {
-      if (!w.request->plan->HasCallback(id)) apply(w);
+      if (!w.waits) apply(w);
     }
     for (std::thread& t : threads) t.join();
   }
